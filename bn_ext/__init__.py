@@ -1,0 +1,35 @@
+"""bn_ext: hand-written CPU and CUDA BatchNorm kernels, drop-in for torch.nn.BatchNorm*d."""
+import torch  # noqa: F401  (the library below links against torch's)
+
+from . import _C  # noqa: F401  loads the library, which registers the bn_ext ops
+from . import _autograd, _fake  # noqa: F401  fake kernels and autograd for those ops
+from ._build import build_info
+from .convert import convert_model
+from .functional import batch_norm
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    _BatchNorm,
+)
+
+ops = torch.ops.bn_ext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "_BatchNorm",
+    "batch_norm",
+    "build_info",
+    "convert_model",
+    "ops",
+]

@@ -1,0 +1,181 @@
+"""Autograd for the bn_ext ops.
+
+First-order gradients run our kernels (batch_norm_backward). Second order is a composite of
+differentiable torch ops: batch_norm_backward's own backward re-derives the first-order formula
+with torch ops and differentiates it. Higher orders than two are not supported.
+"""
+import torch
+
+_ops = torch.ops.bn_ext
+
+
+def _reduce_dims(input):
+    return [0] + list(range(2, input.dim()))
+
+
+def _per_channel(t, input):
+    """View a (C,) tensor so that it broadcasts against input's channel dimension."""
+    return t.view([1, -1] + [1] * (input.dim() - 2))
+
+
+# ---- batch_norm_train ---------------------------------------------------------------------
+
+
+def _train_setup(ctx, inputs, output):
+    input, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(input, weight, mean, var)
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _train_backward(ctx, grad_out, _grad_mean, _grad_var):
+    input, weight, mean, var = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2]]
+    if not any(mask):
+        return None, None, None, None
+    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
+        grad_out, input, weight, mean, var, ctx.eps, True, mask
+    )
+    return (
+        grad_input if mask[0] else None,
+        grad_weight if mask[1] else None,
+        grad_bias.to(ctx.bias_dtype) if mask[2] else None,
+        None,
+    )
+
+
+torch.library.register_autograd("bn_ext::batch_norm_train", _train_backward, setup_context=_train_setup)
+
+
+# ---- batch_norm_elemt (normalise with given statistics: eval mode) --------------------------
+
+
+def _elemt_setup(ctx, inputs, output):
+    input, weight, bias, mean, var, eps = inputs
+    ctx.save_for_backward(input, weight, mean, var)
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _elemt_backward(ctx, grad_out):
+    input, weight, mean, var = ctx.saved_tensors
+    need_x, need_w, need_b, need_mean, need_var, _ = ctx.needs_input_grad
+    mask = [need_x, need_w or need_var, need_b or need_mean]
+    if not any(mask):
+        return None, None, None, None, None, None
+    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
+        grad_out, input, weight, mean, var, ctx.eps, False, mask
+    )
+    grad_mean = grad_var = None
+    if need_mean or need_var:
+        # d/dmean = -w * invstd * sum(dy);  d/dvar = -w/2 * invstd^3 * sum(dy * (x - mean)),
+        # and grad_weight = invstd * sum(dy * (x - mean)).
+        invstd = torch.rsqrt(var.to(grad_weight.dtype) + ctx.eps)
+        w = weight.to(grad_weight.dtype) if weight is not None else torch.ones_like(invstd)
+        if need_mean:
+            grad_mean = (-w * invstd * grad_bias).to(mean.dtype)
+        if need_var:
+            grad_var = (-0.5 * w * invstd * invstd * grad_weight).to(var.dtype)
+    return (
+        grad_input if need_x else None,
+        grad_weight if need_w else None,
+        grad_bias.to(ctx.bias_dtype) if need_b else None,
+        grad_mean,
+        grad_var,
+        None,
+    )
+
+
+torch.library.register_autograd("bn_ext::batch_norm_elemt", _elemt_backward, setup_context=_elemt_setup)
+
+
+# ---- batch_norm_stats -----------------------------------------------------------------------
+
+
+def _stats_setup(ctx, inputs, output):
+    (input,) = inputs
+    mean, _ = output
+    ctx.save_for_backward(input, mean)
+
+
+def _stats_backward(ctx, grad_mean, grad_var):
+    input, mean = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    count = input.numel() // max(input.shape[1], 1)
+    x = input.to(mean.dtype)
+    # mean = sum(x) / M;  var = sum((x - mean)^2) / M  (the mean's own gradient term sums to 0)
+    grad = _per_channel(grad_mean / count, input) + _per_channel(grad_var * (2.0 / count), input) * (
+        x - _per_channel(mean, input)
+    )
+    return grad.to(input.dtype)
+
+
+torch.library.register_autograd("bn_ext::batch_norm_stats", _stats_backward, setup_context=_stats_setup)
+
+
+# ---- batch_norm_backward: second order through a differentiable composite -------------------
+
+
+def composite_backward(grad_out, input, weight, mean, var, eps, training):
+    """batch_norm_backward written with differentiable torch ops (float32 or wider).
+
+    In training the statistics are recomputed from input, since they are functions of it.
+    """
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(acc)
+    g = grad_out.to(acc)
+    dims = _reduce_dims(input)
+    count = input.numel() // max(input.shape[1], 1)
+    if training:
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+    else:
+        mean = mean.to(acc)
+        var = var.to(acc)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (x - _per_channel(mean, input)) * _per_channel(invstd, input)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    grad_bias = g.sum(dims)
+    grad_weight = (g * xhat).sum(dims)
+    if training:
+        centred = g - _per_channel(grad_bias / count, input) - xhat * _per_channel(grad_weight / count, input)
+        grad_input = _per_channel(scale, input) * centred
+    else:
+        grad_input = _per_channel(scale, input) * g
+    return grad_input.to(input.dtype), grad_weight, grad_bias
+
+
+def _backward_setup(ctx, inputs, output):
+    grad_out, input, weight, mean, var, eps, training, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, weight, mean, var)
+    ctx.eps = eps
+    ctx.training = training
+    ctx.output_mask = list(output_mask)
+
+
+def _backward_backward(ctx, gg_input, gg_weight, gg_bias):
+    saved = ctx.saved_tensors
+    need = ctx.needs_input_grad[:5]
+    if not any(need):
+        return (None,) * 8
+    with torch.enable_grad():
+        leaves = [
+            None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
+            for t, n in zip(saved, need)
+        ]
+        outs = composite_backward(*leaves, ctx.eps, ctx.training)
+        pairs = [(o, gg) for o, gg, m in zip(outs, (gg_input, gg_weight, gg_bias), ctx.output_mask) if m]
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], wrt, [gg.to(o.dtype) for o, gg in pairs], allow_unused=True
+        ) if pairs and wrt else []
+    it = iter(grads)
+    result = [next(it) if t is not None and t.requires_grad else None for t in leaves]
+    return (*result, None, None, None)
+
+
+torch.library.register_autograd("bn_ext::batch_norm_backward", _backward_backward, setup_context=_backward_setup)

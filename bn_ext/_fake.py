@@ -1,0 +1,88 @@
+"""Fake (meta) kernels: output shapes, dtypes and strides of every bn_ext op, for torch.compile."""
+import torch
+
+OP_NAMES = (
+    "batch_norm_stats",
+    "batch_norm_elemt",
+    "batch_norm_train",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+    "batch_norm_backward",
+    "batch_norm_update_running_stats",
+)
+
+
+def stat_dtype(dtype):
+    """dtype of batch statistics for an input dtype: float32, or float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channels(input):
+    torch._check(input.dim() >= 2, lambda: f"input: expected at least 2 dimensions (N, C, ...), got {input.dim()}")
+    return input.shape[1]
+
+
+def _check_channel_tensor(t, name, channels):
+    if t is None:
+        return
+    torch._check(t.dim() == 1, lambda: f"{name}: expected a 1-D tensor of {channels} elements, got size {tuple(t.shape)}")
+    torch._check(t.shape[0] == channels, lambda: f"{name}: expected {channels} elements, got {t.shape[0]}")
+
+
+def _stats_like(input):
+    c = _channels(input)
+    return input.new_empty((c,), dtype=stat_dtype(input.dtype))
+
+
+@torch.library.register_fake("bn_ext::batch_norm_stats")
+def _stats(input):
+    return _stats_like(input), _stats_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_elemt")
+def _elemt(input, weight, bias, mean, var, eps):
+    c = _channels(input)
+    for t, name in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (var, "var")):
+        _check_channel_tensor(t, name, c)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_train")
+def _train(input, weight, bias, eps):
+    c = _channels(input)
+    _check_channel_tensor(weight, "weight", c)
+    _check_channel_tensor(bias, "bias", c)
+    return torch.empty_like(input), _stats_like(input), _stats_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_backward_reduce")
+def _backward_reduce(grad_out, input, mean):
+    _check_channel_tensor(mean, "mean", _channels(input))
+    return _stats_like(input), _stats_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_backward_elemt")
+def _backward_elemt(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, count):
+    c = _channels(input)
+    for t, name in ((weight, "weight"), (mean, "mean"), (var, "var"), (sum_dy, "sum_dy"), (sum_dy_xmu, "sum_dy_xmu")):
+        _check_channel_tensor(t, name, c)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_backward")
+def _backward(grad_out, input, weight, mean, var, eps, training, output_mask):
+    c = _channels(input)
+    _check_channel_tensor(weight, "weight", c)
+    param_dtype = weight.dtype if weight is not None else stat_dtype(input.dtype)
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+    grad_weight = input.new_empty((c if output_mask[1] else 0,), dtype=param_dtype)
+    grad_bias = input.new_empty((c if output_mask[2] else 0,), dtype=param_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("bn_ext::batch_norm_update_running_stats")
+def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
+    c = mean.shape[0]
+    _check_channel_tensor(running_mean, "running_mean", c)
+    _check_channel_tensor(running_var, "running_var", c)
+    return None

@@ -1,0 +1,40 @@
+// Every bn_ext schema, defined once. Kernels register per device (cpu/, cuda/); fake kernels
+// and autograd are registered from Python (bn_ext/_fake.py, bn_ext/_autograd.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(bn_ext, m) {
+  // Per-channel batch mean and biased variance, one pass over input (Welford-style merge of
+  // blocks). float32 results, float64 for float64 input.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // y = (x - mean) / sqrt(var + eps) * weight + bias, with the given per-channel mean/var.
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+      "float eps) -> Tensor");
+  // Training forward: batch_norm_stats then batch_norm_elemt in one op; returns the statistics
+  // it normalised with, for the backward and for batch_norm_update_running_stats.
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor output, Tensor mean, Tensor var)");
+  // Per-channel sum(dy) and sum(dy * (x - mean)).
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  // dx from the reduced sums; `count` is the number of elements per channel they were taken
+  // over (larger than this input's when the sums were all-reduced across processes).
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor var, Tensor sum_dy, Tensor sum_dy_xmu, float eps, SymInt count) -> Tensor");
+  // Whole backward: reduce, then dx, grad_weight, grad_bias. training=False treats mean/var
+  // as constants (eval mode). Outputs not asked for in output_mask come back with 0 elements.
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
+      "float eps, bool training, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // running_mean/var <- factor * batch + (1 - factor) * running, with the unbiased batch
+  // variance over `count` elements; num_batches_tracked += 1. factor is momentum, or
+  // 1 / num_batches_tracked when momentum is None. count == 0 only counts the batch.
+  m.def(
+      "batch_norm_update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, SymInt count) "
+      "-> ()");
+}

@@ -1,0 +1,28 @@
+// The Python module bn_ext._C: importing it loads this library, which registers the ops.
+// Plain CPython API (no pybind11) keeps this file quick to compile; CMake builds skip it.
+#include <Python.h>
+
+#ifdef BN_EXT_WITH_CUDA
+#include <cuda.h>
+#endif
+
+namespace {
+
+PyObject* build_flags(PyObject*, PyObject*) {
+#ifdef BN_EXT_WITH_CUDA
+  return Py_BuildValue("{s:O,s:i}", "cuda", Py_True, "cuda_version", CUDA_VERSION);
+#else
+  return Py_BuildValue("{s:O,s:O}", "cuda", Py_False, "cuda_version", Py_None);
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"_build_flags", build_flags, METH_NOARGS, "What this library was compiled with."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,88 @@
+"""Build bn_ext._C against the PyTorch installed in this environment.
+
+Environment variables:
+  FORCE_CUDA=1            build the CUDA kernels or fail (nvcc and a CUDA-enabled torch required)
+  BN_EXT_DISABLE_CUDA=1   build the CPU kernels only, even where CUDA is available
+  TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "9.0" or "8.0;9.0+PTX"
+  MAX_JOBS                parallel compile jobs (ninja)
+  BN_EXT_DEBUG=1          -O0 -g builds
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "bn_ext is compiled against the PyTorch of the environment it is installed into, and none "
+        "was found.\nInstall torch first (pip install torch), then build without build isolation "
+        "so the build sees it:\n    pip install --no-build-isolation .\n"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CUDA_DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
+
+
+def env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def relative(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def cuda_wanted(cuda_sources):
+    """CUDA kernels are built when there are any, torch has CUDA and nvcc is found (no GPU needed)."""
+    reasons = []
+    if not cuda_sources:
+        reasons.append("there are no CUDA sources in csrc/cuda")
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is a CPU-only build")
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        reasons.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    if env_flag("BN_EXT_DISABLE_CUDA"):
+        reasons.append("BN_EXT_DISABLE_CUDA is set")
+    if env_flag("FORCE_CUDA") and reasons:
+        sys.exit("FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
+    if reasons:
+        print("bn_ext: building CPU kernels only: " + "; ".join(reasons))
+    return not reasons
+
+
+def extension():
+    cpp_sources = relative(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    opt = ["-O0", "-g"] if env_flag("BN_EXT_DEBUG") else ["-O3"]
+    cxx = opt + ["-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if cuda_wanted(cuda_sources):
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            # No GPU to ask: build for common data-centre parts, with PTX for anything newer.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_DEFAULT_ARCHS
+        print(f"bn_ext: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}")
+        return CUDAExtension(
+            "bn_ext._C",
+            cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("BN_EXT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": opt + ["--use_fast_math", "-lineinfo"]},
+        )
+    return CppExtension("bn_ext._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="bn_ext",
+    version="0.1.0",
+    description="Hand-written CPU and CUDA BatchNorm kernels for PyTorch",
+    packages=find_packages(include=["bn_ext", "bn_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    zip_safe=False,
+)
