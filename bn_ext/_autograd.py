@@ -168,7 +168,11 @@ def _backward_backward(ctx, gg_input, gg_weight, gg_bias):
             for t, n in zip(saved, need)
         ]
         outs = composite_backward(*leaves, ctx.eps, ctx.training)
-        pairs = [(o, gg) for o, gg, m in zip(outs, (gg_input, gg_weight, gg_bias), ctx.output_mask) if m]
+        pairs = [
+            (o, gg)
+            for o, gg, m in zip(outs, (gg_input, gg_weight, gg_bias), ctx.output_mask)
+            if m and gg is not None and o.requires_grad
+        ]
         wrt = [t for t in leaves if t is not None and t.requires_grad]
         grads = torch.autograd.grad(
             [o for o, _ in pairs], wrt, [gg.to(o.dtype) for o, gg in pairs], allow_unused=True

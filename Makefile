@@ -1,0 +1,36 @@
+# The two commands of the README. Each sets itself up (venv, torch, build) and does nothing
+# twice: the venv and its packages are stamped, and the build reruns only when csrc/ changes.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.stamp-deps
+BUILT  := $(VENV)/.stamp-build
+SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: all build test bench clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements-dev.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(BUILT)
+	$(PY) -m bn_ext.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build bn_ext/*.so $(BUILT)

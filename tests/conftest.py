@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import bn_ext  # noqa: F401  (registers the ops)
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device visible")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# Tolerances for comparing with torch.nn on the same data: ours and PyTorch's results differ by
+# rounding only, within a few units of the dtype's precision.
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+}
+
+
+def devices():
+    return DEVICES
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,183 @@
+"""bn_ext against a float64 reference: accuracy, stability with large means, determinism."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bn_ext
+import reference as ref
+from conftest import DEVICES
+
+ops = torch.ops.bn_ext
+
+
+def rand(shape, device, dtype=torch.float64, mean=0.0, std=1.0):
+    return (torch.randn(shape, dtype=torch.float64, device=device) * std + mean).to(dtype)
+
+
+LAYOUT_CASES = [
+    ((7, 5, 9, 11), None),
+    ((7, 5, 9, 11), torch.channels_last),
+    ((3, 4, 5, 6, 7), torch.channels_last_3d),
+    ((33, 17), None),
+    ((4, 6, 300), None),
+    # blocks that span many planes, and planes that span many blocks
+    ((64, 3, 7, 7), None),
+    ((2, 3, 150, 150), None),
+    ((2, 3, 150, 150), torch.channels_last),
+    ((1000, 37, 3), None),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,fmt", LAYOUT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_train_forward_backward_vs_float64(shape, fmt, dtype, device):
+    x = rand(shape, device, dtype, mean=3.0, std=2.0)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    c = shape[1]
+    w = rand((c,), device, dtype, 1.0, 0.3)
+    b = rand((c,), device, dtype)
+    out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+    rmean, rvar = ref.batch_stats(x)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(mean.double(), rmean, **tol)
+    torch.testing.assert_close(var.double(), rvar, **tol)
+    torch.testing.assert_close(out.double(), ref.forward(x, rmean, rvar, w, b, 1e-5), **tol)
+    if fmt is not None:
+        assert out.is_contiguous(memory_format=fmt)
+
+    dy = rand(shape, device, dtype)
+    gi, gw, gb = ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])
+    rdx, rdw, rdb = ref.backward_training(x, dy, w, 1e-5)
+    gtol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gi.double(), rdx, **gtol)
+    torch.testing.assert_close(gw.double(), rdw, **gtol)
+    torch.testing.assert_close(gb.double(), rdb, **gtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_low_precision_error_no_worse_than_torch(dtype, fmt, device):
+    """In bf16/fp16 both we and PyTorch round; our error against float64 stays within PyTorch's."""
+    x = rand((8, 6, 10, 12), device, dtype, mean=1.0, std=2.0)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w = rand((6,), device, torch.float32, 1.0, 0.3)
+    b = rand((6,), device, torch.float32)
+    rmean, rvar = ref.batch_stats(x)
+    expected = ref.forward(x, rmean, rvar, w, b, 1e-5)
+    ours = bn_ext.functional.batch_norm(x, None, None, w, b, training=True)
+    theirs = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+    err_ours = (ours.double() - expected).abs().max().item()
+    err_theirs = (theirs.double() - expected).abs().max().item()
+    ulp = torch.finfo(dtype).eps * expected.abs().max().item()
+    assert err_ours <= max(1.5 * err_theirs, ulp), (err_ours, err_theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_large_mean_float32_is_stable(fmt, device):
+    """mean 1e4, std 1 in float32: a sum/sum-of-squares variance loses everything here."""
+    x = rand((16, 4, 32, 32), device, torch.float32, mean=1e4, std=1.0)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    rmean, rvar = ref.batch_stats(x)
+    out, mean, var = ops.batch_norm_train(x, None, None, 1e-5)
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.double(), ref.forward(x, rmean, rvar, None, None, 1e-5), rtol=0, atol=2e-6)
+    # what the naive formula gives, to show the test has teeth
+    naive = (x.float() ** 2).mean((0, 2, 3)) - x.float().mean((0, 2, 3)) ** 2
+    assert (naive.double() - rvar).abs().max() > 1e-2 or not torch.isfinite(naive).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_stats_update_values(device):
+    """Unbiased variance, momentum blend, cumulative average with momentum=None."""
+    mean = torch.tensor([1.0, -2.0, 0.5], device=device)
+    var = torch.tensor([4.0, 0.25, 1.0], device=device)
+    rm = torch.tensor([0.5, 0.5, 0.5], device=device)
+    rv = torch.tensor([2.0, 2.0, 2.0], device=device)
+    nbt = torch.tensor(3, device=device)
+    ops.batch_norm_update_running_stats(rm, rv, nbt, mean, var, 0.25, 5)
+    torch.testing.assert_close(rm, 0.25 * mean + 0.75 * 0.5)
+    torch.testing.assert_close(rv, 0.25 * var * 5 / 4 + 0.75 * 2.0)
+    assert nbt.item() == 4
+    rm2, rv2 = rm.clone(), rv.clone()
+    ops.batch_norm_update_running_stats(rm2, rv2, nbt, mean, var, None, 5)
+    assert nbt.item() == 5
+    torch.testing.assert_close(rm2, mean / 5 + rm * 4 / 5)
+    torch.testing.assert_close(rv2, var * 5 / 4 / 5 + rv * 4 / 5)
+    # count == 0 (empty batch) counts the batch but leaves the statistics alone
+    before = rm2.clone(), rv2.clone()
+    ops.batch_norm_update_running_stats(rm2, rv2, nbt, mean, var, 0.5, 0)
+    assert nbt.item() == 6
+    assert torch.equal(rm2, before[0]) and torch.equal(rv2, before[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_and_elemt_ops_compose_to_train(device):
+    x = rand((5, 4, 6, 7), device, torch.float32, 2.0, 3.0)
+    w, b = rand((4,), device, torch.float32), rand((4,), device, torch.float32)
+    mean, var = ops.batch_norm_stats(x)
+    out, mean2, var2 = ops.batch_norm_train(x, w, b, 1e-5)
+    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+    torch.testing.assert_close(ops.batch_norm_elemt(x, w, b, mean, var, 1e-5), out, rtol=1e-6, atol=1e-6)
+    dy = rand(x.shape, device, torch.float32)
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, mean)
+    count = x.numel() // x.shape[1]
+    gi = ops.batch_norm_backward_elemt(dy, x, w, mean, var, sum_dy, sum_dy_xmu, 1e-5, count)
+    gi2, gw, gb = ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])
+    torch.testing.assert_close(gi, gi2, rtol=1e-5, atol=1e-6)  # sums rounded to float32 between ops
+    torch.testing.assert_close(gb, sum_dy)
+    torch.testing.assert_close(gw, sum_dy_xmu * torch.rsqrt(var + 1e-5))
+
+
+DETERMINISM_SCRIPT = r"""
+import sys, torch, bn_ext
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+ops = torch.ops.bn_ext
+out = []
+for shape, fmt in [((8, 3, 64, 64), None), ((8, 3, 64, 64), torch.channels_last), ((4096, 96), None), ((4, 5, 7, 9, 11), None)]:
+    x = torch.randn(shape) * 3 + 1
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w = torch.rand(shape[1]) + 0.5
+    y, mean, var = ops.batch_norm_train(x, w, None, 1e-5)
+    dy = torch.randn_like(x)
+    gi, gw, gb = ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])
+    out += [y, mean, var, gi, gw, gb]
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_bitwise_deterministic_across_thread_counts(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DETERMINISM_SCRIPT)
+    results = {}
+    for threads, tag in ((1, "a"), (2, "b"), (2, "c")):
+        path = tmp_path / f"{tag}.pt"
+        subprocess.run([sys.executable, str(script), str(threads), str(path)], check=True)
+        results[tag] = torch.load(path)
+    for a, b, c in zip(results["a"], results["b"], results["c"]):
+        assert torch.equal(a, b), "1 thread vs 2 threads differ"
+        assert torch.equal(b, c), "two runs with 2 threads differ"
+
+
+def test_set_num_threads_is_honoured_in_process():
+    x = torch.randn(16, 8, 32, 32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = ops.batch_norm_train(x, None, None, 1e-5)
+        torch.set_num_threads(2)
+        b = ops.batch_norm_train(x, None, None, 1e-5)
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
