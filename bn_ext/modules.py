@@ -38,6 +38,11 @@ class _BatchNorm(_torch_bn._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise RuntimeError(
+                f"{type(self).__name__}: input: expected {self.num_features} channels (num_features) in dim 1, "
+                f"got input of size {tuple(input.shape)}"
+            )
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update = self.training and self.track_running_stats

@@ -1,0 +1,77 @@
+"""torch.library.opcheck for every bn_ext op on representative samples."""
+import pytest
+import torch
+
+from conftest import DEVICES
+from bn_ext._fake import OP_NAMES
+
+ops = torch.ops.bn_ext
+
+
+def samples(device):
+    """(op name, args, kwargs) for every op: dtypes, layouts, optional arguments present and not."""
+    out = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for shape, fmt in (((4, 3, 5, 6), None), ((4, 3, 5, 6), torch.channels_last), ((6, 5), None), ((2, 3, 4, 3, 2), torch.channels_last_3d)):
+            x = (torch.randn(shape, device=device) * 2 + 1).to(dtype)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
+            c = shape[1]
+            pdt = torch.float32 if dtype == torch.bfloat16 else dtype
+            sdt = torch.float64 if dtype == torch.float64 else torch.float32
+            w = torch.rand(c, device=device, dtype=pdt) + 0.5
+            b = torch.randn(c, device=device, dtype=pdt)
+            mean = torch.randn(c, device=device, dtype=sdt)
+            var = torch.rand(c, device=device, dtype=sdt) + 0.5
+            dy = torch.randn_like(x)
+            count = x.numel() // c
+            out += [
+                ("batch_norm_stats", (x,), {}),
+                ("batch_norm_elemt", (x, w, b, mean, var, 1e-5), {}),
+                ("batch_norm_elemt", (x, None, None, mean, var, 1e-5), {}),
+                ("batch_norm_train", (x, w, b, 1e-5), {}),
+                ("batch_norm_train", (x, None, None, 1e-3), {}),
+                ("batch_norm_backward_reduce", (dy, x, mean), {}),
+                ("batch_norm_backward_elemt", (dy, x, w, mean, var, mean * 3, var - 1, 1e-5, count), {}),
+                ("batch_norm_backward", (dy, x, w, mean, var, 1e-5, True, [True, True, True]), {}),
+                ("batch_norm_backward", (dy, x, None, mean, var, 1e-5, False, [True, False, True]), {}),
+                ("batch_norm_backward", (dy, x, w, mean, var, 1e-5, True, [False, True, False]), {}),
+                (
+                    "batch_norm_update_running_stats",
+                    (torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
+                     torch.tensor(2, device=device), mean, var, 0.1, count),
+                    {},
+                ),
+                (
+                    "batch_norm_update_running_stats",
+                    (torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
+                     torch.tensor(2, device=device), mean, var, None, count),
+                    {},
+                ),
+            ]
+    # differentiable samples: inputs that require grad, in float64
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    mean = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    var = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    out += [
+        ("batch_norm_train", (x, w, b, 1e-5), {}),
+        ("batch_norm_elemt", (x, w, b, mean, var, 1e-5), {}),
+        ("batch_norm_stats", (x,), {}),
+        ("batch_norm_backward", (torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True),
+                                 x, w, mean.detach(), var.detach(), 1e-5, True, [True, True, True]), {}),
+    ]
+    return out
+
+
+def test_every_op_has_samples():
+    assert {name for name, _, _ in samples("cpu")} == set(OP_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", OP_NAMES)
+def test_opcheck(op_name, device):
+    for name, args, kwargs in samples(device):
+        if name == op_name:
+            torch.library.opcheck(getattr(ops, name).default, args, kwargs)
