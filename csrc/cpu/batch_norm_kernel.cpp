@@ -34,6 +34,27 @@ constexpr int64_t kElemGrain = 32768;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Channels-last reductions: at most kMaxRowBlocks blocks of whole rows (so per-block partials
+// stay small however large C is), each swept in chunks of about kBlockElems elements. Both
+// sizes depend on the shape alone.
+constexpr int64_t kMaxRowBlocks = 64;
+
+struct RowBlocks {
+  int64_t rows_per_chunk;
+  int64_t rows_per_block;  // a multiple of rows_per_chunk
+  int64_t blocks;
+};
+
+RowBlocks row_blocks(const Geometry& g) {
+  RowBlocks rb;
+  const int64_t rows = g.rows();
+  rb.rows_per_chunk = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, g.C));
+  const int64_t chunks = ceil_div(rows, rb.rows_per_chunk);
+  rb.rows_per_block = rb.rows_per_chunk * std::max<int64_t>(1, ceil_div(chunks, kMaxRowBlocks));
+  rb.blocks = ceil_div(rows, rb.rows_per_block);
+  return rb;
+}
+
 // A per-channel tensor of any floating dtype and stride, read into doubles (`fill` if undefined).
 std::vector<double> channel_values(const Tensor& t, int64_t channels, double fill) {
   std::vector<double> out(channels, fill);
@@ -231,36 +252,56 @@ void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mea
     finish_stats(parts, g.C, blocks, /*block_stride=*/1, /*channel_stride=*/blocks, mean, var);
     return;
   }
-  // Channels-last: a block is a run of whole rows; per-channel accumulators vectorise over C.
-  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, g.C));
-  const int64_t blocks = ceil_div(rows, rows_per_block);
-  std::vector<WelfordPartial<double>> parts(blocks * g.C);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sum(g.C), m2(g.C);
+  // Channels-last: a block is a run of whole rows, swept in cache-sized chunks whose two-sweep
+  // statistics are merged into the block's. All channels of a chunk share its count, so the
+  // merge is a few vectorisable multiply-adds per channel.
+  const RowBlocks rb = row_blocks(g);
+  std::vector<WelfordPartial<double>> parts(rb.blocks * g.C);
+  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mean_v(g.C), m2_v(g.C), chunk_mean(g.C), chunk_m2(g.C);
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t r0 = k * rows_per_block;
-      const int64_t r1 = std::min(rows, r0 + rows_per_block);
-      std::fill(sum.begin(), sum.end(), 0.0);
-      std::fill(m2.begin(), m2.end(), 0.0);
-      double* __restrict s = sum.data();
-      double* __restrict q = m2.data();
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* __restrict row = x + r * g.C;
-        for (int64_t c = 0; c < g.C; ++c) s[c] += static_cast<double>(row[c]);
-      }
-      const double count = static_cast<double>(r1 - r0);
-      for (int64_t c = 0; c < g.C; ++c) s[c] /= count;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* __restrict row = x + r * g.C;
-        for (int64_t c = 0; c < g.C; ++c) {
-          const double d = static_cast<double>(row[c]) - s[c];
-          q[c] += d * d;
+      const int64_t r_end = std::min(rows, (k + 1) * rb.rows_per_block);
+      double count = 0;
+      double* __restrict bm = mean_v.data();
+      double* __restrict b2 = m2_v.data();
+      double* __restrict s = chunk_mean.data();
+      double* __restrict q = chunk_m2.data();
+      for (int64_t r0 = k * rb.rows_per_block; r0 < r_end; r0 += rb.rows_per_chunk) {
+        const int64_t r1 = std::min(r_end, r0 + rb.rows_per_chunk);
+        std::fill(s, s + g.C, 0.0);
+        std::fill(q, q + g.C, 0.0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* __restrict row = x + r * g.C;
+          for (int64_t c = 0; c < g.C; ++c) s[c] += static_cast<double>(row[c]);
         }
+        const double n = static_cast<double>(r1 - r0);
+        for (int64_t c = 0; c < g.C; ++c) s[c] /= n;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* __restrict row = x + r * g.C;
+          for (int64_t c = 0; c < g.C; ++c) {
+            const double d = static_cast<double>(row[c]) - s[c];
+            q[c] += d * d;
+          }
+        }
+        if (count == 0) {
+          std::copy(s, s + g.C, bm);
+          std::copy(q, q + g.C, b2);
+        } else {  // welford_merge with counts shared by every channel
+          const double total = count + n;
+          const double share = n / total;
+          const double cross = count * share;
+          for (int64_t c = 0; c < g.C; ++c) {
+            const double delta = s[c] - bm[c];
+            bm[c] += delta * share;
+            b2[c] += q[c] + delta * delta * cross;
+          }
+        }
+        count += n;
       }
-      for (int64_t c = 0; c < g.C; ++c) parts[k * g.C + c] = {count, s[c], q[c]};
+      for (int64_t c = 0; c < g.C; ++c) parts[k * g.C + c] = {count, bm[c], b2[c]};
     }
   });
-  finish_stats(parts, g.C, blocks, /*block_stride=*/g.C, /*channel_stride=*/1, mean, var);
+  finish_stats(parts, g.C, rb.blocks, /*block_stride=*/g.C, /*channel_stride=*/1, mean, var);
 }
 
 void compute_stats(const Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
@@ -373,16 +414,16 @@ void grad_sums_kernel(const scalar_t* dy, const scalar_t* x, const Geometry& g, 
     }
     return;
   }
-  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, g.C));
-  const int64_t blocks = ceil_div(rows, rows_per_block);
+  const RowBlocks rb = row_blocks(g);
+  const int64_t blocks = rb.blocks;
   std::vector<double> part_dy(blocks * g.C, 0.0), part_dy_xmu(blocks * g.C, 0.0);
   const double* __restrict m = mean.data();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       double* __restrict a = part_dy.data() + k * g.C;
       double* __restrict b = part_dy_xmu.data() + k * g.C;
-      const int64_t r1 = std::min(rows, (k + 1) * rows_per_block);
-      for (int64_t r = k * rows_per_block; r < r1; ++r) {
+      const int64_t r1 = std::min(rows, (k + 1) * rb.rows_per_block);
+      for (int64_t r = k * rb.rows_per_block; r < r1; ++r) {
         const scalar_t* __restrict dyr = dy + r * g.C;
         const scalar_t* __restrict xr = x + r * g.C;
         for (int64_t c = 0; c < g.C; ++c) {

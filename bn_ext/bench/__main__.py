@@ -1,0 +1,272 @@
+"""python -m bn_ext.bench: time bn_ext against PyTorch's BatchNorm on the same inputs, same run.
+
+For every case it first checks that our output matches PyTorch's (a benchmark of a wrong kernel
+is worthless), then reports median times, the speed-up, and effective bandwidth counted on the
+bytes the operation must move, as a fraction of a plain copy of the same tensor timed alongside.
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import bn_ext
+
+from .cases import suite
+
+MODES = {
+    # name: (bytes moved per element of input, in units of the element size)
+    "train_fwd": 2,      # read x, write y
+    "train_fwd_bwd": 5,  # forward (read x, write y) + backward (read x and dy, write dx)
+    "eval_fwd": 2,       # read x, write y
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_CLS = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+OUR_CLS = {1: bn_ext.BatchNorm1d, 2: bn_ext.BatchNorm2d, 3: bn_ext.BatchNorm3d}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats, warmup, min_time=0.0):
+    """Median seconds per call of fn, after warm-up, synchronising around each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    started = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - started < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def make_modules(case, dtype, device):
+    c = case.shape[1]
+    theirs = TORCH_CLS[case.kind](c, device=device)
+    ours = OUR_CLS[case.kind](c, device=device)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    if dtype != torch.float32 and device == "cuda":
+        # on the GPU, cuDNN and our kernels take float32 params beside low-precision input
+        pass
+    return theirs, ours
+
+
+def make_input(case, dtype, device):
+    x = torch.randn(case.shape, device=device, dtype=dtype)
+    fmt = case.memory_format()
+    return x.contiguous(memory_format=fmt) if fmt is not None else x
+
+
+def step_fn(module, x, mode, dy):
+    if mode == "train_fwd_bwd":
+        xr = x.detach().requires_grad_()
+
+        def run():
+            module(xr).backward(dy)
+            xr.grad = None
+
+        return run
+
+    def run():
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def check_parity(theirs, ours, x, mode, dtype):
+    """Our output (and grad_input for fwd+bwd) against PyTorch's on this case's data."""
+    tol = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+    xt = x.detach().clone().requires_grad_()
+    xo = x.detach().clone().requires_grad_()
+    yt, yo = theirs(xt), ours(xo)
+    err = (yt.float() - yo.float()).abs().max().item()
+    if mode == "train_fwd_bwd":
+        dy = torch.randn_like(yt)
+        yt.backward(dy)
+        yo.backward(dy)
+        scale = xt.grad.float().abs().max().item() or 1.0
+        err = max(err, (xt.grad.float() - xo.grad.float()).abs().max().item() / scale)
+    theirs.zero_grad()
+    ours.zero_grad()
+    return err, err <= tol
+
+
+def torch_backend(device):
+    if device != "cuda":
+        return "native-cpu"
+    return "cudnn" if torch.backends.cudnn.enabled and torch.backends.cudnn.is_available() else "native-cuda"
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_info(device):
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bn_ext_commit": git_commit(),
+        "python": platform.python_version(),
+    }
+
+
+def progress(i, total, label):
+    width = 30
+    done = int(width * i / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label[:60]:<60}")
+    sys.stderr.flush()
+    if i == total:
+        sys.stderr.write("\n")
+
+
+def geomean(values):
+    values = [v for v in values if v > 0]
+    if not values:
+        return float("nan")
+    return float(torch.tensor(values, dtype=torch.float64).log().mean().exp())
+
+
+def run(args):
+    device = args.device
+    cases = [c for c in suite(device) if not args.quick or c.quick]
+    if args.shapes:
+        cases = [c for c in cases if any(s in c.name for s in args.shapes.split(","))]
+    dtypes = args.dtype.split(",")
+    modes = args.mode.split(",")
+    backends = [True] + ([False] if device == "cuda" and not args.quick else [])
+    jobs = [(c, d, m, b) for c in cases for d in dtypes for m in modes for b in backends]
+    rows = []
+    copy_cache = {}
+    for i, (case, dname, mode, cudnn) in enumerate(jobs):
+        progress(i, len(jobs), f"{case.name} {case.layout} {dname} {mode}")
+        dtype = DTYPES[dname]
+        torch.backends.cudnn.enabled = cudnn
+        theirs, ours = make_modules(case, dtype, device)
+        x = make_input(case, dtype, device)
+        if mode == "eval_fwd":
+            theirs.eval()
+            ours.eval()
+        err, ok = check_parity(theirs, ours, x, mode, dtype)
+        dy = torch.randn_like(x)
+        t_theirs = median_time(step_fn(theirs, x, mode, dy), device, args.repeats, args.warmup, args.min_time)
+        t_ours = median_time(step_fn(ours, x, mode, dy), device, args.repeats, args.warmup, args.min_time)
+        key = (case.shape, case.layout, dname)
+        if key not in copy_cache:
+            y = torch.empty_like(x)
+            copy_cache[key] = median_time(lambda: y.copy_(x), device, args.repeats, args.warmup, args.min_time)
+        t_copy = copy_cache[key]
+        nbytes = x.numel() * x.element_size()
+        bw = MODES[mode] * nbytes / t_ours / 1e9
+        copy_bw = 2 * nbytes / t_copy / 1e9
+        rows.append({
+            "case": case.name, "shape": "x".join(map(str, case.shape)), "layout": case.layout, "dtype": dname,
+            "mode": mode, "device": device, "torch_backend": torch_backend(device) if cudnn else "native-cuda",
+            "torch_ms": t_theirs * 1e3, "bn_ext_ms": t_ours * 1e3, "speedup": t_theirs / t_ours,
+            "bn_ext_GBps": bw, "copy_GBps": copy_bw, "bw_fraction_of_copy": bw / copy_bw,
+            "tensor_MB": nbytes / 1e6, "max_err": err, "parity": "ok" if ok else "MISMATCH",
+        })
+    progress(len(jobs), len(jobs), "done")
+    torch.backends.cudnn.enabled = True
+    return rows
+
+
+def print_table(rows, info):
+    print(f"\nbn_ext vs PyTorch on {rows[0]['device'] if rows else '?'}: {info['cpu'] if not info['gpu'] else info['gpu']}, "
+          f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}")
+    head = f"{'case':<26} {'layout':<13} {'dtype':<8} {'mode':<13} {'torch':>6} {'torch ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} {'of copy':>7} parity"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['mode']:<13} {r['torch_backend'][:6]:>6} "
+              f"{r['torch_ms']:9.3f} {r['bn_ext_ms']:9.3f} {r['speedup']:7.2f}x {r['bn_ext_GBps']:7.1f} "
+              f"{r['bw_fraction_of_copy']:6.0%} {r['parity']}")
+    print("-" * len(head))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["dtype"], r["torch_backend"]), []).append(r["speedup"])
+    for (mode, dtype, backend), values in sorted(groups.items()):
+        print(f"geomean speedup {mode:<13} {dtype:<8} vs {backend:<11}: {geomean(values):.2f}x "
+              f"(min {min(values):.2f}x over {len(values)} cases)")
+
+
+def write_results(rows, info, out_dir, tag):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"bench-{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump({"machine": info, "results": rows}, f, indent=1)
+    with open(base + ".csv", "w", newline="") as f:
+        f.write("# " + json.dumps(info) + "\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    return base
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bn_ext.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="a small subset (CI smoke, under a minute)")
+    p.add_argument("--shapes", default="", help="comma-separated substrings of case names to keep")
+    p.add_argument("--dtype", default=None, help="comma-separated: float32,bfloat16,float16")
+    p.add_argument("--mode", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=0.0, help="time each measurement for at least this many s")
+    p.add_argument("--out", default="benchmarks", help="folder for the CSV/JSON results")
+    p.add_argument("--tag", default=None, help="results file name tag (default: device and mode of run)")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else (15 if args.device == "cpu" else 50)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    rows = run(args)
+    info = machine_info(args.device)
+    print_table(rows, info)
+    tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}"
+    base = write_results(rows, info, args.out, tag)
+    print(f"wrote {base}.csv and {base}.json")
+    if any(r["parity"] != "ok" for r in rows):
+        print("PARITY FAILURES: see the parity column", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
