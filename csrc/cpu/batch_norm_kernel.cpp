@@ -80,45 +80,6 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, c10::Sc
 }
 
 // ---------------------------------------------------------------------------------------------
-// Layout handling: the output takes the input's memory format (at::empty_like), and the kernels
-// read every operand in the output's layout, copying only operands that are not already in it.
-
-struct Operands {
-  Geometry g;
-  Tensor result;                // what the op returns (input's memory format)
-  Tensor out;                   // what the kernel writes: `result`, or a contiguous stand-in
-  std::vector<Tensor> inputs;   // the operands, in the kernel's layout
-};
-
-Operands prepare(const Tensor& like, std::initializer_list<Tensor> operands, bool with_output) {
-  Operands p;
-  Layout layout = Layout::kNCS;
-  Tensor layout_ref;
-  if (with_output) {
-    p.result = at::empty_like(like);
-    if (layout_of(p.result, &layout)) {
-      p.out = p.result;
-    } else {  // dense but neither layout (an unusual permutation): compute contiguous, copy back
-      p.out = at::empty(like.sizes(), like.options());
-      layout = Layout::kNCS;
-    }
-    layout_ref = p.out;
-  } else if (!layout_of(like, &layout)) {
-    layout = Layout::kNCS;
-    layout_ref = at::empty(like.sizes(), like.options());
-  } else {
-    layout_ref = like;
-  }
-  for (const Tensor& t : operands) p.inputs.push_back(in_layout(t, layout, layout_ref));
-  p.g = geometry_of(like, layout);
-  return p;
-}
-
-void finish(Operands& p) {
-  if (!p.out.is_same(p.result)) p.result.copy_(p.out);
-}
-
-// ---------------------------------------------------------------------------------------------
 // Loops over one layout.
 
 // fn(c, offset, len): contiguous runs of channel c with flat per-channel index in [start, end)
@@ -313,34 +274,26 @@ void compute_stats(const Tensor& x, const Geometry& g, std::vector<double>& mean
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise forward: y = ((x - mean_hi) - mean_lo) * scale + shift. The mean is split into a
-// part representable in the compute type and the remainder, so that x - mean stays exact for
-// inputs whose mean is large against their spread (a folded x * scale + shift would not).
+// Elementwise forward: y = ((x - mean_hi) - mean_lo) * scale + shift (math.h, forward_coeffs).
 
+// Per-channel coefficients as arrays, so the channels-last loop vectorises over C.
 template <typename opmath_t>
 struct Affine {
   std::vector<opmath_t> mean_hi, mean_lo, scale, shift;
 };
 
 template <typename opmath_t>
-void split_mean(double mean, opmath_t* hi, opmath_t* lo) {
-  *hi = static_cast<opmath_t>(mean);
-  *lo = static_cast<opmath_t>(mean - static_cast<double>(*hi));
-}
-
-template <typename opmath_t>
 Affine<opmath_t> forward_affine(const std::vector<double>& mean, const std::vector<double>& var,
                                 const std::vector<double>& weight, const std::vector<double>& bias, double eps) {
   const int64_t channels = static_cast<int64_t>(mean.size());
   Affine<opmath_t> a;
-  a.mean_hi.resize(channels);
-  a.mean_lo.resize(channels);
-  a.scale.resize(channels);
-  a.shift.resize(channels);
+  for (auto* v : {&a.mean_hi, &a.mean_lo, &a.scale, &a.shift}) v->resize(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    split_mean(mean[c], &a.mean_hi[c], &a.mean_lo[c]);
-    a.scale[c] = static_cast<opmath_t>(weight[c] * invstd_from_var(var[c], eps));
-    a.shift[c] = static_cast<opmath_t>(bias[c]);
+    const auto k = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
+    a.mean_hi[c] = k.mean_hi;
+    a.mean_lo[c] = k.mean_lo;
+    a.scale[c] = k.scale;
+    a.shift[c] = k.shift;
   }
   return a;
 }
@@ -455,8 +408,8 @@ void compute_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, con
   });
 }
 
-// dx = k_dy * dy + k_x * ((x - mean_hi) - mean_lo) + k_0 per channel; eval mode has k_x = k_0 = 0
-// and does not read x.
+// dx = k_dy * dy + k_x * ((x - mean_hi) - mean_lo) + k_0 (math.h, backward_coeffs); eval mode
+// has k_x = k_0 = 0 and does not read x.
 template <typename opmath_t>
 struct GradCoeffs {
   std::vector<opmath_t> k_dy, k_x, k_0, mean_hi, mean_lo;
@@ -506,17 +459,15 @@ void apply_grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_backward_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     GradCoeffs<opmath_t> k;
-    for (auto* v : {&k.k_dy, &k.k_x, &k.k_0, &k.mean_hi, &k.mean_lo}) v->assign(g.C, opmath_t(0));
+    for (auto* v : {&k.k_dy, &k.k_x, &k.k_0, &k.mean_hi, &k.mean_lo}) v->resize(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
-      const double invstd = invstd_from_var(var[c], eps);
-      const double k_dy = weight[c] * invstd;
-      k.k_dy[c] = static_cast<opmath_t>(k_dy);
-      if (training) {
-        const double n = static_cast<double>(count);
-        k.k_x[c] = static_cast<opmath_t>(-k_dy * invstd * invstd * sum_dy_xmu[c] / n);
-        k.k_0[c] = static_cast<opmath_t>(-k_dy * sum_dy[c] / n);
-        split_mean(mean[c], &k.mean_hi[c], &k.mean_lo[c]);
-      }
+      const auto kc = backward_coeffs<opmath_t>(mean[c], var[c], weight[c], sum_dy[c], sum_dy_xmu[c], eps,
+                                                static_cast<double>(count), training);
+      k.k_dy[c] = kc.k_dy;
+      k.k_x[c] = kc.k_x;
+      k.k_0[c] = kc.k_0;
+      k.mean_hi[c] = kc.mean_hi;
+      k.mean_lo[c] = kc.mean_lo;
     }
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

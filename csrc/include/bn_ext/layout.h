@@ -2,7 +2,9 @@
 // sizes, in one of two dense layouts. Anything else is copied into one of them by the caller.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
+
+#include <vector>
 
 namespace bn_ext {
 
@@ -60,14 +62,50 @@ inline Geometry geometry_of(const at::Tensor& t, Layout layout) {
   return Geometry{t.size(0), t.size(1), spatial_size(t), layout};
 }
 
-// `t` in `layout` with the strides of `like` (a tensor already known to be in it): `t` itself
-// when it already is, else a copy.
+// `t` in `layout`: `t` itself when it already is, else a copy (for channels-last, with the
+// strides of `like`, a tensor already in that layout).
 inline at::Tensor in_layout(const at::Tensor& t, Layout layout, const at::Tensor& like) {
-  const bool fits = layout == Layout::kNCS ? t.is_contiguous() : is_nsc_dense(t);
-  if (fits) return t;
+  if (layout == Layout::kNCS) return t.contiguous();
+  if (is_nsc_dense(t)) return t;
   at::Tensor copy = at::empty_like(like);
   copy.copy_(t);
   return copy;
+}
+
+// What a kernel works on: every operand (all of `like`'s sizes) in one layout, and the output.
+// The output takes the input's memory format (at::empty_like); when that is a dense layout the
+// kernels cannot walk (an unusual permutation), they write a contiguous stand-in, copied back
+// by finish().
+struct Operands {
+  Geometry g;
+  at::Tensor result;               // what the op returns
+  at::Tensor out;                  // what the kernel writes: `result` or its stand-in
+  std::vector<at::Tensor> inputs;  // the operands, in the kernel's layout
+};
+
+inline Operands prepare(const at::Tensor& like, std::initializer_list<at::Tensor> operands, bool with_output) {
+  Operands p;
+  Layout layout = Layout::kNCS;
+  at::Tensor ref = like;
+  if (with_output) {
+    p.result = at::empty_like(like);
+    if (layout_of(p.result, &layout)) {
+      p.out = p.result;
+    } else {
+      layout = Layout::kNCS;
+      p.out = at::empty(like.sizes(), like.options());
+    }
+    ref = p.out;
+  } else if (!layout_of(like, &layout)) {
+    layout = Layout::kNCS;
+  }
+  for (const at::Tensor& t : operands) p.inputs.push_back(in_layout(t, layout, ref));
+  p.g = geometry_of(like, layout);
+  return p;
+}
+
+inline void finish(Operands& p) {
+  if (!p.out.is_same(p.result)) p.result.copy_(p.out);
 }
 
 }  // namespace bn_ext

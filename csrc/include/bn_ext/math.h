@@ -43,7 +43,11 @@ BN_EXT_HOST_DEVICE WelfordPartial<acc_t> welford_merge(
 // 1 / sqrt(var + eps), as PyTorch computes it (not rsqrt: we want its rounding on the CPU).
 template <typename acc_t>
 BN_EXT_HOST_DEVICE acc_t invstd_from_var(acc_t var, double eps) {
+#ifdef __CUDA_ARCH__
+  return acc_t(1) / static_cast<acc_t>(::sqrt(var + static_cast<acc_t>(eps)));
+#else
   return acc_t(1) / static_cast<acc_t>(std::sqrt(var + static_cast<acc_t>(eps)));
+#endif
 }
 
 // Unbiased variance from the biased one over `count` elements (NaN for count 1, as 0/0).
@@ -56,6 +60,51 @@ BN_EXT_HOST_DEVICE acc_t unbiased_from_biased(acc_t var, int64_t count) {
 // running <- factor * batch + (1 - factor) * running, in double as PyTorch's CPU path does.
 BN_EXT_HOST_DEVICE double running_blend(double running, double batch, double factor) {
   return factor * batch + (1.0 - factor) * running;
+}
+
+// Elementwise forward per channel: y = ((x - mean_hi) - mean_lo) * scale + shift. The mean is
+// split into the part the compute type holds and the remainder, so x - mean stays exact for
+// inputs whose mean is large against their spread (a folded x * scale + shift would not).
+template <typename opmath_t>
+struct ForwardCoeffs {
+  opmath_t mean_hi, mean_lo, scale, shift;
+};
+
+template <typename opmath_t>
+BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs(double mean, double var, double weight, double bias,
+                                                          double eps) {
+  ForwardCoeffs<opmath_t> k;
+  k.mean_hi = static_cast<opmath_t>(mean);
+  k.mean_lo = static_cast<opmath_t>(mean - static_cast<double>(k.mean_hi));
+  k.scale = static_cast<opmath_t>(weight * invstd_from_var(var, eps));
+  k.shift = static_cast<opmath_t>(bias);
+  return k;
+}
+
+// Elementwise backward per channel: dx = k_dy * dy + k_x * ((x - mean_hi) - mean_lo) + k_0.
+// In training, sum_dy and sum_dy_xmu = sum(dy * (x - mean)) are over the `count` elements the
+// statistics came from; in eval mode the statistics are constants and k_x = k_0 = 0.
+template <typename opmath_t>
+struct BackwardCoeffs {
+  opmath_t k_dy, k_x, k_0, mean_hi, mean_lo;
+};
+
+template <typename opmath_t>
+BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs(double mean, double var, double weight, double sum_dy,
+                                                            double sum_dy_xmu, double eps, double count,
+                                                            bool training) {
+  const double invstd = invstd_from_var(var, eps);
+  const double k_dy = weight * invstd;
+  BackwardCoeffs<opmath_t> k;
+  k.k_dy = static_cast<opmath_t>(k_dy);
+  k.k_x = k.k_0 = k.mean_hi = k.mean_lo = opmath_t(0);
+  if (training) {
+    k.k_x = static_cast<opmath_t>(-k_dy * invstd * invstd * sum_dy_xmu / count);
+    k.k_0 = static_cast<opmath_t>(-k_dy * sum_dy / count);
+    k.mean_hi = static_cast<opmath_t>(mean);
+    k.mean_lo = static_cast<opmath_t>(mean - static_cast<double>(k.mean_hi));
+  }
+  return k;
 }
 
 }  // namespace bn_ext
