@@ -483,12 +483,6 @@ void apply_grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const
 // ---------------------------------------------------------------------------------------------
 // Ops.
 
-void check_affine(const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, const Tensor& input,
-                  const char* op) {
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_optional_channel_tensor(bias, "bias", input, op);
-}
-
 Tensor defined_or_empty(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
@@ -611,43 +605,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   return {grad_input, grad_weight, grad_bias};
 }
 
-void check_running(const c10::optional<Tensor>& t, const char* name, const Tensor& mean, const char* op) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel(), op, ": ", name, ": expected a 1-D tensor of ",
-              mean.numel(), " elements (one per channel), got size ", t->sizes());
-  TORCH_CHECK(t->device() == mean.device(), op, ": ", name, ": expected a tensor on ", mean.device(), ", got one on ",
-              t->device());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, ": expected a floating-point tensor, got ",
-              t->scalar_type());
-}
-
 void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
                                      const c10::optional<Tensor>& running_var,
                                      const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
                                      const Tensor& var, c10::optional<double> momentum, int64_t count) {
-  const char* op = "bn_ext.batch_norm_update_running_stats";
-  TORCH_CHECK(mean.dim() == 1, op, ": mean: expected a 1-D tensor, got size ", mean.sizes());
-  TORCH_CHECK(var.sizes() == mean.sizes(), op, ": var: expected size ", mean.sizes(), " (the mean's), got ",
-              var.sizes());
-  TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(var.scalar_type()), op,
-              ": mean, var: expected floating-point tensors");
-  check_running(running_mean, "running_mean", mean, op);
-  check_running(running_var, "running_var", mean, op);
+  check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count);
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  if (has_nbt) {
-    const Tensor& nbt = *num_batches_tracked;
-    TORCH_CHECK(nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
-                ": num_batches_tracked: expected a one-element int64 tensor, got ", nbt.scalar_type(), " of size ",
-                nbt.sizes());
-    TORCH_CHECK(nbt.device() == mean.device(), op, ": num_batches_tracked: expected a tensor on ", mean.device(),
-                ", got one on ", nbt.device());
-  }
-  TORCH_CHECK(momentum.has_value() || has_nbt, op,
-              ": momentum: None (cumulative average) needs num_batches_tracked, got None for both");
-  if (momentum.has_value())
-    TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
-  TORCH_CHECK(count >= 0, op, ": count: expected a non-negative element count, got ", count);
-
   // Every check has passed: from here on nothing can fail half-way.
   double factor = momentum.value_or(0.0);
   if (has_nbt) {
