@@ -486,8 +486,7 @@ void apply_grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const
 Tensor defined_or_empty(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
-  const char* op = "bn_ext.batch_norm_stats";
-  check_input(input, op);
+  check_stats_args(input);
   Operands p = prepare(input, {input}, /*with_output=*/false);
   std::vector<double> mean, var;
   compute_stats(p.inputs[0], p.g, mean, var);
@@ -497,12 +496,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
 
 Tensor batch_norm_elemt(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                         const Tensor& mean, const Tensor& var, double eps) {
-  const char* op = "bn_ext.batch_norm_elemt";
-  check_input(input, op);
-  check_affine(weight, bias, input, op);
-  check_channel_tensor(mean, "mean", input, op, /*allow_any_float=*/true);
-  check_channel_tensor(var, "var", input, op, /*allow_any_float=*/true);
-  check_eps(eps, op);
+  check_elemt_args(input, weight, bias, mean, var, eps);
   Operands p = prepare(input, {input}, /*with_output=*/true);
   const int64_t C = p.g.C;
   apply_elemt(p.inputs[0], p.out, p.g, channel_values(mean, C, 0.0), channel_values(var, C, 0.0),
@@ -513,10 +507,7 @@ Tensor batch_norm_elemt(const Tensor& input, const c10::optional<Tensor>& weight
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c10::optional<Tensor>& weight,
                                                     const c10::optional<Tensor>& bias, double eps) {
-  const char* op = "bn_ext.batch_norm_train";
-  check_input(input, op);
-  check_affine(weight, bias, input, op);
-  check_eps(eps, op);
+  check_train_args(input, weight, bias, eps);
   Operands p = prepare(input, {input}, /*with_output=*/true);
   const int64_t C = p.g.C;
   std::vector<double> mean, var;
@@ -530,10 +521,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c
 }
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& input, const Tensor& mean) {
-  const char* op = "bn_ext.batch_norm_backward_reduce";
-  check_input(input, op);
-  check_same_shape(grad_out, "grad_out", input, op);
-  check_stat_tensor(mean, "mean", input, op);
+  check_backward_reduce_args(grad_out, input, mean);
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/false);
   std::vector<double> sum_dy, sum_dy_xmu;
   compute_grad_sums(p.inputs[0], p.inputs[1], p.g, channel_values(mean, p.g.C, 0.0), sum_dy, sum_dy_xmu);
@@ -544,16 +532,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
 Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const c10::optional<Tensor>& weight,
                                  const Tensor& mean, const Tensor& var, const Tensor& sum_dy,
                                  const Tensor& sum_dy_xmu, double eps, int64_t count) {
-  const char* op = "bn_ext.batch_norm_backward_elemt";
-  check_input(input, op);
-  check_same_shape(grad_out, "grad_out", input, op);
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_stat_tensor(mean, "mean", input, op);
-  check_stat_tensor(var, "var", input, op);
-  check_stat_tensor(sum_dy, "sum_dy", input, op);
-  check_stat_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
-  check_eps(eps, op);
-  TORCH_CHECK(count > 0 || input.numel() == 0, op, ": count: expected a positive element count, got ", count);
+  check_backward_elemt_args(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, count);
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/true);
   const int64_t C = p.g.C;
   apply_grad_input(p.inputs[0], p.inputs[1], p.out, p.g, /*training=*/true, channel_values(mean, C, 0.0),
@@ -567,13 +546,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                                        const c10::optional<Tensor>& weight, const Tensor& mean,
                                                        const Tensor& var, double eps, bool training,
                                                        std::array<bool, 3> output_mask) {
-  const char* op = "bn_ext.batch_norm_backward";
-  check_input(input, op);
-  check_same_shape(grad_out, "grad_out", input, op);
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_stat_tensor(mean, "mean", input, op);
-  check_stat_tensor(var, "var", input, op);
-  check_eps(eps, op);
+  check_backward_args(grad_out, input, weight, mean, var, eps);
   const bool need_sums = training ? output_mask[0] || output_mask[1] || output_mask[2]
                                   : output_mask[1] || output_mask[2];
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/output_mask[0]);

@@ -96,6 +96,64 @@ inline void check_running(const c10::optional<at::Tensor>& t, const char* name, 
               t->scalar_type());
 }
 
+// One function per op: what it checks before any kernel runs, the same on every device.
+
+inline void check_stats_args(const at::Tensor& input) { check_input(input, "bn_ext.batch_norm_stats"); }
+
+inline void check_elemt_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                             double eps) {
+  const char* op = "bn_ext.batch_norm_elemt";
+  check_input(input, op);
+  check_affine(weight, bias, input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(var, "var", input, op);
+  check_eps(eps, op);
+}
+
+inline void check_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, double eps) {
+  const char* op = "bn_ext.batch_norm_train";
+  check_input(input, op);
+  check_affine(weight, bias, input, op);
+  check_eps(eps, op);
+}
+
+inline void check_backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean) {
+  const char* op = "bn_ext.batch_norm_backward_reduce";
+  check_input(input, op);
+  check_same_shape(grad_out, "grad_out", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+}
+
+inline void check_backward_elemt_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& var, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                      double eps, int64_t count) {
+  const char* op = "bn_ext.batch_norm_backward_elemt";
+  check_input(input, op);
+  check_same_shape(grad_out, "grad_out", input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(var, "var", input, op);
+  check_stat_tensor(sum_dy, "sum_dy", input, op);
+  check_stat_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
+  check_eps(eps, op);
+  TORCH_CHECK(count > 0 || input.numel() == 0, op, ": count: expected a positive element count, got ", count);
+}
+
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+                                double eps) {
+  const char* op = "bn_ext.batch_norm_backward";
+  check_input(input, op);
+  check_same_shape(grad_out, "grad_out", input, op);
+  check_optional_channel_tensor(weight, "weight", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(var, "var", input, op);
+  check_eps(eps, op);
+}
+
 // Everything batch_norm_update_running_stats needs, checked before it writes anything.
 inline void check_update_running_stats(const c10::optional<at::Tensor>& running_mean,
                                        const c10::optional<at::Tensor>& running_var,
