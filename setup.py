@@ -9,9 +9,31 @@ Environment variables:
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME as the grandparent folder of the first nvcc on PATH, which is wrong
+    for a wrapper script or link such as /usr/local/bin/nvcc. Prefer a folder that really holds a
+    toolkit (bin/nvcc and include/cuda_runtime_api.h)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+            os.path.join(root, "include", "cuda_runtime_api.h")
+        ):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_find_cuda_home()
 
 try:
     import torch
