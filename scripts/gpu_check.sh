@@ -37,7 +37,18 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
 step build 400 env FORCE_CUDA=1 $PY setup.py build_ext --inplace || { cat "$OUT/build.log" | tail -40; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-step tests 400 $PY -m pytest -q -p no:cacheprovider -p no:logging --junitxml="$OUT/tests.xml" tests
+# one process per test file, so that a crash in one cannot hide the others' results
+run_tests() {
+  local rc=0 f
+  for f in tests/test_*.py; do
+    echo "---- $f"
+    "$PY" -m pytest -q --tb=short -p no:cacheprovider -p no:logging "$f" || rc=1
+  done
+  return $rc
+}
+export -f run_tests
+export PY
+step tests 420 bash -c run_tests
 step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_ops.py
 step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 3 $PY scripts/sanitize_ops.py
 step bench 400 $PY -m bn_ext.bench --device cuda --out "$OUT" --tag cuda ${BENCH_ARGS:-}
@@ -47,6 +58,7 @@ echo "================ bn_ext GPU check summary ================"
 cat "$OUT/gpu.txt"
 printf '%-10s %s\n' step result
 for s in build tests memcheck racecheck bench; do printf '%-10s %s\n' "$s" "${RESULT[$s]:-not run}"; done
-grep -E "passed|failed" "$OUT/tests.log" | tail -1
+grep -E "^---- |passed|failed|Fatal|Segmentation" "$OUT/tests.log" | grep -vE "^(FAILED|ERROR) " | paste - - | column -t 2>/dev/null || grep -E "passed|failed" "$OUT/tests.log"
+grep -E "^FAILED|^ERROR" "$OUT/tests.log" | head -20
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null
 grep -A 40 "^bn_ext vs PyTorch" "$OUT/bench.log" | grep -E "geomean|^case|MISMATCH" | head -30

@@ -19,6 +19,11 @@ TOL = {
 }
 
 
+# torch.nn's BatchNorm takes `bias=` from torch 2.13 on; our modules take it on any torch.
+TORCH_HAS_BIAS_KW = "bias" in __import__("inspect").signature(torch.nn.BatchNorm1d.__init__).parameters
+requires_torch_bias_kw = pytest.mark.skipif(not TORCH_HAS_BIAS_KW, reason="this torch.nn BatchNorm has no bias= argument")
+
+
 def devices():
     return DEVICES
 

@@ -1,4 +1,5 @@
 """bn_ext against a float64 reference: accuracy, stability with large means, determinism."""
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import reference as ref
 from conftest import DEVICES
 
 ops = torch.ops.bn_ext
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
 
 
 def rand(shape, device, dtype=torch.float64, mean=0.0, std=1.0):
@@ -162,7 +164,8 @@ def test_bitwise_deterministic_across_thread_counts(tmp_path):
     results = {}
     for threads, tag in ((1, "a"), (2, "b"), (2, "c")):
         path = tmp_path / f"{tag}.pt"
-        subprocess.run([sys.executable, str(script), str(threads), str(path)], check=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        subprocess.run([sys.executable, str(script), str(threads), str(path)], check=True, env=env)
         results[tag] = torch.load(path)
     for a, b, c in zip(results["a"], results["b"], results["c"]):
         assert torch.equal(a, b), "1 thread vs 2 threads differ"

@@ -385,26 +385,36 @@ __device__ __forceinline__ double value_or(const acc_t* p, int64_t c, double fal
   return p == nullptr ? fallback : static_cast<double>(p[c]);
 }
 
+// Merge channel c's partials with a fixed tree: thread t folds partials t, t + blockDim, ...
+// in order, then the block tree combines the threads. One block per channel keeps the
+// dependent chain short however many partials there are.
+template <Reduce kR>
+__device__ Partial<red_t> merge_partials(const Partial<red_t>* __restrict__ partials, int64_t c, int64_t parts) {
+  Partial<red_t> p{0, 0, 0};
+  for (int64_t b = threadIdx.x; b < parts; b += blockDim.x) p = combine<kR>(p, partials[c * parts + b]);
+  return block_reduce<kR>(p);
+}
+
 template <typename acc_t>
-__global__ void finalize_stats_kernel(const Partial<red_t>* __restrict__ partials, int64_t C, int64_t parts,
-                                      acc_t* __restrict__ mean_out, acc_t* __restrict__ var_out, ChannelArgs<acc_t> args,
-                                      double eps, acc_t* __restrict__ coeffs) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  WelfordPartial<double> acc{0, 0, 0};
-  for (int64_t b = 0; b < parts; ++b) {
-    const Partial<red_t> p = partials[c * parts + b];
-    acc = welford_merge(acc, WelfordPartial<double>{p.a, p.b, p.c});
-  }
-  const double var = acc.count > 0 ? acc.m2 / acc.count : 0.0;
-  mean_out[c] = static_cast<acc_t>(acc.mean);
-  var_out[c] = static_cast<acc_t>(var);
-  if (coeffs != nullptr) {
-    const auto k = forward_coeffs<acc_t>(acc.mean, var, value_or(args.weight, c, 1.0), value_or(args.bias, c, 0.0), eps);
-    coeffs[c] = k.mean_hi;
-    coeffs[C + c] = k.mean_lo;
-    coeffs[2 * C + c] = k.scale;
-    coeffs[3 * C + c] = k.shift;
+__global__ void __launch_bounds__(kThreads)
+    finalize_stats_kernel(const Partial<red_t>* __restrict__ partials, int64_t C, int64_t parts,
+                          acc_t* __restrict__ mean_out, acc_t* __restrict__ var_out, ChannelArgs<acc_t> args,
+                          double eps, acc_t* __restrict__ coeffs) {
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    const Partial<red_t> acc = merge_partials<Reduce::kStats>(partials, c, parts);
+    if (threadIdx.x == 0) {
+      const double var = acc.a > 0 ? acc.c / acc.a : 0.0;
+      mean_out[c] = static_cast<acc_t>(acc.b);
+      var_out[c] = static_cast<acc_t>(var);
+      if (coeffs != nullptr) {
+        const auto k = forward_coeffs<acc_t>(acc.b, var, value_or(args.weight, c, 1.0), value_or(args.bias, c, 0.0), eps);
+        coeffs[c] = k.mean_hi;
+        coeffs[C + c] = k.mean_lo;
+        coeffs[2 * C + c] = k.scale;
+        coeffs[3 * C + c] = k.shift;
+      }
+    }
+    __syncthreads();  // block_reduce's shared memory is reused for the next channel
   }
 }
 
@@ -422,40 +432,42 @@ __global__ void forward_coeffs_kernel(const acc_t* __restrict__ mean, const acc_
 
 // Backward per channel: sums from partials (when given) or from sum_dy/sum_dy_xmu, then the dx
 // coefficients and, when asked, grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy.
+// One block per channel (see merge_partials).
 template <typename acc_t>
-__global__ void backward_channel_kernel(const Partial<red_t>* __restrict__ partials, int64_t parts,
-                                        const acc_t* __restrict__ sum_dy_in, const acc_t* __restrict__ sum_dy_xmu_in,
-                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                        const acc_t* __restrict__ weight, int64_t C, double eps, double count,
-                                        bool training, acc_t* __restrict__ sum_dy_out,
-                                        acc_t* __restrict__ sum_dy_xmu_out, acc_t* __restrict__ grad_weight,
-                                        acc_t* __restrict__ grad_bias, acc_t* __restrict__ coeffs) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  double sdy = 0, sdx = 0;
-  if (partials != nullptr) {
-    for (int64_t b = 0; b < parts; ++b) {
-      const Partial<red_t> p = partials[c * parts + b];
-      sdy += p.a;
-      sdx += p.b;
+__global__ void __launch_bounds__(kThreads)
+    backward_channel_kernel(const Partial<red_t>* __restrict__ partials, int64_t parts,
+                            const acc_t* __restrict__ sum_dy_in, const acc_t* __restrict__ sum_dy_xmu_in,
+                            const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                            const acc_t* __restrict__ weight, int64_t C, double eps, double count, bool training,
+                            acc_t* __restrict__ sum_dy_out, acc_t* __restrict__ sum_dy_xmu_out,
+                            acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, acc_t* __restrict__ coeffs) {
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    double sdy = 0, sdx = 0;
+    if (partials != nullptr) {
+      const Partial<red_t> acc = merge_partials<Reduce::kGrad>(partials, c, parts);
+      sdy = acc.a;
+      sdx = acc.b;
+    } else if (sum_dy_in != nullptr) {
+      sdy = sum_dy_in[c];
+      sdx = sum_dy_xmu_in[c];
     }
-  } else if (sum_dy_in != nullptr) {
-    sdy = sum_dy_in[c];
-    sdx = sum_dy_xmu_in[c];
-  }
-  if (sum_dy_out != nullptr) sum_dy_out[c] = static_cast<acc_t>(sdy);
-  if (sum_dy_xmu_out != nullptr) sum_dy_xmu_out[c] = static_cast<acc_t>(sdx);
-  const double v = static_cast<double>(var[c]);
-  if (grad_weight != nullptr) grad_weight[c] = static_cast<acc_t>(sdx * invstd_from_var(v, eps));
-  if (grad_bias != nullptr) grad_bias[c] = static_cast<acc_t>(sdy);
-  if (coeffs != nullptr) {
-    const auto k = backward_coeffs<acc_t>(static_cast<double>(mean[c]), v, value_or(weight, c, 1.0), sdy, sdx, eps,
-                                          count, training);
-    coeffs[c] = k.mean_hi;
-    coeffs[C + c] = k.mean_lo;
-    coeffs[2 * C + c] = k.k_dy;
-    coeffs[3 * C + c] = k.k_x;
-    coeffs[4 * C + c] = k.k_0;
+    if (threadIdx.x == 0) {
+      if (sum_dy_out != nullptr) sum_dy_out[c] = static_cast<acc_t>(sdy);
+      if (sum_dy_xmu_out != nullptr) sum_dy_xmu_out[c] = static_cast<acc_t>(sdx);
+      const double v = static_cast<double>(var[c]);
+      if (grad_weight != nullptr) grad_weight[c] = static_cast<acc_t>(sdx * invstd_from_var(v, eps));
+      if (grad_bias != nullptr) grad_bias[c] = static_cast<acc_t>(sdy);
+      if (coeffs != nullptr) {
+        const auto k = backward_coeffs<acc_t>(static_cast<double>(mean[c]), v, value_or(weight, c, 1.0), sdy, sdx,
+                                              eps, count, training);
+        coeffs[c] = k.mean_hi;
+        coeffs[C + c] = k.mean_lo;
+        coeffs[2 * C + c] = k.k_dy;
+        coeffs[3 * C + c] = k.k_x;
+        coeffs[4 * C + c] = k.k_0;
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -515,21 +527,28 @@ T* mutable_ptr_or_null(const Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
+// One thread per channel / one block per channel.
 unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(std::max<int64_t>(1, ceil_div(C, kThreads))); }
+unsigned channel_grid(int64_t C) { return static_cast<unsigned>(std::clamp<int64_t>(C, 1, 65535)); }
+
+// A per-channel result: filled by a kernel when there is data, zeros for an empty input.
+Tensor stat_tensor(const Geometry& g, const Tensor& input, c10::ScalarType dtype) {
+  return g.numel() > 0 ? at::empty({g.C}, input.options().dtype(dtype)) : at::zeros({g.C}, input.options().dtype(dtype));
+}
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   check_stats_args(input);
   Context ctx(input);
   Operands p = prepare(input, {input}, /*with_output=*/false);
   const auto dt = stat_dtype(input.scalar_type());
-  Tensor mean = at::zeros({p.g.C}, input.options().dtype(dt));
-  Tensor var = at::zeros({p.g.C}, input.options().dtype(dt));
+  Tensor mean = stat_tensor(p.g, input, dt);
+  Tensor var = stat_tensor(p.g, input, dt);
   if (p.g.numel() == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_ext_stats_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     Tensor partials = launch_reduce<Reduce::kStats, scalar_t>(p.g, p.inputs[0].const_data_ptr<scalar_t>(), nullptr,
                                                                 no_mean<scalar_t>(), input, ctx.stream);
-    finalize_stats_kernel<acc_t><<<channel_blocks(p.g.C), kThreads, 0, ctx.stream>>>(
+    finalize_stats_kernel<acc_t><<<channel_grid(p.g.C), kThreads, 0, ctx.stream>>>(
         reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()), p.g.C, partials.size(1),
         mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), ChannelArgs<acc_t>{nullptr, nullptr}, 0.0,
         nullptr);
@@ -567,8 +586,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c
   Context ctx(input);
   Operands p = prepare(input, {input}, /*with_output=*/true);
   const auto dt = stat_dtype(input.scalar_type());
-  Tensor mean = at::zeros({p.g.C}, input.options().dtype(dt));
-  Tensor var = at::zeros({p.g.C}, input.options().dtype(dt));
+  Tensor mean = stat_tensor(p.g, input, dt);
+  Tensor var = stat_tensor(p.g, input, dt);
   if (p.g.numel() == 0) return {p.result, mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_ext_train_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -577,7 +596,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c
     const scalar_t* x = p.inputs[0].const_data_ptr<scalar_t>();
     Tensor partials = launch_reduce<Reduce::kStats, scalar_t>(p.g, x, nullptr, no_mean<scalar_t>(), input, ctx.stream);
     Tensor coeffs = at::empty({4, p.g.C}, input.options().dtype(acc));
-    finalize_stats_kernel<acc_t><<<channel_blocks(p.g.C), kThreads, 0, ctx.stream>>>(
+    finalize_stats_kernel<acc_t><<<channel_grid(p.g.C), kThreads, 0, ctx.stream>>>(
         reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()), p.g.C, partials.size(1),
         mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
         ChannelArgs<acc_t>{ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b)}, eps, coeffs.mutable_data_ptr<acc_t>());
@@ -594,8 +613,8 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
   Context ctx(input);
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/false);
   const auto dt = stat_dtype(input.scalar_type());
-  Tensor sum_dy = at::zeros({p.g.C}, input.options().dtype(dt));
-  Tensor sum_dy_xmu = at::zeros({p.g.C}, input.options().dtype(dt));
+  Tensor sum_dy = stat_tensor(p.g, input, dt);
+  Tensor sum_dy_xmu = stat_tensor(p.g, input, dt);
   if (p.g.numel() == 0) return {sum_dy, sum_dy_xmu};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_ext_backward_reduce_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -604,7 +623,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
                                                                p.inputs[0].const_data_ptr<scalar_t>(),
                                                                m.const_data_ptr<acc_t>(), input, ctx.stream);
     // var is only read for grad_weight and coefficients, neither asked for here: pass the mean
-    backward_channel_kernel<acc_t><<<channel_blocks(p.g.C), kThreads, 0, ctx.stream>>>(
+    backward_channel_kernel<acc_t><<<channel_grid(p.g.C), kThreads, 0, ctx.stream>>>(
         reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()), partials.size(1), nullptr, nullptr,
         m.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), nullptr, p.g.C, 0.0, 1.0, true,
         sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr, nullptr, nullptr);
@@ -626,7 +645,7 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
     const Tensor w = as_acc(weight, acc), m = as_acc(mean, acc), v = as_acc(var, acc);
     const Tensor sdy = as_acc(sum_dy, acc), sdx = as_acc(sum_dy_xmu, acc);
     Tensor coeffs = at::empty({5, p.g.C}, input.options().dtype(acc));
-    backward_channel_kernel<acc_t><<<channel_blocks(p.g.C), kThreads, 0, ctx.stream>>>(
+    backward_channel_kernel<acc_t><<<channel_grid(p.g.C), kThreads, 0, ctx.stream>>>(
         nullptr, 0, sdy.const_data_ptr<acc_t>(), sdx.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
         v.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(w), p.g.C, eps, static_cast<double>(count), true, nullptr,
         nullptr, nullptr, nullptr, coeffs.mutable_data_ptr<acc_t>());
@@ -654,8 +673,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     using acc_t = acc_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Tensor w = as_acc(weight, acc), m = as_acc(mean, acc), v = as_acc(var, acc);
-    Tensor gw = output_mask[1] ? at::zeros({C}, input.options().dtype(acc)) : Tensor();
-    Tensor gb = output_mask[2] ? at::zeros({C}, input.options().dtype(acc)) : Tensor();
+    Tensor gw = output_mask[1] ? stat_tensor(p.g, input, acc) : Tensor();
+    Tensor gb = output_mask[2] ? stat_tensor(p.g, input, acc) : Tensor();
     if (p.g.numel() > 0) {
       Tensor partials;
       if (need_sums) {
@@ -664,7 +683,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                                           m.const_data_ptr<acc_t>(), input, ctx.stream);
       }
       Tensor coeffs = output_mask[0] ? at::empty({5, C}, input.options().dtype(acc)) : Tensor();
-      backward_channel_kernel<acc_t><<<channel_blocks(C), kThreads, 0, ctx.stream>>>(
+      backward_channel_kernel<acc_t><<<channel_grid(C), kThreads, 0, ctx.stream>>>(
           need_sums ? reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()) : nullptr,
           need_sums ? partials.size(1) : 0, nullptr, nullptr, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
           ptr_or_null<acc_t>(w), C, eps, static_cast<double>(p.g.rows()), training, nullptr, nullptr,
