@@ -26,6 +26,35 @@ def _check_args(training: bool, momentum, eps: float) -> None:
         raise ValueError("batch_norm momentum must be a number or None, but got nan")
 
 
+def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked) -> None:
+    """The buffers the update will write, checked before any kernel runs (the op checks them
+    too; raising here keeps the module path off the op's error path and skips a wasted pass)."""
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise RuntimeError(
+                f"batch_norm: {name}: expected a 1-D tensor of {channels} elements (one per channel), "
+                f"got size {tuple(t.shape)}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(f"batch_norm: {name}: expected a tensor on {input.device}, got one on {t.device}")
+        if not t.is_floating_point():
+            raise RuntimeError(f"batch_norm: {name}: expected a floating-point tensor, got {t.dtype}")
+    if num_batches_tracked is not None:
+        if num_batches_tracked.numel() != 1 or num_batches_tracked.dtype != torch.long:
+            raise RuntimeError(
+                f"batch_norm: num_batches_tracked: expected a one-element int64 tensor, got "
+                f"{num_batches_tracked.dtype} of size {tuple(num_batches_tracked.shape)}"
+            )
+        if num_batches_tracked.device != input.device:
+            raise RuntimeError(
+                f"batch_norm: num_batches_tracked: expected a tensor on {input.device}, "
+                f"got one on {num_batches_tracked.device}"
+            )
+
+
 def _batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -46,8 +75,11 @@ def _batch_norm(
     _check_args(training, momentum, eps)
     if training:
         _verify_batch_size(input.size())
+        updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
+        if updating:
+            _check_buffers(input, running_mean, running_var, num_batches_tracked)
         output, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
-        if running_mean is not None or running_var is not None or num_batches_tracked is not None:
+        if updating:
             count = input.numel() // input.shape[1] if input.shape[1] else 0
             _ops.batch_norm_update_running_stats(
                 running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), momentum, count

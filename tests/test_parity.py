@@ -177,7 +177,10 @@ def test_worked_example_seed_note(device):
         yt = theirs(x)
     for name in ("running_mean", "running_var", "weight", "bias"):
         assert getattr(ours, name).shape == (4,)
-        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+        if device == "cpu":
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+        else:  # cuDNN blends in float32, we in float64: at most one float32 ulp apart
+            torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1.2e-7, atol=0, msg=name)
     assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
     # x - mean is exactly 0 for us; PyTorch's folded x * scale + shift leaves rounding noise
     assert torch.equal(yo, torch.zeros_like(x))
