@@ -1,0 +1,717 @@
+// CPU kernel loops, compiled once per instruction set: kernels_default.cpp (baseline x86-64)
+// and kernels_avx2.cpp (AVX2 + FMA), each wrapping this file in its own namespace
+// (BN_EXT_CPU_ISA). batch_norm_kernel.cpp picks one at run time. Everything this file needs is
+// included by the including file first, so that the ISA's target options apply to these loops
+// only, never to shared inline code.
+//
+// Statistics: one sweep of shifted sums in float64, sum(x - shift) and sum((x - shift)^2), where
+// `shift` is the mean of the channel's first few elements. With the shift near the mean and the
+// sums in float64 the variance does not cancel (a float32 sum of squares would), and blocks
+// merge by plain addition. Blocks have shape-only boundaries and are added in block order, so
+// results are bitwise identical for any thread count, and for the fused and unfused paths.
+//
+// NC(D)HW tensors with enough channels run the training forward and backward per channel: the
+// channel's reduction and then its elementwise pass, which reads the channel back from cache
+// instead of memory (one read of x per pass over the tensor instead of two).
+
+#ifndef BN_EXT_CPU_ISA
+#error "define BN_EXT_CPU_ISA before including kernels.h"
+#endif
+
+namespace bn_ext {
+namespace cpu {
+namespace BN_EXT_CPU_ISA {
+namespace {
+
+using at::Tensor;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Channels-last reductions: at most kMaxRowBlocks blocks of whole rows.
+struct RowBlocks {
+  int64_t rows_per_block;
+  int64_t blocks;
+};
+
+RowBlocks row_blocks(const Geometry& g) {
+  RowBlocks rb;
+  const int64_t rows = g.rows();
+  const int64_t min_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, g.C));
+  rb.rows_per_block = std::max(min_rows, ceil_div(rows, kMaxRowBlocks));
+  rb.blocks = ceil_div(rows, rb.rows_per_block);
+  return rb;
+}
+
+// fn(offset, len): contiguous runs of channel c with flat index in [start, end) (flat index =
+// n * S + s), NC(D)HW layout.
+template <typename Fn>
+inline void for_each_run_of_channel(const Geometry& g, int64_t c, int64_t start, int64_t end, Fn&& fn) {
+  int64_t i = start;
+  while (i < end) {
+    const int64_t n = i / g.S;
+    const int64_t s = i - n * g.S;
+    const int64_t len = std::min(end - i, g.S - s);
+    fn((n * g.C + c) * g.S + s, len);
+    i += len;
+  }
+}
+
+// fn(c, offset, len) over every element, NC(D)HW layout, in parallel.
+template <typename Fn>
+void parallel_runs(const Geometry& g, Fn&& fn) {
+  at::parallel_for(0, g.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t plane = i / g.S;
+      const int64_t run_end = std::min(end, (plane + 1) * g.S);
+      fn(plane % g.C, i, run_end - i);
+      i = run_end;
+    }
+  });
+}
+
+// fn(offset) for each row of C channels, channels-last layout, in parallel.
+template <typename Fn>
+void parallel_rows(const Geometry& g, Fn&& fn) {
+  const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(1, g.C));
+  at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r * g.C);
+  });
+}
+
+// ---- statistics ------------------------------------------------------------------------------
+
+// Per-channel shift: the mean of the channel's first (up to) kShiftSamples elements.
+template <typename scalar_t>
+std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
+  std::vector<double> shift(g.C, 0.0);
+  const int64_t n = std::min<int64_t>(kShiftSamples, g.rows());
+  if (n == 0) return shift;
+  if (g.layout == Layout::kNCS) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      double s = 0;
+      for_each_run_of_channel(g, c, 0, n, [&](int64_t off, int64_t len) {
+        for (int64_t i = 0; i < len; ++i) s += static_cast<double>(x[off + i]);
+      });
+      shift[c] = s;
+    }
+  } else {  // row by row: the first n rows are contiguous
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < g.C; ++c) shift[c] += static_cast<double>(x[r * g.C + c]);
+  }
+  for (double& v : shift) v /= static_cast<double>(n);
+  return shift;
+}
+
+#ifdef BN_EXT_AVX2_INTRINSICS
+constexpr int64_t kRowsPerTile = 8;
+
+// Eight elements widened to float32 (the compiler does not vectorise the float -> double widening
+// reductions below on its own, so the AVX2 build spells them out).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256d lo4(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+inline __m256d hi4(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+
+// Fixed-order horizontal sum of four accumulators.
+inline double hsum(__m256d a0, __m256d a1, __m256d a2, __m256d a3) {
+  alignas(32) double v[4];
+  _mm256_store_pd(v, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+  return (v[0] + v[1]) + (v[2] + v[3]);
+}
+
+template <typename scalar_t>
+inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, double* s1, double* s2) {
+  const __m256d sh = _mm256_set1_pd(shift);
+  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m256 v = load8(p + i), w = load8(p + i + 8);
+    const __m256d d0 = _mm256_sub_pd(lo4(v), sh), d1 = _mm256_sub_pd(hi4(v), sh);
+    const __m256d d2 = _mm256_sub_pd(lo4(w), sh), d3 = _mm256_sub_pd(hi4(w), sh);
+    a0 = _mm256_add_pd(a0, d0);
+    a1 = _mm256_add_pd(a1, d1);
+    a2 = _mm256_add_pd(a2, d2);
+    a3 = _mm256_add_pd(a3, d3);
+    b0 = _mm256_fmadd_pd(d0, d0, b0);
+    b1 = _mm256_fmadd_pd(d1, d1, b1);
+    b2 = _mm256_fmadd_pd(d2, d2, b2);
+    b3 = _mm256_fmadd_pd(d3, d3, b3);
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(static_cast<float>(p[i])) - shift;
+    ta += d;
+    tb += d * d;
+  }
+  *s1 += hsum(a0, a1, a2, a3) + ta;
+  *s2 += hsum(b0, b1, b2, b3) + tb;
+}
+
+template <typename scalar_t>
+inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, double* sum_dy,
+                               double* sum_dy_xmu) {
+  const __m256d m = _mm256_set1_pd(mean);
+  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m256 g = load8(dy + i), h = load8(dy + i + 8), v = load8(x + i), w = load8(x + i + 8);
+    const __m256d g0 = lo4(g), g1 = hi4(g), g2 = lo4(h), g3 = hi4(h);
+    a0 = _mm256_add_pd(a0, g0);
+    a1 = _mm256_add_pd(a1, g1);
+    a2 = _mm256_add_pd(a2, g2);
+    a3 = _mm256_add_pd(a3, g3);
+    b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(lo4(v), m), b0);
+    b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(hi4(v), m), b1);
+    b2 = _mm256_fmadd_pd(g2, _mm256_sub_pd(lo4(w), m), b2);
+    b3 = _mm256_fmadd_pd(g3, _mm256_sub_pd(hi4(w), m), b3);
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double gv = static_cast<double>(static_cast<float>(dy[i]));
+    ta += gv;
+    tb += gv * (static_cast<double>(static_cast<float>(x[i])) - mean);
+  }
+  *sum_dy += hsum(a0, a1, a2, a3) + ta;
+  *sum_dy_xmu += hsum(b0, b1, b2, b3) + tb;
+}
+// Channels-last: add the shifted sums of channels [c, c + 8) over rows [r0, r1) into s1/s2, the
+// accumulators held in registers across those rows. Callers pass a few rows at a time: rows
+// are C elements apart, and more than a handful of such lines would thrash L1's sets.
+template <typename scalar_t>
+inline void shifted_sums_tile8_avx2(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                    const double* shift, double* s1, double* s2) {
+  const __m256d sh0 = _mm256_loadu_pd(shift + c), sh1 = _mm256_loadu_pd(shift + c + 4);
+  __m256d a0 = _mm256_loadu_pd(s1 + c), a1 = _mm256_loadu_pd(s1 + c + 4);
+  __m256d b0 = _mm256_loadu_pd(s2 + c), b1 = _mm256_loadu_pd(s2 + c + 4);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m256 v = load8(x + r * C + c);
+    const __m256d d0 = _mm256_sub_pd(lo4(v), sh0), d1 = _mm256_sub_pd(hi4(v), sh1);
+    a0 = _mm256_add_pd(a0, d0);
+    a1 = _mm256_add_pd(a1, d1);
+    b0 = _mm256_fmadd_pd(d0, d0, b0);
+    b1 = _mm256_fmadd_pd(d1, d1, b1);
+  }
+  _mm256_storeu_pd(s1 + c, a0);
+  _mm256_storeu_pd(s1 + c + 4, a1);
+  _mm256_storeu_pd(s2 + c, b0);
+  _mm256_storeu_pd(s2 + c + 4, b1);
+}
+
+template <typename scalar_t>
+inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                 const double* mean, double* sum_dy, double* sum_dy_xmu) {
+  const __m256d m0 = _mm256_loadu_pd(mean + c), m1 = _mm256_loadu_pd(mean + c + 4);
+  __m256d a0 = _mm256_loadu_pd(sum_dy + c), a1 = _mm256_loadu_pd(sum_dy + c + 4);
+  __m256d b0 = _mm256_loadu_pd(sum_dy_xmu + c), b1 = _mm256_loadu_pd(sum_dy_xmu + c + 4);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m256 g = load8(dy + r * C + c), v = load8(x + r * C + c);
+    const __m256d g0 = lo4(g), g1 = hi4(g);
+    a0 = _mm256_add_pd(a0, g0);
+    a1 = _mm256_add_pd(a1, g1);
+    b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(lo4(v), m0), b0);
+    b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(hi4(v), m1), b1);
+  }
+  _mm256_storeu_pd(sum_dy + c, a0);
+  _mm256_storeu_pd(sum_dy + c + 4, a1);
+  _mm256_storeu_pd(sum_dy_xmu + c, b0);
+  _mm256_storeu_pd(sum_dy_xmu + c + 4, b1);
+}
+#endif
+
+// sum(x - shift) and sum((x - shift)^2) of one run, eight independent accumulators each (the
+// order of additions is fixed by the code).
+template <typename scalar_t>
+inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double shift, double* s1, double* s2) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    shifted_sums_run_avx2(p, len, shift, s1, s2);
+    return;
+  }
+#endif
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const double d = static_cast<double>(static_cast<float>(p[i + j])) - shift;
+      a[j] += d;
+      b[j] += d * d;
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(static_cast<float>(p[i])) - shift;
+    ta += d;
+    tb += d * d;
+  }
+  *s1 += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
+  *s2 += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
+}
+
+template <>
+inline void shifted_sums_run<double>(const double* __restrict p, int64_t len, double shift, double* s1, double* s2) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const double d = p[i + j] - shift;
+      a[j] += d;
+      b[j] += d * d;
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double d = p[i] - shift;
+    ta += d;
+    tb += d * d;
+  }
+  *s1 += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
+  *s2 += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
+}
+
+// Channel c's statistics from its shifted sums over `count` elements.
+inline void finish_channel(double shift, double s1, double s2, double count, double* mean, double* var) {
+  if (count <= 0) {
+    *mean = 0;
+    *var = 0;
+    return;
+  }
+  const double d = s1 / count;
+  *mean = shift + d;
+  *var = std::max(0.0, s2 / count - d * d);
+}
+
+// NC(D)HW: shifted sums of block k of channel c.
+template <typename scalar_t>
+inline void channel_block_sums(const scalar_t* x, const Geometry& g, int64_t c, int64_t k, double shift, double* s1,
+                               double* s2) {
+  const int64_t start = k * kBlockElems;
+  const int64_t stop = std::min(g.rows(), start + kBlockElems);
+  double a = 0, b = 0;
+  for_each_run_of_channel(g, c, start, stop, [&](int64_t off, int64_t len) { shifted_sums_run(x + off, len, shift, &a, &b); });
+  *s1 = a;
+  *s2 = b;
+}
+
+// NC(D)HW statistics of channel c, its blocks in order (the same arithmetic as the split path).
+template <typename scalar_t>
+inline void channel_stats(const scalar_t* x, const Geometry& g, int64_t c, double shift, double* mean, double* var) {
+  const int64_t blocks = ceil_div(g.rows(), kBlockElems);
+  double s1 = 0, s2 = 0;
+  for (int64_t k = 0; k < blocks; ++k) {
+    double a, b;
+    channel_block_sums(x, g, c, k, shift, &a, &b);
+    s1 += a;
+    s2 += b;
+  }
+  finish_channel(shift, s1, s2, static_cast<double>(g.rows()), mean, var);
+}
+
+template <typename scalar_t>
+void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
+  const int64_t rows = g.rows();
+  const std::vector<double> shift = channel_shifts(x, g);
+  if (g.layout == Layout::kNCS) {
+    const int64_t blocks = ceil_div(rows, kBlockElems);
+    std::vector<double> part(g.C * blocks * 2);
+    at::parallel_for(0, g.C * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c = task / blocks;
+        channel_block_sums(x, g, c, task % blocks, shift[c], &part[2 * task], &part[2 * task + 1]);
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t k = 0; k < blocks; ++k) {
+        s1 += part[2 * (c * blocks + k)];
+        s2 += part[2 * (c * blocks + k) + 1];
+      }
+      finish_channel(shift[c], s1, s2, static_cast<double>(rows), &mean[c], &var[c]);
+    }
+    return;
+  }
+  // Channels-last: per-channel accumulators over a block of rows vectorise over C.
+  const RowBlocks rb = row_blocks(g);
+  std::vector<double> part(rb.blocks * g.C * 2, 0.0);
+  const double* __restrict sh = shift.data();
+  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double* __restrict s1 = part.data() + k * g.C * 2;
+      double* __restrict s2 = s1 + g.C;
+      const int64_t r0 = k * rb.rows_per_block;
+      const int64_t r1 = std::min(rows, (k + 1) * rb.rows_per_block);
+      int64_t c_begin = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        const int64_t tiled = g.C / 8 * 8;
+        for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
+          for (int64_t c = 0; c < tiled; c += 8)
+            shifted_sums_tile8_avx2(x, g.C, c, q0, std::min(r1, q0 + kRowsPerTile), sh, s1, s2);
+        c_begin = tiled;
+      }
+#endif
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict row = x + r * g.C;
+        for (int64_t c = c_begin; c < g.C; ++c) {
+          const double d = static_cast<double>(row[c]) - sh[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+    }
+  });
+  // block k's sums are added in block order, row by row of the partials (contiguous reads)
+  std::vector<double> s1(g.C, 0.0), s2(g.C, 0.0);
+  for (int64_t k = 0; k < rb.blocks; ++k) {
+    const double* pk = part.data() + k * g.C * 2;
+    for (int64_t c = 0; c < g.C; ++c) {
+      s1[c] += pk[c];
+      s2[c] += pk[g.C + c];
+    }
+  }
+  for (int64_t c = 0; c < g.C; ++c) finish_channel(sh[c], s1[c], s2[c], static_cast<double>(rows), &mean[c], &var[c]);
+}
+
+// ---- elementwise forward -----------------------------------------------------------------------
+
+template <typename opmath_t>
+struct Affine {
+  std::vector<opmath_t> mean_hi, mean_lo, scale, shift;
+  explicit Affine(int64_t channels) : mean_hi(channels), mean_lo(channels), scale(channels), shift(channels) {}
+  void set(int64_t c, double mean, double var, double weight, double bias, double eps) {
+    const auto k = forward_coeffs<opmath_t>(mean, var, weight, bias, eps);
+    mean_hi[c] = k.mean_hi;
+    mean_lo[c] = k.mean_lo;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+};
+
+template <typename scalar_t, typename opmath_t>
+inline void normalize_run(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t len, opmath_t hi, opmath_t lo,
+                          opmath_t sc, opmath_t sh) {
+  for (int64_t i = 0; i < len; ++i) y[i] = static_cast<scalar_t>(((static_cast<opmath_t>(x[i]) - hi) - lo) * sc + sh);
+}
+
+template <typename scalar_t>
+void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Geometry& g,
+                  const Affine<at::opmath_type<scalar_t>>& a) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (g.layout == Layout::kNCS) {
+    parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
+      normalize_run(x + off, y + off, len, a.mean_hi[c], a.mean_lo[c], a.scale[c], a.shift[c]);
+    });
+    return;
+  }
+  const opmath_t* __restrict hi = a.mean_hi.data();
+  const opmath_t* __restrict lo = a.mean_lo.data();
+  const opmath_t* __restrict sc = a.scale.data();
+  const opmath_t* __restrict sh = a.shift.data();
+  parallel_rows(g, [&](int64_t off) {
+    const scalar_t* __restrict xs = x + off;
+    scalar_t* __restrict ys = y + off;
+    for (int64_t c = 0; c < g.C; ++c)
+      ys[c] = static_cast<scalar_t>(((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) * sc[c] + sh[c]);
+  });
+}
+
+// Fused training forward, NC(D)HW, one channel per task: statistics, then the channel's
+// elementwise pass while its data is still in cache.
+template <typename scalar_t>
+void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
+                       const std::vector<double>& bias, double eps, std::vector<double>& mean,
+                       std::vector<double>& var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const std::vector<double> shift = channel_shifts(x, g);
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      channel_stats(x, g, c, shift[c], &mean[c], &var[c]);
+      const auto k = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
+      for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+        normalize_run(x + off, y + off, len, k.mean_hi, k.mean_lo, k.scale, k.shift);
+      });
+    }
+  });
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+// sum(dy) and sum(dy * (x - mean)) over one run.
+template <typename scalar_t>
+inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t len, double mean,
+                          double* sum_dy, double* sum_dy_xmu) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    grad_sums_run_avx2(dy, x, len, mean, sum_dy, sum_dy_xmu);
+    return;
+  }
+#endif
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const double gv = static_cast<double>(dy[i + j]);
+      a[j] += gv;
+      b[j] += gv * (static_cast<double>(x[i + j]) - mean);
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double gv = static_cast<double>(dy[i]);
+    ta += gv;
+    tb += gv * (static_cast<double>(x[i]) - mean);
+  }
+  *sum_dy += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
+  *sum_dy_xmu += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
+}
+
+template <typename scalar_t>
+inline void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g, int64_t c, int64_t k,
+                              double mean, double* sum_dy, double* sum_dy_xmu) {
+  const int64_t start = k * kBlockElems;
+  double a = 0, b = 0;
+  for_each_run_of_channel(g, c, start, std::min(g.rows(), start + kBlockElems),
+                          [&](int64_t off, int64_t len) { grad_sums_run(dy + off, x + off, len, mean, &a, &b); });
+  *sum_dy = a;
+  *sum_dy_xmu = b;
+}
+
+template <typename scalar_t>
+void grad_sums_kernel(const scalar_t* dy, const scalar_t* x, const Geometry& g, const std::vector<double>& mean,
+                      std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+  const int64_t rows = g.rows();
+  if (g.layout == Layout::kNCS) {
+    const int64_t blocks = ceil_div(rows, kBlockElems);
+    std::vector<double> part(g.C * blocks * 2);
+    at::parallel_for(0, g.C * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c = task / blocks;
+        channel_grad_sums(dy, x, g, c, task % blocks, mean[c], &part[2 * task], &part[2 * task + 1]);
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      double a = 0, b = 0;
+      for (int64_t k = 0; k < blocks; ++k) {
+        a += part[2 * (c * blocks + k)];
+        b += part[2 * (c * blocks + k) + 1];
+      }
+      sum_dy[c] = a;
+      sum_dy_xmu[c] = b;
+    }
+    return;
+  }
+  const RowBlocks rb = row_blocks(g);
+  std::vector<double> part(rb.blocks * g.C * 2, 0.0);
+  const double* __restrict m = mean.data();
+  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double* __restrict a = part.data() + k * g.C * 2;
+      double* __restrict b = a + g.C;
+      const int64_t r0 = k * rb.rows_per_block;
+      const int64_t r1 = std::min(rows, (k + 1) * rb.rows_per_block);
+      int64_t c_begin = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        const int64_t tiled = g.C / 8 * 8;
+        for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
+          for (int64_t c = 0; c < tiled; c += 8)
+            grad_sums_tile8_avx2(dy, x, g.C, c, q0, std::min(r1, q0 + kRowsPerTile), m, a, b);
+        c_begin = tiled;
+      }
+#endif
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict dyr = dy + r * g.C;
+        const scalar_t* __restrict xr = x + r * g.C;
+        for (int64_t c = c_begin; c < g.C; ++c) {
+          const double gv = static_cast<double>(dyr[c]);
+          a[c] += gv;
+          b[c] += gv * (static_cast<double>(xr[c]) - m[c]);
+        }
+      }
+    }
+  });
+  std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
+  std::fill(sum_dy_xmu.begin(), sum_dy_xmu.end(), 0.0);
+  for (int64_t k = 0; k < rb.blocks; ++k) {  // in block order, contiguous reads
+    const double* pk = part.data() + k * g.C * 2;
+    for (int64_t c = 0; c < g.C; ++c) {
+      sum_dy[c] += pk[c];
+      sum_dy_xmu[c] += pk[g.C + c];
+    }
+  }
+}
+
+template <typename opmath_t>
+struct GradCoeffs {
+  std::vector<opmath_t> k_dy, k_x, k_0, mean_hi, mean_lo;
+  explicit GradCoeffs(int64_t channels)
+      : k_dy(channels), k_x(channels), k_0(channels), mean_hi(channels), mean_lo(channels) {}
+  void set(int64_t c, const BackwardCoeffs<opmath_t>& k) {
+    k_dy[c] = k.k_dy;
+    k_x[c] = k.k_x;
+    k_0[c] = k.k_0;
+    mean_hi[c] = k.mean_hi;
+    mean_lo[c] = k.mean_lo;
+  }
+};
+
+template <typename scalar_t, typename opmath_t, bool kTraining>
+inline void grad_input_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, scalar_t* __restrict dx,
+                           int64_t len, const BackwardCoeffs<opmath_t>& k) {
+  for (int64_t i = 0; i < len; ++i) {
+    opmath_t v = k.k_dy * static_cast<opmath_t>(dy[i]);
+    if (kTraining) v += k.k_x * ((static_cast<opmath_t>(x[i]) - k.mean_hi) - k.mean_lo) + k.k_0;
+    dx[i] = static_cast<scalar_t>(v);
+  }
+}
+
+template <typename scalar_t, bool kTraining>
+void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict x, scalar_t* __restrict dx,
+                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (g.layout == Layout::kNCS) {
+    parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
+      const BackwardCoeffs<opmath_t> kc{k.k_dy[c], k.k_x[c], k.k_0[c], k.mean_hi[c], k.mean_lo[c]};
+      grad_input_run<scalar_t, opmath_t, kTraining>(dy + off, x + off, dx + off, len, kc);
+    });
+    return;
+  }
+  const opmath_t* __restrict kd = k.k_dy.data();
+  const opmath_t* __restrict kx = k.k_x.data();
+  const opmath_t* __restrict k0 = k.k_0.data();
+  const opmath_t* __restrict hi = k.mean_hi.data();
+  const opmath_t* __restrict lo = k.mean_lo.data();
+  parallel_rows(g, [&](int64_t off) {
+    const scalar_t* __restrict dys = dy + off;
+    const scalar_t* __restrict xs = x + off;
+    scalar_t* __restrict dxs = dx + off;
+    for (int64_t c = 0; c < g.C; ++c) {
+      opmath_t v = kd[c] * static_cast<opmath_t>(dys[c]);
+      if (kTraining) v += kx[c] * ((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) + k0[c];
+      dxs[c] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
+// Fused training backward, NC(D)HW, one channel per task: the channel's sums, then its dx.
+template <typename scalar_t>
+void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
+                          const std::vector<double>& mean, const std::vector<double>& var,
+                          const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,
+                          std::vector<double>& sum_dy_xmu) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t blocks = ceil_div(g.rows(), kBlockElems);
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double a = 0, b = 0;
+      for (int64_t k = 0; k < blocks; ++k) {
+        double pa, pb;
+        channel_grad_sums(dy, x, g, c, k, mean[c], &pa, &pb);
+        a += pa;
+        b += pb;
+      }
+      sum_dy[c] = a;
+      sum_dy_xmu[c] = b;
+      const auto kc = backward_coeffs<opmath_t>(mean[c], var[c], weight[c], a, b, eps,
+                                                static_cast<double>(g.rows()), /*training=*/true);
+      for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+        grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc);
+      });
+    }
+  });
+}
+
+// The fused per-channel path pays off when channels keep every thread busy.
+bool per_channel(const Geometry& g) {
+  return g.layout == Layout::kNCS && g.C >= kPerChannelMinTasksPerThread * at::get_num_threads();
+}
+
+}  // namespace
+
+// ---- entry points (one set per instruction set) ------------------------------------------------
+
+void stats(const Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_stats",
+                                  [&] { stats_kernel(x.const_data_ptr<scalar_t>(), g, mean, var); });
+}
+
+void elemt(const Tensor& x, const Tensor& y, const Geometry& g, const std::vector<double>& mean,
+           const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,
+           double eps) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_elemt", [&] {
+    Affine<at::opmath_type<scalar_t>> a(g.C);
+    for (int64_t c = 0; c < g.C; ++c) a.set(c, mean[c], var[c], weight[c], bias[c], eps);
+    elemt_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a);
+  });
+}
+
+void train(const Tensor& x, const Tensor& y, const Geometry& g, const std::vector<double>& weight,
+           const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_train", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (per_channel(g)) {
+      train_per_channel(xp, y.mutable_data_ptr<scalar_t>(), g, weight, bias, eps, mean, var);
+      return;
+    }
+    stats_kernel(xp, g, mean, var);
+    Affine<at::opmath_type<scalar_t>> a(g.C);
+    for (int64_t c = 0; c < g.C; ++c) a.set(c, mean[c], var[c], weight[c], bias[c], eps);
+    elemt_kernel(xp, y.mutable_data_ptr<scalar_t>(), g, a);
+  });
+}
+
+void grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const std::vector<double>& mean,
+               std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_backward_reduce", [&] {
+    grad_sums_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g, mean, sum_dy, sum_dy_xmu);
+  });
+}
+
+void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geometry& g, bool training,
+                const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
+                const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, double eps, int64_t count) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_backward_elemt", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    GradCoeffs<opmath_t> k(g.C);
+    for (int64_t c = 0; c < g.C; ++c)
+      k.set(c, backward_coeffs<opmath_t>(mean[c], var[c], weight[c], sum_dy[c], sum_dy_xmu[c], eps,
+                                         static_cast<double>(count), training));
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    if (training) {
+      grad_input_kernel<scalar_t, true>(dyp, xp, dxp, g, k);
+    } else {
+      grad_input_kernel<scalar_t, false>(dyp, xp, dxp, g, k);
+    }
+  });
+}
+
+void backward_train(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geometry& g,
+                    const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
+                    double eps, std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_backward_train", [&] {
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (per_channel(g)) {
+      backward_per_channel(dyp, xp, dx.mutable_data_ptr<scalar_t>(), g, mean, var, weight, eps, sum_dy, sum_dy_xmu);
+      return;
+    }
+    grad_sums_kernel(dyp, xp, g, mean, sum_dy, sum_dy_xmu);
+    grad_input(dy, x, dx, g, /*training=*/true, mean, var, weight, sum_dy, sum_dy_xmu, eps, g.rows());
+  });
+}
+
+}  // namespace BN_EXT_CPU_ISA
+}  // namespace cpu
+}  // namespace bn_ext

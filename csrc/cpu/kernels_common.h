@@ -1,0 +1,72 @@
+// What the CPU kernel loops (kernels.h) need, and their entry points, declared once for each
+// instruction-set variant. batch_norm_kernel.cpp calls them through cpu_kernels().
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "bn_ext/layout.h"
+#include "bn_ext/math.h"
+
+namespace bn_ext {
+namespace cpu {
+
+// Elements of one channel per reduction block (NC(D)HW); shape-only, so results never depend
+// on the thread count.
+constexpr int64_t kBlockElems = 8192;
+// Channels-last reductions use at most this many blocks of rows (bounded partials for any C).
+constexpr int64_t kMaxRowBlocks = 64;
+// Elements per parallel chunk of the elementwise passes.
+constexpr int64_t kElemGrain = 32768;
+// Elements averaged into each channel's shift for the shifted sums.
+constexpr int64_t kShiftSamples = 16;
+// NC(D)HW training passes go per channel (reduction, then the elementwise pass from cache) when
+// there are at least this many channels per thread; below, work is split within channels.
+constexpr int64_t kPerChannelMinTasksPerThread = 4;
+
+#define BN_EXT_DECLARE_CPU_KERNELS                                                                                \
+  void stats(const at::Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var);      \
+  void elemt(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& mean,       \
+             const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias, \
+             double eps);                                                                                        \
+  void train(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& weight,     \
+             const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var);  \
+  void grad_sums(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const std::vector<double>& mean,  \
+                 std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu);                                  \
+  void grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,           \
+                  bool training, const std::vector<double>& mean, const std::vector<double>& var,               \
+                  const std::vector<double>& weight, const std::vector<double>& sum_dy,                        \
+                  const std::vector<double>& sum_dy_xmu, double eps, int64_t count);                            \
+  void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,       \
+                      const std::vector<double>& mean, const std::vector<double>& var,                          \
+                      const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,               \
+                      std::vector<double>& sum_dy_xmu);
+
+namespace isa_default {
+BN_EXT_DECLARE_CPU_KERNELS
+}
+namespace isa_avx2 {
+BN_EXT_DECLARE_CPU_KERNELS
+}
+
+struct Kernels {
+  const char* name;
+  decltype(&isa_default::stats) stats;
+  decltype(&isa_default::elemt) elemt;
+  decltype(&isa_default::train) train;
+  decltype(&isa_default::grad_sums) grad_sums;
+  decltype(&isa_default::grad_input) grad_input;
+  decltype(&isa_default::backward_train) backward_train;
+};
+
+// The variant for this CPU (AVX2+FMA where supported); BN_EXT_CPU_ISA=default forces the baseline.
+const Kernels& cpu_kernels();
+
+}  // namespace cpu
+}  // namespace bn_ext
