@@ -32,6 +32,7 @@ def build_info() -> dict:
         "cuda": bool(flags["cuda"]),
         "cuda_version": cuda_version,
         "cuda_device_available": torch.cuda.is_available(),
+        "cpu_kernels": flags["cpu_kernels"],  # "avx2" or "default" (BN_EXT_CPU_ISA=default forces it)
         "num_threads": torch.get_num_threads(),
         "openmp_runtimes": _loaded_openmp_runtimes(),
     }

@@ -6,13 +6,20 @@
 #include <cuda.h>
 #endif
 
+namespace bn_ext {
+namespace cpu {
+const char* cpu_kernels_name();  // batch_norm_kernel.cpp
+}
+}  // namespace bn_ext
+
 namespace {
 
 PyObject* build_flags(PyObject*, PyObject*) {
+  const char* isa = bn_ext::cpu::cpu_kernels_name();
 #ifdef BN_EXT_WITH_CUDA
-  return Py_BuildValue("{s:O,s:i}", "cuda", Py_True, "cuda_version", CUDA_VERSION);
+  return Py_BuildValue("{s:O,s:i,s:s}", "cuda", Py_True, "cuda_version", CUDA_VERSION, "cpu_kernels", isa);
 #else
-  return Py_BuildValue("{s:O,s:O}", "cuda", Py_False, "cuda_version", Py_None);
+  return Py_BuildValue("{s:O,s:O,s:s}", "cuda", Py_False, "cuda_version", Py_None, "cpu_kernels", isa);
 #endif
 }
 

@@ -184,3 +184,42 @@ def test_set_num_threads_is_honoured_in_process():
         torch.set_num_threads(old)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+ISA_SCRIPT = r"""
+import sys, torch, bn_ext
+torch.manual_seed(0)
+ops = torch.ops.bn_ext
+out = [bn_ext.build_info()["cpu_kernels"]]
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for shape, fmt in [((4, 40, 9, 9), None), ((4, 6, 33, 31), None), ((4, 24, 9, 9), torch.channels_last), ((300, 21), None)]:
+        x = (torch.randn(shape) * 3 + 1).to(dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        w = torch.rand(shape[1]) + 0.5
+        if dtype == torch.float64:
+            w = w.double()
+        y, mean, var = ops.batch_norm_train(x, w, None, 1e-5)
+        dy = torch.randn_like(x)
+        out += [y, mean, var, *ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_baseline_and_simd_kernels_agree(tmp_path):
+    """The baseline build of the CPU loops (BN_EXT_CPU_ISA=default) and the one this CPU runs."""
+    script = tmp_path / "isa.py"
+    script.write_text(ISA_SCRIPT)
+    results = {}
+    for isa in ("default", None):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        env.pop("BN_EXT_CPU_ISA", None)
+        if isa:
+            env["BN_EXT_CPU_ISA"] = isa
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
+        results[isa] = torch.load(path)
+    assert results["default"][0] == "default"
+    for a, b in zip(results["default"][1:], results[None][1:]):
+        tol = 1e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -153,6 +153,8 @@ def machine_info(device):
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "bn_ext_commit": git_commit(),
+        "bn_ext_cpu_kernels": bn_ext.build_info()["cpu_kernels"],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
     }
 
@@ -249,6 +251,37 @@ def write_results(rows, info, out_dir, tag):
     return base
 
 
+def write_plot(rows, info, path):
+    """Speed-up and bandwidth fraction per case, one panel each; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r['case']} {r['layout'][:2]} {r['dtype']} {r['mode']}" + ("" if r["torch_backend"] != "native-cuda" or r["device"] != "cuda" else " (no cuDNN)") for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.28 * len(rows)), 10), sharex=True)
+    colors = {"train_fwd": "tab:blue", "train_fwd_bwd": "tab:orange", "eval_fwd": "tab:green"}
+    xs = range(len(rows))
+    ax1.bar(xs, [r["speedup"] for r in rows], color=[colors[r["mode"]] for r in rows])
+    ax1.axhline(1.0, color="black", linewidth=0.8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("speed-up over PyTorch (x)")
+    ax1.set_title(f"bn_ext vs PyTorch: {info['gpu'] or info['cpu']}, {info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}")
+    ax2.bar(xs, [r["bw_fraction_of_copy"] for r in rows], color=[colors[r["mode"]] for r in rows])
+    ax2.axhline(1.0, color="black", linewidth=0.8)
+    ax2.set_ylabel("bandwidth / copy bandwidth")
+    ax2.set_xticks(list(xs))
+    ax2.set_xticklabels(labels, rotation=90, fontsize=6)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax1.legend(handles, list(colors), loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bn_ext.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,7 +307,7 @@ def main(argv=None):
     print_table(rows, info)
     tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}"
     base = write_results(rows, info, args.out, tag)
-    print(f"wrote {base}.csv and {base}.json")
+    print(f"wrote {base}.csv and {base}.json" + (f" and {base}.png" if write_plot(rows, info, base + ".png") else " (no plot: matplotlib is not installed)"))
     if any(r["parity"] != "ok" for r in rows):
         print("PARITY FAILURES: see the parity column", file=sys.stderr)
         return 1

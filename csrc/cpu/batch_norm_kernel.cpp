@@ -220,6 +220,8 @@ const Kernels& cpu_kernels() {
   return chosen;
 }
 
+const char* cpu_kernels_name() { return cpu_kernels().name; }
+
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {

@@ -129,18 +129,46 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
   const __m256d sh = _mm256_set1_pd(shift);
   __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m256 v = load8(p + i), w = load8(p + i + 8);
-    const __m256d d0 = _mm256_sub_pd(lo4(v), sh), d1 = _mm256_sub_pd(hi4(v), sh);
-    const __m256d d2 = _mm256_sub_pd(lo4(w), sh), d3 = _mm256_sub_pd(hi4(w), sh);
-    a0 = _mm256_add_pd(a0, d0);
-    a1 = _mm256_add_pd(a1, d1);
-    a2 = _mm256_add_pd(a2, d2);
-    a3 = _mm256_add_pd(a3, d3);
-    b0 = _mm256_fmadd_pd(d0, d0, b0);
-    b1 = _mm256_fmadd_pd(d1, d1, b1);
-    b2 = _mm256_fmadd_pd(d2, d2, b2);
-    b3 = _mm256_fmadd_pd(d3, d3, b3);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + 16 <= len; i += 16) {
+      const __m256 v = load8(p + i), w = load8(p + i + 8);
+      const __m256d d0 = _mm256_sub_pd(lo4(v), sh), d1 = _mm256_sub_pd(hi4(v), sh);
+      const __m256d d2 = _mm256_sub_pd(lo4(w), sh), d3 = _mm256_sub_pd(hi4(w), sh);
+      a0 = _mm256_add_pd(a0, d0);
+      a1 = _mm256_add_pd(a1, d1);
+      a2 = _mm256_add_pd(a2, d2);
+      a3 = _mm256_add_pd(a3, d3);
+      b0 = _mm256_fmadd_pd(d0, d0, b0);
+      b1 = _mm256_fmadd_pd(d1, d1, b1);
+      b2 = _mm256_fmadd_pd(d2, d2, b2);
+      b3 = _mm256_fmadd_pd(d3, d3, b3);
+    }
+  } else {
+    // bfloat16/float16 carry 8/11 significant bits: chunks of 32 values are summed in float32
+    // (x - shift is exact there for values near the shift, and 4 terms per lane lose nothing
+    // measurable), then widened into the float64 accumulators.
+    const __m256 shf = _mm256_set1_ps(static_cast<float>(shift));
+    const double shift_rest = shift - static_cast<double>(static_cast<float>(shift));
+    const __m256d rest = _mm256_set1_pd(shift_rest);
+    for (; i + 32 <= len; i += 32) {
+      __m256 fa = _mm256_setzero_ps(), fb = fa;
+#pragma GCC unroll 4
+      for (int j = 0; j < 32; j += 8) {
+        const __m256 d = _mm256_sub_ps(load8(p + i + j), shf);
+        fa = _mm256_add_ps(fa, d);
+        fb = _mm256_fmadd_ps(d, d, fb);
+      }
+      // 32 values: sum(x - shift) = sum(x - shf) - 32 * rest; sum((x - shift)^2) =
+      // sum((x - shf)^2) - 2 * rest * sum(x - shf) + 32 * rest^2 (rest is below float32's ulp)
+      const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
+      const __m256d sb = _mm256_add_pd(lo4(fb), hi4(fb));
+      a0 = _mm256_add_pd(a0, sa);
+      b0 = _mm256_add_pd(b0, sb);
+      b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+    }
+    const double n = static_cast<double>(i);
+    a1 = _mm256_set_pd(0, 0, 0, -n * shift_rest);
+    b2 = _mm256_set_pd(0, 0, 0, n * shift_rest * shift_rest);
   }
   double ta = 0, tb = 0;
   for (; i < len; ++i) {
@@ -220,6 +248,94 @@ inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t 
   _mm256_storeu_pd(sum_dy + c + 4, a1);
   _mm256_storeu_pd(sum_dy_xmu + c, b0);
   _mm256_storeu_pd(sum_dy_xmu + c + 4, b1);
+}
+
+// Eight float32 values rounded to the storage type (round to nearest even, NaN kept quiet: the
+// same results as c10's scalar conversions).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
+  const __m256i halves = _mm256_srli_epi32(rounded, 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// The AVX2 build's elementwise formulas use fused multiply-adds, in the vector body and the
+// scalar tail alike, so where a thread's range splits a run cannot change any result.
+inline float normalize_one(float x, float hi, float lo, float sc, float sh) { return std::fma((x - hi) - lo, sc, sh); }
+
+template <typename scalar_t>
+inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh) {
+  const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(sc), vsh = _mm256_set1_ps(sh);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 v = _mm256_sub_ps(_mm256_sub_ps(load8(x + i), vhi), vlo);
+    store8(y + i, _mm256_fmadd_ps(v, vsc, vsh));
+  }
+  for (; i < len; ++i) y[i] = static_cast<scalar_t>(normalize_one(static_cast<float>(x[i]), hi, lo, sc, sh));
+}
+
+template <typename scalar_t>
+inline void normalize_row_avx2(const scalar_t* x, scalar_t* y, int64_t C, const float* hi, const float* lo,
+                               const float* sc, const float* sh) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 v = _mm256_sub_ps(_mm256_sub_ps(load8(x + c), _mm256_loadu_ps(hi + c)), _mm256_loadu_ps(lo + c));
+    store8(y + c, _mm256_fmadd_ps(v, _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c)));
+  }
+  for (; c < C; ++c) y[c] = static_cast<scalar_t>(normalize_one(static_cast<float>(x[c]), hi[c], lo[c], sc[c], sh[c]));
+}
+
+template <bool kTraining>
+inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi, float lo) {
+  return kTraining ? std::fma(kx, (x - hi) - lo, std::fma(kd, dy, k0)) : kd * dy;
+}
+
+template <typename scalar_t, bool kTraining>
+inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
+                                float k0, float hi, float lo) {
+  const __m256 vkd = _mm256_set1_ps(kd), vkx = _mm256_set1_ps(kx), vk0 = _mm256_set1_ps(k0);
+  const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 v;
+    if (kTraining) {
+      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(load8(x + i), vhi), vlo);
+      v = _mm256_fmadd_ps(vkx, xc, _mm256_fmadd_ps(vkd, load8(dy + i), vk0));
+    } else {
+      v = _mm256_mul_ps(vkd, load8(dy + i));
+    }
+    store8(dx + i, v);
+  }
+  for (; i < len; ++i)
+    dx[i] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[i]), static_cast<float>(x[i]), kd, kx, k0, hi, lo));
+}
+
+template <typename scalar_t, bool kTraining>
+inline void grad_input_row_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const float* kd,
+                                const float* kx, const float* k0, const float* hi, const float* lo) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    __m256 v;
+    if (kTraining) {
+      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(load8(x + c), _mm256_loadu_ps(hi + c)), _mm256_loadu_ps(lo + c));
+      v = _mm256_fmadd_ps(_mm256_loadu_ps(kx + c), xc,
+                          _mm256_fmadd_ps(_mm256_loadu_ps(kd + c), load8(dy + c), _mm256_loadu_ps(k0 + c)));
+    } else {
+      v = _mm256_mul_ps(_mm256_loadu_ps(kd + c), load8(dy + c));
+    }
+    store8(dx + c, v);
+  }
+  for (; c < C; ++c)
+    dx[c] = static_cast<scalar_t>(
+        grad_one<kTraining>(static_cast<float>(dy[c]), static_cast<float>(x[c]), kd[c], kx[c], k0[c], hi[c], lo[c]));
 }
 #endif
 
@@ -398,6 +514,12 @@ struct Affine {
 template <typename scalar_t, typename opmath_t>
 inline void normalize_run(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t len, opmath_t hi, opmath_t lo,
                           opmath_t sc, opmath_t sh) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    normalize_run_avx2(x, y, len, hi, lo, sc, sh);
+    return;
+  }
+#endif
   for (int64_t i = 0; i < len; ++i) y[i] = static_cast<scalar_t>(((static_cast<opmath_t>(x[i]) - hi) - lo) * sc + sh);
 }
 
@@ -415,6 +537,12 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
   const opmath_t* __restrict lo = a.mean_lo.data();
   const opmath_t* __restrict sc = a.scale.data();
   const opmath_t* __restrict sh = a.shift.data();
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    parallel_rows(g, [&](int64_t off) { normalize_row_avx2(x + off, y + off, g.C, hi, lo, sc, sh); });
+    return;
+  }
+#endif
   parallel_rows(g, [&](int64_t off) {
     const scalar_t* __restrict xs = x + off;
     scalar_t* __restrict ys = y + off;
@@ -568,6 +696,12 @@ struct GradCoeffs {
 template <typename scalar_t, typename opmath_t, bool kTraining>
 inline void grad_input_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, scalar_t* __restrict dx,
                            int64_t len, const BackwardCoeffs<opmath_t>& k) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    grad_input_run_avx2<scalar_t, kTraining>(dy, x, dx, len, k.k_dy, k.k_x, k.k_0, k.mean_hi, k.mean_lo);
+    return;
+  }
+#endif
   for (int64_t i = 0; i < len; ++i) {
     opmath_t v = k.k_dy * static_cast<opmath_t>(dy[i]);
     if (kTraining) v += k.k_x * ((static_cast<opmath_t>(x[i]) - k.mean_hi) - k.mean_lo) + k.k_0;
@@ -591,6 +725,14 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
   const opmath_t* __restrict k0 = k.k_0.data();
   const opmath_t* __restrict hi = k.mean_hi.data();
   const opmath_t* __restrict lo = k.mean_lo.data();
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    parallel_rows(g, [&](int64_t off) {
+      grad_input_row_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, g.C, kd, kx, k0, hi, lo);
+    });
+    return;
+  }
+#endif
   parallel_rows(g, [&](int64_t off) {
     const scalar_t* __restrict dys = dy + off;
     const scalar_t* __restrict xs = x + off;

@@ -6,6 +6,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 
+#include <cmath>
 #include <type_traits>
 
 #pragma GCC push_options
