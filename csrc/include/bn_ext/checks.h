@@ -12,6 +12,14 @@
 
 namespace bn_ext {
 
+// "[4, 3, 5]": sizes for error messages, formatted here rather than by streaming an IntArrayRef
+// (which crashed the process on one torch 2.11 + GCC toolchain: see the README).
+inline std::string shape_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
 inline bool is_reduced_float(c10::ScalarType t) {
   return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
 }
@@ -24,7 +32,7 @@ inline c10::ScalarType stat_dtype(c10::ScalarType input_dtype) {
 inline void check_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.defined(), op, ": input: expected a tensor, got None");
   TORCH_CHECK(input.dim() >= 2, op, ": input: expected at least 2 dimensions (N, C, ...), got ",
-              input.dim(), "-D input of size ", input.sizes());
+              input.dim(), "-D input of size ", shape_str(input));
   const auto t = input.scalar_type();
   TORCH_CHECK(t == c10::ScalarType::Float || t == c10::ScalarType::Double || is_reduced_float(t),
               op, ": input: expected dtype float32, float64, float16 or bfloat16, got ", t);
@@ -36,9 +44,9 @@ inline void check_channel_tensor(const at::Tensor& t, const char* name, const at
                                  const char* op, bool allow_any_float = false) {
   const int64_t channels = input.size(1);
   TORCH_CHECK(t.dim() == 1, op, ": ", name, ": expected a 1-D tensor of ", channels,
-              " elements, got ", t.dim(), "-D tensor of size ", t.sizes());
+              " elements, got ", t.dim(), "-D tensor of size ", shape_str(t));
   TORCH_CHECK(t.numel() == channels, op, ": ", name, ": expected ", channels,
-              " elements (one per channel of input of size ", input.sizes(), "), got ", t.numel());
+              " elements (one per channel of input of size ", shape_str(input), "), got ", t.numel());
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, ": expected a tensor on ",
               input.device(), " (the input's device), got one on ", t.device());
   const auto it = input.scalar_type();
@@ -71,8 +79,8 @@ inline void check_eps(double eps, const char* op) {
 
 inline void check_same_shape(const at::Tensor& a, const char* name, const at::Tensor& input,
                              const char* op) {
-  TORCH_CHECK(a.sizes() == input.sizes(), op, ": ", name, ": expected size ", input.sizes(),
-              " (the input's), got ", a.sizes());
+  TORCH_CHECK(a.sizes() == input.sizes(), op, ": ", name, ": expected size ", shape_str(input),
+              " (the input's), got ", shape_str(a));
   TORCH_CHECK(a.device() == input.device(), op, ": ", name, ": expected a tensor on ",
               input.device(), ", got one on ", a.device());
   TORCH_CHECK(a.scalar_type() == input.scalar_type(), op, ": ", name, ": expected dtype ",
@@ -89,7 +97,7 @@ inline void check_running(const c10::optional<at::Tensor>& t, const char* name, 
                           const char* op) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel(), op, ": ", name, ": expected a 1-D tensor of ",
-              mean.numel(), " elements (one per channel), got size ", t->sizes());
+              mean.numel(), " elements (one per channel), got size ", shape_str(*t));
   TORCH_CHECK(t->device() == mean.device(), op, ": ", name, ": expected a tensor on ", mean.device(),
               ", got one on ", t->device());
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, ": expected a floating-point tensor, got ",
@@ -161,9 +169,9 @@ inline void check_update_running_stats(const c10::optional<at::Tensor>& running_
                                        const at::Tensor& mean, const at::Tensor& var,
                                        c10::optional<double> momentum, int64_t count) {
   const char* op = "bn_ext.batch_norm_update_running_stats";
-  TORCH_CHECK(mean.dim() == 1, op, ": mean: expected a 1-D tensor, got size ", mean.sizes());
-  TORCH_CHECK(var.sizes() == mean.sizes(), op, ": var: expected size ", mean.sizes(), " (the mean's), got ",
-              var.sizes());
+  TORCH_CHECK(mean.dim() == 1, op, ": mean: expected a 1-D tensor, got size ", shape_str(mean));
+  TORCH_CHECK(var.sizes() == mean.sizes(), op, ": var: expected size ", shape_str(mean), " (the mean's), got ",
+              shape_str(var));
   TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(var.scalar_type()), op,
               ": mean, var: expected floating-point tensors");
   check_running(running_mean, "running_mean", mean, op);
@@ -173,7 +181,7 @@ inline void check_update_running_stats(const c10::optional<at::Tensor>& running_
     const at::Tensor& nbt = *num_batches_tracked;
     TORCH_CHECK(nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
                 ": num_batches_tracked: expected a one-element int64 tensor, got ", nbt.scalar_type(), " of size ",
-                nbt.sizes());
+                shape_str(nbt));
     TORCH_CHECK(nbt.device() == mean.device(), op, ": num_batches_tracked: expected a tensor on ", mean.device(),
                 ", got one on ", nbt.device());
   }
