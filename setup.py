@@ -81,7 +81,11 @@ def extension():
     )
     cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     opt = ["-O0", "-g"] if env_flag("BN_EXT_DEBUG") else ["-O3"]
-    cxx = opt + ["-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for's OpenMP implementation is a header template, compiled into our
+    # own objects, and without the flag its `#pragma omp parallel` is dropped (serial loops).
+    # The library then needs libgomp.so.1, and the loader reuses the one torch already loaded.
+    cxx = opt + ["-fvisibility=hidden"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    link = ["-fopenmp"] if sys.platform.startswith("linux") else []
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if cuda_wanted(cuda_sources):
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
@@ -94,8 +98,11 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("BN_EXT_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": opt + ["--use_fast_math", "-lineinfo"]},
+            extra_link_args=link,
         )
-    return CppExtension("bn_ext._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension(
+        "bn_ext._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+    )
 
 
 setup(

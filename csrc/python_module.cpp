@@ -9,6 +9,7 @@
 namespace bn_ext {
 namespace cpu {
 const char* cpu_kernels_name();  // batch_norm_kernel.cpp
+int parallel_threads_used();     // batch_norm_kernel.cpp
 }
 }  // namespace bn_ext
 
@@ -23,7 +24,10 @@ PyObject* build_flags(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* parallel_threads_used(PyObject*, PyObject*) { return PyLong_FromLong(bn_ext::cpu::parallel_threads_used()); }
+
 PyMethodDef methods[] = {
+    {"_parallel_threads_used", parallel_threads_used, METH_NOARGS, "Threads at::parallel_for used in bn_ext."},
     {"_build_flags", build_flags, METH_NOARGS, "What this library was compiled with."},
     {nullptr, nullptr, 0, nullptr},
 };

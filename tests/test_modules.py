@@ -149,10 +149,25 @@ def test_build_info_and_single_openmp_runtime():
     assert int(out) <= 1, out
 
 
-def test_extension_links_no_openmp_runtime():
-    so = bn_ext._C.__file__
-    out = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
-    assert not any(name in out for name in ("libgomp", "libiomp", "libomp.so")), out
+def test_parallel_loops_really_run_in_parallel():
+    """at::parallel_for is a header template: built into a library without OpenMP it silently
+    runs serially. Ours must use every thread torch has, and load no OpenMP runtime of its own."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert bn_ext._C._parallel_threads_used() == 2
+        torch.set_num_threads(1)
+        assert bn_ext._C._parallel_threads_used() == 1
+    finally:
+        torch.set_num_threads(old)
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import torch, bn_ext\n"
+         "maps = [l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libiomp' in l]\n"
+         "print(len(set(maps)))"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert int(out) == 1, "expected exactly one OpenMP runtime (torch's) in the process"
 
 
 def test_import_without_build_tells_what_to_do(tmp_path):

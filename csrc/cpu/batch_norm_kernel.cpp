@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <limits>
@@ -221,6 +222,19 @@ const Kernels& cpu_kernels() {
 }
 
 const char* cpu_kernels_name() { return cpu_kernels().name; }
+
+// How many distinct threads at::parallel_for uses from inside this library (a build check: the
+// OpenMP implementation is a header template, serial unless this library is built with OpenMP).
+int parallel_threads_used() {
+  std::vector<std::atomic<int>> seen(at::get_num_threads());
+  at::parallel_for(0, int64_t(1) << 16, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[t].store(1);
+  });
+  int used = 0;
+  for (auto& s : seen) used += s.load();
+  return used;
+}
 
 }  // namespace cpu
 
