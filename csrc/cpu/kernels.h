@@ -405,95 +405,175 @@ inline void finish_channel(double shift, double s1, double s2, double count, dou
   *var = std::max(0.0, s2 / count - d * d);
 }
 
-// NC(D)HW: shifted sums of block k of channel c.
+// sum(dy) and sum(dy * (x - mean)) over one run.
 template <typename scalar_t>
-inline void channel_block_sums(const scalar_t* x, const Geometry& g, int64_t c, int64_t k, double shift, double* s1,
-                               double* s2) {
-  const int64_t start = k * kBlockElems;
-  const int64_t stop = std::min(g.rows(), start + kBlockElems);
-  double a = 0, b = 0;
-  for_each_run_of_channel(g, c, start, stop, [&](int64_t off, int64_t len) { shifted_sums_run(x + off, len, shift, &a, &b); });
-  *s1 = a;
-  *s2 = b;
+inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t len, double mean,
+                          double* sum_dy, double* sum_dy_xmu) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    grad_sums_run_avx2(dy, x, len, mean, sum_dy, sum_dy_xmu);
+    return;
+  }
+#endif
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const double gv = static_cast<double>(dy[i + j]);
+      a[j] += gv;
+      b[j] += gv * (static_cast<double>(x[i + j]) - mean);
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double gv = static_cast<double>(dy[i]);
+    ta += gv;
+    tb += gv * (static_cast<double>(x[i]) - mean);
+  }
+  *sum_dy += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
+  *sum_dy_xmu += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
 }
 
-// NC(D)HW statistics of channel c, its blocks in order (the same arithmetic as the split path).
+// ---- per-channel reductions ---------------------------------------------------------------------
+// Statistics and the backward both reduce to two float64 sums per channel. A summand says how to
+// add one NC(D)HW run of a channel, or rows of a channels-last tensor for every channel; the
+// templates below own the blocking, the parallelism and the block-order merge for both.
+
+// (sum(x - shift), sum((x - shift)^2)) per channel.
 template <typename scalar_t>
-inline void channel_stats(const scalar_t* x, const Geometry& g, int64_t c, double shift, double* mean, double* var) {
-  const int64_t blocks = ceil_div(g.rows(), kBlockElems);
-  double s1 = 0, s2 = 0;
-  for (int64_t k = 0; k < blocks; ++k) {
-    double a, b;
-    channel_block_sums(x, g, c, k, shift, &a, &b);
-    s1 += a;
-    s2 += b;
+struct ShiftedSquares {
+  const scalar_t* x;
+  const double* shift;
+  int64_t C;
+  void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
+    shifted_sums_run(x + off, len, shift[c], a, b);
   }
-  finish_channel(shift, s1, s2, static_cast<double>(g.rows()), mean, var);
+  void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
+    int64_t c_begin = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      c_begin = C / 8 * 8;
+      for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
+        for (int64_t c = 0; c < c_begin; c += 8)
+          shifted_sums_tile8_avx2(x, C, c, q0, std::min(r1, q0 + kRowsPerTile), shift, a, b);
+    }
+#endif
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict row = x + r * C;
+      for (int64_t c = c_begin; c < C; ++c) {
+        const double d = static_cast<double>(row[c]) - shift[c];
+        a[c] += d;
+        b[c] += d * d;
+      }
+    }
+  }
+};
+
+// (sum(dy), sum(dy * (x - mean))) per channel.
+template <typename scalar_t>
+struct GradSums {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const double* mean;
+  int64_t C;
+  void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
+    grad_sums_run(dy + off, x + off, len, mean[c], a, b);
+  }
+  void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
+    int64_t c_begin = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      c_begin = C / 8 * 8;
+      for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
+        for (int64_t c = 0; c < c_begin; c += 8)
+          grad_sums_tile8_avx2(dy, x, C, c, q0, std::min(r1, q0 + kRowsPerTile), mean, a, b);
+    }
+#endif
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict dyr = dy + r * C;
+      const scalar_t* __restrict xr = x + r * C;
+      for (int64_t c = c_begin; c < C; ++c) {
+        const double gv = static_cast<double>(dyr[c]);
+        a[c] += gv;
+        b[c] += gv * (static_cast<double>(xr[c]) - mean[c]);
+      }
+    }
+  }
+};
+
+// NC(D)HW: the sums of block k of channel c (its flat elements [k * kBlockElems, ...)).
+template <typename Summand>
+inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b) {
+  const int64_t start = k * kBlockElems;
+  double pa = 0, pb = 0;
+  for_each_run_of_channel(g, c, start, std::min(g.rows(), start + kBlockElems),
+                          [&](int64_t off, int64_t len) { sum.run(c, off, len, &pa, &pb); });
+  *a = pa;
+  *b = pb;
+}
+
+// NC(D)HW: channel c's sums, its blocks added in order (what channel_sums gives for c).
+template <typename Summand>
+inline void channel_total(const Summand& sum, const Geometry& g, int64_t c, double* a, double* b) {
+  const int64_t blocks = ceil_div(g.rows(), kBlockElems);
+  double ta = 0, tb = 0;
+  for (int64_t k = 0; k < blocks; ++k) {
+    double pa, pb;
+    block_sums(sum, g, c, k, &pa, &pb);
+    ta += pa;
+    tb += pb;
+  }
+  *a = ta;
+  *b = tb;
+}
+
+// Every channel's sums: blocks in parallel, then added in block order.
+template <typename Summand>
+void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a, std::vector<double>& b) {
+  std::fill(a.begin(), a.end(), 0.0);
+  std::fill(b.begin(), b.end(), 0.0);
+  if (g.layout == Layout::kNCS) {
+    const int64_t blocks = ceil_div(g.rows(), kBlockElems);
+    std::vector<double> part(g.C * blocks * 2);
+    at::parallel_for(0, g.C * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task)
+        block_sums(sum, g, task / blocks, task % blocks, &part[2 * task], &part[2 * task + 1]);
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t k = 0; k < blocks; ++k) {
+        a[c] += part[2 * (c * blocks + k)];
+        b[c] += part[2 * (c * blocks + k) + 1];
+      }
+    }
+    return;
+  }
+  // Channels-last: a block is a run of rows, accumulated for every channel at once.
+  const RowBlocks rb = row_blocks(g);
+  std::vector<double> part(rb.blocks * g.C * 2, 0.0);
+  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double* pa = part.data() + k * g.C * 2;
+      sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), pa, pa + g.C);
+    }
+  });
+  for (int64_t k = 0; k < rb.blocks; ++k) {  // block order, contiguous reads
+    const double* pk = part.data() + k * g.C * 2;
+    for (int64_t c = 0; c < g.C; ++c) {
+      a[c] += pk[c];
+      b[c] += pk[g.C + c];
+    }
+  }
 }
 
 template <typename scalar_t>
 void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
-  const int64_t rows = g.rows();
   const std::vector<double> shift = channel_shifts(x, g);
-  if (g.layout == Layout::kNCS) {
-    const int64_t blocks = ceil_div(rows, kBlockElems);
-    std::vector<double> part(g.C * blocks * 2);
-    at::parallel_for(0, g.C * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t c = task / blocks;
-        channel_block_sums(x, g, c, task % blocks, shift[c], &part[2 * task], &part[2 * task + 1]);
-      }
-    });
-    for (int64_t c = 0; c < g.C; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int64_t k = 0; k < blocks; ++k) {
-        s1 += part[2 * (c * blocks + k)];
-        s2 += part[2 * (c * blocks + k) + 1];
-      }
-      finish_channel(shift[c], s1, s2, static_cast<double>(rows), &mean[c], &var[c]);
-    }
-    return;
-  }
-  // Channels-last: per-channel accumulators over a block of rows vectorise over C.
-  const RowBlocks rb = row_blocks(g);
-  std::vector<double> part(rb.blocks * g.C * 2, 0.0);
-  const double* __restrict sh = shift.data();
-  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      double* __restrict s1 = part.data() + k * g.C * 2;
-      double* __restrict s2 = s1 + g.C;
-      const int64_t r0 = k * rb.rows_per_block;
-      const int64_t r1 = std::min(rows, (k + 1) * rb.rows_per_block);
-      int64_t c_begin = 0;
-#ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-        const int64_t tiled = g.C / 8 * 8;
-        for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
-          for (int64_t c = 0; c < tiled; c += 8)
-            shifted_sums_tile8_avx2(x, g.C, c, q0, std::min(r1, q0 + kRowsPerTile), sh, s1, s2);
-        c_begin = tiled;
-      }
-#endif
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* __restrict row = x + r * g.C;
-        for (int64_t c = c_begin; c < g.C; ++c) {
-          const double d = static_cast<double>(row[c]) - sh[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
-    }
-  });
-  // block k's sums are added in block order, row by row of the partials (contiguous reads)
-  std::vector<double> s1(g.C, 0.0), s2(g.C, 0.0);
-  for (int64_t k = 0; k < rb.blocks; ++k) {
-    const double* pk = part.data() + k * g.C * 2;
-    for (int64_t c = 0; c < g.C; ++c) {
-      s1[c] += pk[c];
-      s2[c] += pk[g.C + c];
-    }
-  }
-  for (int64_t c = 0; c < g.C; ++c) finish_channel(sh[c], s1[c], s2[c], static_cast<double>(rows), &mean[c], &var[c]);
+  std::vector<double> s1(g.C), s2(g.C);
+  channel_sums(ShiftedSquares<scalar_t>{x, shift.data(), g.C}, g, s1, s2);
+  for (int64_t c = 0; c < g.C; ++c)
+    finish_channel(shift[c], s1[c], s2[c], static_cast<double>(g.rows()), &mean[c], &var[c]);
 }
 
 // ---- elementwise forward -----------------------------------------------------------------------
@@ -559,9 +639,12 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
                        std::vector<double>& var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const std::vector<double> shift = channel_shifts(x, g);
+  const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      channel_stats(x, g, c, shift[c], &mean[c], &var[c]);
+      double s1, s2;
+      channel_total(sum, g, c, &s1, &s2);
+      finish_channel(shift[c], s1, s2, static_cast<double>(g.rows()), &mean[c], &var[c]);
       const auto k = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
       for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
         normalize_run(x + off, y + off, len, k.mean_hi, k.mean_lo, k.scale, k.shift);
@@ -572,111 +655,10 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
 
 // ---- backward ----------------------------------------------------------------------------------
 
-// sum(dy) and sum(dy * (x - mean)) over one run.
-template <typename scalar_t>
-inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t len, double mean,
-                          double* sum_dy, double* sum_dy_xmu) {
-#ifdef BN_EXT_AVX2_INTRINSICS
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    grad_sums_run_avx2(dy, x, len, mean, sum_dy, sum_dy_xmu);
-    return;
-  }
-#endif
-  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const double gv = static_cast<double>(dy[i + j]);
-      a[j] += gv;
-      b[j] += gv * (static_cast<double>(x[i + j]) - mean);
-    }
-  }
-  double ta = 0, tb = 0;
-  for (; i < len; ++i) {
-    const double gv = static_cast<double>(dy[i]);
-    ta += gv;
-    tb += gv * (static_cast<double>(x[i]) - mean);
-  }
-  *sum_dy += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
-  *sum_dy_xmu += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
-}
-
-template <typename scalar_t>
-inline void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g, int64_t c, int64_t k,
-                              double mean, double* sum_dy, double* sum_dy_xmu) {
-  const int64_t start = k * kBlockElems;
-  double a = 0, b = 0;
-  for_each_run_of_channel(g, c, start, std::min(g.rows(), start + kBlockElems),
-                          [&](int64_t off, int64_t len) { grad_sums_run(dy + off, x + off, len, mean, &a, &b); });
-  *sum_dy = a;
-  *sum_dy_xmu = b;
-}
-
 template <typename scalar_t>
 void grad_sums_kernel(const scalar_t* dy, const scalar_t* x, const Geometry& g, const std::vector<double>& mean,
                       std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
-  const int64_t rows = g.rows();
-  if (g.layout == Layout::kNCS) {
-    const int64_t blocks = ceil_div(rows, kBlockElems);
-    std::vector<double> part(g.C * blocks * 2);
-    at::parallel_for(0, g.C * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t c = task / blocks;
-        channel_grad_sums(dy, x, g, c, task % blocks, mean[c], &part[2 * task], &part[2 * task + 1]);
-      }
-    });
-    for (int64_t c = 0; c < g.C; ++c) {
-      double a = 0, b = 0;
-      for (int64_t k = 0; k < blocks; ++k) {
-        a += part[2 * (c * blocks + k)];
-        b += part[2 * (c * blocks + k) + 1];
-      }
-      sum_dy[c] = a;
-      sum_dy_xmu[c] = b;
-    }
-    return;
-  }
-  const RowBlocks rb = row_blocks(g);
-  std::vector<double> part(rb.blocks * g.C * 2, 0.0);
-  const double* __restrict m = mean.data();
-  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      double* __restrict a = part.data() + k * g.C * 2;
-      double* __restrict b = a + g.C;
-      const int64_t r0 = k * rb.rows_per_block;
-      const int64_t r1 = std::min(rows, (k + 1) * rb.rows_per_block);
-      int64_t c_begin = 0;
-#ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-        const int64_t tiled = g.C / 8 * 8;
-        for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
-          for (int64_t c = 0; c < tiled; c += 8)
-            grad_sums_tile8_avx2(dy, x, g.C, c, q0, std::min(r1, q0 + kRowsPerTile), m, a, b);
-        c_begin = tiled;
-      }
-#endif
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* __restrict dyr = dy + r * g.C;
-        const scalar_t* __restrict xr = x + r * g.C;
-        for (int64_t c = c_begin; c < g.C; ++c) {
-          const double gv = static_cast<double>(dyr[c]);
-          a[c] += gv;
-          b[c] += gv * (static_cast<double>(xr[c]) - m[c]);
-        }
-      }
-    }
-  });
-  std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
-  std::fill(sum_dy_xmu.begin(), sum_dy_xmu.end(), 0.0);
-  for (int64_t k = 0; k < rb.blocks; ++k) {  // in block order, contiguous reads
-    const double* pk = part.data() + k * g.C * 2;
-    for (int64_t c = 0; c < g.C; ++c) {
-      sum_dy[c] += pk[c];
-      sum_dy_xmu[c] += pk[g.C + c];
-    }
-  }
+  channel_sums(GradSums<scalar_t>{dy, x, mean.data(), g.C}, g, sum_dy, sum_dy_xmu);
 }
 
 template <typename opmath_t>
@@ -752,16 +734,11 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
                           const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,
                           std::vector<double>& sum_dy_xmu) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t blocks = ceil_div(g.rows(), kBlockElems);
+  const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      double a = 0, b = 0;
-      for (int64_t k = 0; k < blocks; ++k) {
-        double pa, pb;
-        channel_grad_sums(dy, x, g, c, k, mean[c], &pa, &pb);
-        a += pa;
-        b += pb;
-      }
+      double a, b;
+      channel_total(sum, g, c, &a, &b);
       sum_dy[c] = a;
       sum_dy_xmu[c] = b;
       const auto kc = backward_coeffs<opmath_t>(mean[c], var[c], weight[c], a, b, eps,

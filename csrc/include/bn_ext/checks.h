@@ -134,32 +134,33 @@ inline void check_backward_reduce_args(const at::Tensor& grad_out, const at::Ten
   check_stat_tensor(mean, "mean", input, op);
 }
 
-inline void check_backward_elemt_args(const at::Tensor& grad_out, const at::Tensor& input,
-                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                      const at::Tensor& var, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                      double eps, int64_t count) {
-  const char* op = "bn_ext.batch_norm_backward_elemt";
+// What every backward op takes: grad_out like input, optional weight, the saved statistics.
+inline void check_grad_args(const at::Tensor& grad_out, const at::Tensor& input,
+                            const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+                            double eps, const char* op) {
   check_input(input, op);
   check_same_shape(grad_out, "grad_out", input, op);
   check_optional_channel_tensor(weight, "weight", input, op);
   check_stat_tensor(mean, "mean", input, op);
   check_stat_tensor(var, "var", input, op);
+  check_eps(eps, op);
+}
+
+inline void check_backward_elemt_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& var, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                      double eps, int64_t count) {
+  const char* op = "bn_ext.batch_norm_backward_elemt";
+  check_grad_args(grad_out, input, weight, mean, var, eps, op);
   check_stat_tensor(sum_dy, "sum_dy", input, op);
   check_stat_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
-  check_eps(eps, op);
   TORCH_CHECK(count > 0 || input.numel() == 0, op, ": count: expected a positive element count, got ", count);
 }
 
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
                                 const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
                                 double eps) {
-  const char* op = "bn_ext.batch_norm_backward";
-  check_input(input, op);
-  check_same_shape(grad_out, "grad_out", input, op);
-  check_optional_channel_tensor(weight, "weight", input, op);
-  check_stat_tensor(mean, "mean", input, op);
-  check_stat_tensor(var, "var", input, op);
-  check_eps(eps, op);
+  check_grad_args(grad_out, input, weight, mean, var, eps, "bn_ext.batch_norm_backward");
 }
 
 // Everything batch_norm_update_running_stats needs, checked before it writes anything.
