@@ -36,7 +36,7 @@ struct RowBlocks {
 RowBlocks row_blocks(const Geometry& g) {
   RowBlocks rb;
   const int64_t rows = g.rows();
-  const int64_t min_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(1, g.C));
+  const int64_t min_rows = std::max<int64_t>(1, kRowBlockMinElems / std::max<int64_t>(1, g.C));
   rb.rows_per_block = std::max(min_rows, ceil_div(rows, kMaxRowBlocks));
   rb.blocks = ceil_div(rows, rb.rows_per_block);
   return rb;

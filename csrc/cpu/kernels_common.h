@@ -20,8 +20,10 @@ namespace cpu {
 // Elements of one channel per reduction block (NC(D)HW); shape-only, so results never depend
 // on the thread count.
 constexpr int64_t kBlockElems = 8192;
-// Channels-last reductions use at most this many blocks of rows (bounded partials for any C).
+// Channels-last reductions use at most this many blocks of rows, each of at least this many
+// elements, so that per-block partials (2 doubles per channel) stay small next to the input.
 constexpr int64_t kMaxRowBlocks = 64;
+constexpr int64_t kRowBlockMinElems = 65536;
 // Elements per parallel chunk of the elementwise passes.
 constexpr int64_t kElemGrain = 32768;
 // Elements averaged into each channel's shift for the shifted sums.
