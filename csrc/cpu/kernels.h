@@ -339,8 +339,34 @@ inline void grad_input_row_avx2(const scalar_t* dy, const scalar_t* x, scalar_t*
 }
 #endif
 
-// sum(x - shift) and sum((x - shift)^2) of one run, eight independent accumulators each (the
-// order of additions is fixed by the code).
+// Two float64 sums over one run: term(i, &u, &v) gives element i's two addends. Eight
+// independent accumulators per sum (the compiler vectorises them), combined in a fixed order.
+template <typename Term>
+inline void two_sums_run(int64_t len, Term&& term, double* s1, double* s2) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      double u, v;
+      term(i + j, &u, &v);
+      a[j] += u;
+      b[j] += v;
+    }
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    double u, v;
+    term(i, &u, &v);
+    ta += u;
+    tb += v;
+  }
+  *s1 += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
+  *s2 += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
+}
+
+// sum(x - shift) and sum((x - shift)^2) over one run.
 template <typename scalar_t>
 inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double shift, double* s1, double* s2) {
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -349,48 +375,11 @@ inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double s
     return;
   }
 #endif
-  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const double d = static_cast<double>(static_cast<float>(p[i + j])) - shift;
-      a[j] += d;
-      b[j] += d * d;
-    }
-  }
-  double ta = 0, tb = 0;
-  for (; i < len; ++i) {
-    const double d = static_cast<double>(static_cast<float>(p[i])) - shift;
-    ta += d;
-    tb += d * d;
-  }
-  *s1 += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
-  *s2 += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
-}
-
-template <>
-inline void shifted_sums_run<double>(const double* __restrict p, int64_t len, double shift, double* s1, double* s2) {
-  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const double d = p[i + j] - shift;
-      a[j] += d;
-      b[j] += d * d;
-    }
-  }
-  double ta = 0, tb = 0;
-  for (; i < len; ++i) {
-    const double d = p[i] - shift;
-    ta += d;
-    tb += d * d;
-  }
-  *s1 += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
-  *s2 += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
+  two_sums_run(len, [&](int64_t i, double* u, double* v) {
+    const double d = static_cast<double>(p[i]) - shift;
+    *u = d;
+    *v = d * d;
+  }, s1, s2);
 }
 
 // Channel c's statistics from its shifted sums over `count` elements.
@@ -415,25 +404,11 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
     return;
   }
 #endif
-  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const double gv = static_cast<double>(dy[i + j]);
-      a[j] += gv;
-      b[j] += gv * (static_cast<double>(x[i + j]) - mean);
-    }
-  }
-  double ta = 0, tb = 0;
-  for (; i < len; ++i) {
-    const double gv = static_cast<double>(dy[i]);
-    ta += gv;
-    tb += gv * (static_cast<double>(x[i]) - mean);
-  }
-  *sum_dy += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + ta;
-  *sum_dy_xmu += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7])) + tb;
+  two_sums_run(len, [&](int64_t i, double* u, double* v) {
+    const double g = static_cast<double>(dy[i]);
+    *u = g;
+    *v = g * (static_cast<double>(x[i]) - mean);
+  }, sum_dy, sum_dy_xmu);
 }
 
 // ---- per-channel reductions ---------------------------------------------------------------------
