@@ -1,5 +1,4 @@
 """BatchNorm modules: drop-in replacements for torch.nn.BatchNorm1d/2d/3d and their Lazy forms."""
-import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
 

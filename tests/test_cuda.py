@@ -106,7 +106,7 @@ def test_cuda_graph_capture_and_replay_of_a_training_step():
         static_y = model(static_x)
         static_y.square().mean().backward()
     model.load_state_dict(eager.state_dict())  # capture does not run the kernels, but be sure
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(4, 3, 16, 16, device="cuda")
         static_x.copy_(x)
         model.zero_grad(set_to_none=False)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import bn_ext
-from conftest import DEVICES, requires_cuda
+from conftest import requires_cuda
 
 ops = torch.ops.bn_ext
 
