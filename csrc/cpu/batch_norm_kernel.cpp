@@ -4,7 +4,6 @@
 // baseline and an AVX2+FMA build; cpu_kernels() picks one for this CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,7 +11,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
-#include <limits>
 #include <vector>
 
 #include "bn_ext/checks.h"
@@ -35,6 +33,10 @@ std::vector<double> channel_values(const Tensor& t, int64_t channels, double fil
     for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<double>(a[c]);
   });
   return out;
+}
+
+std::vector<double> channel_values(const c10::optional<Tensor>& t, int64_t channels, double fill) {
+  return t.has_value() ? channel_values(*t, channels, fill) : std::vector<double>(channels, fill);
 }
 
 void store_channel_values(const Tensor& t, const std::vector<double>& v) {
@@ -66,8 +68,6 @@ void compute_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, con
 // ---------------------------------------------------------------------------------------------
 // Ops.
 
-Tensor defined_or_empty(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   check_stats_args(input);
   Operands p = prepare(input, {input}, /*with_output=*/false);
@@ -84,8 +84,8 @@ Tensor batch_norm_elemt(const Tensor& input, const c10::optional<Tensor>& weight
   const int64_t C = p.g.C;
   if (p.g.numel() > 0)
     cpu_kernels().elemt(p.inputs[0], p.out, p.g, channel_values(mean, C, 0.0), channel_values(var, C, 0.0),
-                        channel_values(defined_or_empty(weight), C, 1.0),
-                        channel_values(defined_or_empty(bias), C, 0.0), eps);
+                        channel_values(weight, C, 1.0),
+                        channel_values(bias, C, 0.0), eps);
   finish(p);
   return p.result;
 }
@@ -98,8 +98,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c
   // Normalise with the statistics in double; return them rounded to the stat dtype.
   std::vector<double> mean(C, 0.0), var(C, 0.0);
   if (p.g.numel() > 0)
-    cpu_kernels().train(p.inputs[0], p.out, p.g, channel_values(defined_or_empty(weight), C, 1.0),
-                        channel_values(defined_or_empty(bias), C, 0.0), eps, mean, var);
+    cpu_kernels().train(p.inputs[0], p.out, p.g, channel_values(weight, C, 1.0),
+                        channel_values(bias, C, 0.0), eps, mean, var);
   finish(p);
   const auto dt = stat_dtype(input.scalar_type());
   return {p.result, channel_tensor(mean, input, dt), channel_tensor(var, input, dt)};
@@ -122,7 +122,7 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
   const int64_t C = p.g.C;
   if (p.g.numel() > 0)
     cpu_kernels().grad_input(p.inputs[0], p.inputs[1], p.out, p.g, /*training=*/true, channel_values(mean, C, 0.0),
-                             channel_values(var, C, 0.0), channel_values(defined_or_empty(weight), C, 1.0),
+                             channel_values(var, C, 0.0), channel_values(weight, C, 1.0),
                              channel_values(sum_dy, C, 0.0), channel_values(sum_dy_xmu, C, 0.0), eps, count);
   finish(p);
   return p.result;
@@ -137,10 +137,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                   : output_mask[1] || output_mask[2];
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/output_mask[0]);
   const int64_t C = p.g.C;
-  const Tensor w = defined_or_empty(weight);
   const std::vector<double> mean_v = channel_values(mean, C, 0.0);
   const std::vector<double> var_v = channel_values(var, C, 0.0);
-  const std::vector<double> weight_v = channel_values(w, C, 1.0);
+  const std::vector<double> weight_v = channel_values(weight, C, 1.0);
   std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
   const bool fused = training && output_mask[0] && p.g.numel() > 0;  // sums and dx in one call
   if (fused) {
@@ -150,7 +149,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     compute_grad_sums(p.inputs[0], p.inputs[1], p.g, mean_v, sum_dy, sum_dy_xmu);
   }
 
-  const auto param_dtype = w.defined() ? w.scalar_type() : stat_dtype(input.scalar_type());
+  const auto param_dtype =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : stat_dtype(input.scalar_type());
   Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
     if (!fused && p.g.numel() > 0)
