@@ -32,7 +32,8 @@ def build_info() -> dict:
         "cuda": bool(flags["cuda"]),
         "cuda_version": cuda_version,
         "cuda_device_available": torch.cuda.is_available(),
-        "cpu_kernels": flags["cpu_kernels"],  # "avx2" or "default" (BN_EXT_CPU_ISA=default forces it)
+        # which build of the CPU loops runs: "avx512bf16", "avx2" or "default" (BN_EXT_CPU_ISA caps it)
+        "cpu_kernels": flags["cpu_kernels"],
         "num_threads": torch.get_num_threads(),
         "openmp_runtimes": _loaded_openmp_runtimes(),
     }

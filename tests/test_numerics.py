@@ -207,11 +207,12 @@ torch.save(out, sys.argv[1])
 
 
 def test_baseline_and_simd_kernels_agree(tmp_path):
-    """The baseline build of the CPU loops (BN_EXT_CPU_ISA=default) and the one this CPU runs."""
+    """The baseline build of the CPU loops (BN_EXT_CPU_ISA=default), the AVX2 one (=avx2, where the
+    CPU has it) and the one this CPU picks by itself."""
     script = tmp_path / "isa.py"
     script.write_text(ISA_SCRIPT)
     results = {}
-    for isa in ("default", None):
+    for isa in ("default", "avx2", None):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
         env.pop("BN_EXT_CPU_ISA", None)
         if isa:
@@ -220,6 +221,8 @@ def test_baseline_and_simd_kernels_agree(tmp_path):
         subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
         results[isa] = torch.load(path)
     assert results["default"][0] == "default"
-    for a, b in zip(results["default"][1:], results[None][1:]):
-        tol = 1e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-5
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert results["avx2"][0] in ("default", "avx2")  # a cap, never a raise
+    for other in ("avx2", None):
+        for a, b in zip(results["default"][1:], results[other][1:]):
+            tol = 1e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-5
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)

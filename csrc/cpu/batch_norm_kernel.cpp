@@ -204,19 +204,28 @@ void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
 }  // namespace
 
 const Kernels& cpu_kernels() {
-  static const Kernels baseline{"default",           &isa_default::stats,      &isa_default::elemt,
-                                &isa_default::train, &isa_default::grad_sums, &isa_default::grad_input,
-                                &isa_default::backward_train};
-  static const Kernels avx2{"avx2",           &isa_avx2::stats,      &isa_avx2::elemt,
-                            &isa_avx2::train, &isa_avx2::grad_sums, &isa_avx2::grad_input,
-                            &isa_avx2::backward_train};
+#define BN_EXT_KERNEL_TABLE(ns, name) \
+  Kernels { name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train }
+  static const Kernels baseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
+  static const Kernels avx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
+  static const Kernels avx512bf16 = BN_EXT_KERNEL_TABLE(isa_avx512bf16, "avx512bf16");
+#undef BN_EXT_KERNEL_TABLE
   static const Kernels& chosen = [&]() -> const Kernels& {
-    const char* forced = std::getenv("BN_EXT_CPU_ISA");
-    if (forced != nullptr && std::string(forced) == "default") return baseline;
+    const char* env = std::getenv("BN_EXT_CPU_ISA");
+    const std::string cap = env != nullptr ? env : "";
+    if (cap == "default") return baseline;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return avx2;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+      return baseline;
+#if __GNUC__ >= 10
+    if (cap != "avx2" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw"))
+      return avx512bf16;
 #endif
+    return avx2;
+#else
     return baseline;
+#endif
   }();
   return chosen;
 }

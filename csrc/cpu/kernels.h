@@ -254,6 +254,12 @@ inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t 
 // same results as c10's scalar conversions).
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(c10::BFloat16* p, __m256 v) {
+#ifdef BN_EXT_AVX512BF16
+  // one instruction: round to nearest even (NaNs stay NaN; their payload bits may differ from
+  // c10's canonical 0x7FC0, which no comparison of values can see)
+  const __m128bh h = _mm256_cvtneps_pbh(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(h));
+#else
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
@@ -262,6 +268,7 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   const __m256i halves = _mm256_srli_epi32(rounded, 16);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#endif
 }
 inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));

@@ -56,6 +56,9 @@ BN_EXT_DECLARE_CPU_KERNELS
 namespace isa_avx2 {
 BN_EXT_DECLARE_CPU_KERNELS
 }
+namespace isa_avx512bf16 {
+BN_EXT_DECLARE_CPU_KERNELS
+}
 
 struct Kernels {
   const char* name;
@@ -67,7 +70,8 @@ struct Kernels {
   decltype(&isa_default::backward_train) backward_train;
 };
 
-// The variant for this CPU (AVX2+FMA where supported); BN_EXT_CPU_ISA=default forces the baseline.
+// The variant for this CPU: AVX2+FMA where supported, with AVX-512 BF16 conversions where those
+// exist too; BN_EXT_CPU_ISA=default (or =avx2) caps the choice.
 const Kernels& cpu_kernels();
 
 }  // namespace cpu
