@@ -423,6 +423,22 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
 // add one NC(D)HW run of a channel, or rows of a channels-last tensor for every channel; the
 // templates below own the blocking, the parallelism and the block-order merge for both.
 
+// Channels-last rows [r0, r1): tile(c, q0, q1) for each 8-channel tile over chunks of
+// kRowsPerTile rows (AVX2 builds, non-double input). Returns the first channel it did not cover,
+// which the caller finishes with scalar code.
+template <typename scalar_t, typename Tile>
+inline int64_t for_each_tile8(int64_t C, int64_t r0, int64_t r1, Tile&& tile) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    const int64_t tiled = C / 8 * 8;
+    for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
+      for (int64_t c = 0; c < tiled; c += 8) tile(c, q0, std::min(r1, q0 + kRowsPerTile));
+    return tiled;
+  }
+#endif
+  return 0;
+}
+
 // (sum(x - shift), sum((x - shift)^2)) per channel.
 template <typename scalar_t>
 struct ShiftedSquares {
@@ -433,15 +449,11 @@ struct ShiftedSquares {
     shifted_sums_run(x + off, len, shift[c], a, b);
   }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
-    int64_t c_begin = 0;
+    const int64_t c_begin = for_each_tile8<scalar_t>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1) {
 #ifdef BN_EXT_AVX2_INTRINSICS
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      c_begin = C / 8 * 8;
-      for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
-        for (int64_t c = 0; c < c_begin; c += 8)
-          shifted_sums_tile8_avx2(x, C, c, q0, std::min(r1, q0 + kRowsPerTile), shift, a, b);
-    }
+      if constexpr (!std::is_same_v<scalar_t, double>) shifted_sums_tile8_avx2(x, C, c, q0, q1, shift, a, b);
 #endif
+    });
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict row = x + r * C;
       for (int64_t c = c_begin; c < C; ++c) {
@@ -464,15 +476,11 @@ struct GradSums {
     grad_sums_run(dy + off, x + off, len, mean[c], a, b);
   }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
-    int64_t c_begin = 0;
+    const int64_t c_begin = for_each_tile8<scalar_t>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1) {
 #ifdef BN_EXT_AVX2_INTRINSICS
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      c_begin = C / 8 * 8;
-      for (int64_t q0 = r0; q0 < r1; q0 += kRowsPerTile)
-        for (int64_t c = 0; c < c_begin; c += 8)
-          grad_sums_tile8_avx2(dy, x, C, c, q0, std::min(r1, q0 + kRowsPerTile), mean, a, b);
-    }
+      if constexpr (!std::is_same_v<scalar_t, double>) grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
 #endif
+    });
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict dyr = dy + r * C;
       const scalar_t* __restrict xr = x + r * C;
