@@ -96,7 +96,7 @@ torch.library.register_autograd("bn_ext::batch_norm_elemt", _elemt_backward, set
 
 
 def _stats_setup(ctx, inputs, output):
-    (input,) = inputs
+    input = inputs[0]
     mean, _ = output
     ctx.save_for_backward(input, mean)
 
@@ -104,14 +104,14 @@ def _stats_setup(ctx, inputs, output):
 def _stats_backward(ctx, grad_mean, grad_var):
     input, mean = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return None
+        return None, None
     count = input.numel() // max(input.shape[1], 1)
     x = input.to(mean.dtype)
     # mean = sum(x) / M;  var = sum((x - mean)^2) / M  (the mean's own gradient term sums to 0)
     grad = _per_channel(grad_mean / count, input) + _per_channel(grad_var * (2.0 / count), input) * (
         x - _per_channel(mean, input)
     )
-    return grad.to(input.dtype)
+    return grad.to(input.dtype), None
 
 
 torch.library.register_autograd("bn_ext::batch_norm_stats", _stats_backward, setup_context=_stats_setup)

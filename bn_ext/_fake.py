@@ -9,6 +9,7 @@ OP_NAMES = (
     "batch_norm_backward_elemt",
     "batch_norm_backward",
     "batch_norm_update_running_stats",
+    "batch_norm_gather_stats",
 )
 
 
@@ -35,8 +36,10 @@ def _stats_like(input):
 
 
 @torch.library.register_fake("bn_ext::batch_norm_stats")
-def _stats(input):
-    return _stats_like(input), _stats_like(input)
+def _stats(input, dtype=None):
+    c = _channels(input)
+    dt = stat_dtype(input.dtype) if dtype is None else dtype
+    return input.new_empty((c,), dtype=dt), input.new_empty((c,), dtype=dt)
 
 
 @torch.library.register_fake("bn_ext::batch_norm_elemt")
@@ -86,3 +89,12 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
     _check_channel_tensor(running_mean, "running_mean", c)
     _check_channel_tensor(running_var, "running_var", c)
     return None
+
+
+@torch.library.register_fake("bn_ext::batch_norm_gather_stats")
+def _gather_stats(stats, running_mean, running_var, num_batches_tracked, momentum):
+    torch._check(stats.dim() == 2, lambda: f"stats: expected a 2-D tensor of per-rank rows, got size {tuple(stats.shape)}")
+    c = (stats.shape[1] - 1) // 2
+    _check_channel_tensor(running_mean, "running_mean", c)
+    _check_channel_tensor(running_var, "running_var", c)
+    return stats.new_empty((c,)), stats.new_empty((c,)), stats.new_empty((1,))

@@ -1,8 +1,10 @@
 """BatchNorm modules: drop-in replacements for torch.nn.BatchNorm1d/2d/3d and their Lazy forms."""
+import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
 
-from .functional import _batch_norm
+from . import _sync
+from .functional import _batch_norm, _check_args, _check_buffers
 
 
 class _BatchNorm(_torch_bn._BatchNorm):
@@ -29,13 +31,16 @@ class _BatchNorm(_torch_bn._BatchNorm):
         if affine and not bias:
             self.register_parameter("bias", None)
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _check_channels(self, input: Tensor) -> None:
         if input.shape[1] != self.num_features:
             raise RuntimeError(
                 f"{type(self).__name__}: input: expected {self.num_features} channels (num_features) in dim 1, "
                 f"got input of size {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update = self.training and self.track_running_stats
@@ -108,3 +113,77 @@ class LazyBatchNorm3d(_torch_bn._LazyNormBase, _BatchNorm):
 
     def _check_input_dim(self, input):
         _check_dims(input, (5,), "5D")
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics span every rank of a torch.distributed process group:
+    drop-in for torch.nn.SyncBatchNorm that also runs on CPU (gloo) and is exact when ranks hold
+    different batch sizes (including none).
+
+    Same constructor, parameters and buffers as torch.nn.SyncBatchNorm; takes (N, C, *) input of
+    2 to 5 dimensions, any memory format. In eval mode, with a group of one, or without an
+    initialised torch.distributed it is a plain bn_ext BatchNorm and runs no collective.
+    See bn_ext/_sync.py for the collectives of a training step.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum=0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+        self._num_features_checked = set()  # names of the groups that agreed on num_features
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        self._check_channels(input)
+        group = _sync.sync_group(self.process_group) if self.training else None
+        if group is None:
+            return super().forward(input)
+        group_size = torch.distributed.get_world_size(group)
+        _check_args(True, self.momentum, self.eps)
+        update = self.track_running_stats
+        running_mean = self.running_mean if update else None
+        running_var = self.running_var if update else None
+        nbt = self.num_batches_tracked if update else None
+        momentum = self.momentum if self.momentum is not None or nbt is not None else 0.0
+        if update:
+            _check_buffers(input, running_mean, running_var, nbt)
+        if not torch.compiler.is_compiling() and group.group_name not in self._num_features_checked:
+            _sync.check_num_features(self.num_features, input.device, group, group_size)
+            self._num_features_checked.add(group.group_name)
+        with torch.no_grad():
+            mean, var, count = _sync.gather_batch_stats(
+                input.detach(), running_mean, running_var, nbt, momentum, group, group_size
+            )
+        return _sync.SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, mean, var, count, self.eps, group, group_size
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every BatchNorm*d in `module` (torch.nn's, bn_ext's, and torch.nn.SyncBatchNorm)
+        with bn_ext.SyncBatchNorm over `process_group`, as torch.nn.SyncBatchNorm's method of the
+        same name does. Parameters and buffers are the same tensor objects. Returns the converted
+        module (a new object when `module` itself is a BatchNorm)."""
+        from .convert import convert_model
+
+        return convert_model(module, to="sync", process_group=process_group)

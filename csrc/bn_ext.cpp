@@ -4,8 +4,9 @@
 
 TORCH_LIBRARY(bn_ext, m) {
   // Per-channel batch mean and biased variance, one pass over input (Welford-style merge of
-  // blocks). float32 results, float64 for float64 input.
-  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // blocks). float32 results (float64 for float64 input) unless dtype asks for float64, which
+  // keeps every bit of the float64 accumulation (SyncBatchNorm gathers those).
+  m.def("batch_norm_stats(Tensor input, ScalarType? dtype=None) -> (Tensor mean, Tensor var)");
   // y = (x - mean) / sqrt(var + eps) * weight + bias, with the given per-channel mean/var.
   m.def(
       "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
@@ -37,4 +38,12 @@ TORCH_LIBRARY(bn_ext, m) {
       "batch_norm_update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, SymInt count) "
       "-> ()");
+  // SyncBatchNorm's merge: `stats` holds one row per rank, [count, mean (C), biased var (C)]
+  // (an all-gather of each rank's batch_norm_stats). Merges the rows in rank order with Chan's
+  // formula (rows with count 0 drop out), so every rank gets the same bits; updates the running
+  // stats as batch_norm_update_running_stats would over the total count (known only on the
+  // device, so no host sync); returns the global mean, biased var and total count (1 element).
+  m.def(
+      "batch_norm_gather_stats(Tensor stats, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor mean, Tensor var, Tensor count)");
 }

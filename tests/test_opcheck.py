@@ -25,8 +25,20 @@ def samples(device):
             var = torch.rand(c, device=device, dtype=sdt) + 0.5
             dy = torch.randn_like(x)
             count = x.numel() // c
+            table = torch.cat(
+                [torch.tensor([[4.0], [0.0], [7.0]], device=device),
+                 torch.randn(3, c, device=device), torch.rand(3, c, device=device) + 0.5], dim=1
+            ).to(sdt)
             out += [
                 ("batch_norm_stats", (x,), {}),
+                ("batch_norm_stats", (x, torch.float64), {}),
+                (
+                    "batch_norm_gather_stats",
+                    (table, torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
+                     torch.tensor(2, device=device), 0.1),
+                    {},
+                ),
+                ("batch_norm_gather_stats", (table, None, None, torch.tensor(0, device=device), None), {}),
                 ("batch_norm_elemt", (x, w, b, mean, var, 1e-5), {}),
                 ("batch_norm_elemt", (x, None, None, mean, var, 1e-5), {}),
                 ("batch_norm_train", (x, w, b, 1e-5), {}),

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -68,12 +69,11 @@ void compute_grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, con
 // ---------------------------------------------------------------------------------------------
 // Ops.
 
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
-  check_stats_args(input);
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input, c10::optional<c10::ScalarType> dtype) {
+  const auto dt = check_stats_args(input, dtype);
   Operands p = prepare(input, {input}, /*with_output=*/false);
   std::vector<double> mean, var;
   compute_stats(p.inputs[0], p.g, mean, var);
-  const auto dt = stat_dtype(input.scalar_type());
   return {channel_tensor(mean, input, dt), channel_tensor(var, input, dt)};
 }
 
@@ -172,23 +172,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   return {grad_input, grad_weight, grad_bias};
 }
 
-void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
-                                     const c10::optional<Tensor>& running_var,
-                                     const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
-                                     const Tensor& var, c10::optional<double> momentum, int64_t count) {
-  check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count);
-  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  // Every check has passed: from here on nothing can fail half-way.
+// The running-stat update both update ops share; every argument has been checked.
+void update_running(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                    const c10::optional<Tensor>& num_batches_tracked, const std::vector<double>& mean_v,
+                    const std::vector<double>& var_v, c10::optional<double> momentum, int64_t count) {
   double factor = momentum.value_or(0.0);
-  if (has_nbt) {
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     int64_t* n = num_batches_tracked->mutable_data_ptr<int64_t>();
     *n += 1;
     if (!momentum.has_value()) factor = 1.0 / static_cast<double>(*n);
   }
   if (count == 0) return;  // an empty batch is counted but leaves the statistics alone, as in PyTorch
-  const int64_t C = mean.numel();
-  const std::vector<double> mean_v = channel_values(mean, C, 0.0);
-  const std::vector<double> var_v = channel_values(var, C, 0.0);
+  const int64_t C = static_cast<int64_t>(mean_v.size());
   if (running_mean.has_value() && running_mean->defined()) {
     std::vector<double> rm = channel_values(*running_mean, C, 0.0);
     for (int64_t c = 0; c < C; ++c) rm[c] = running_blend(rm[c], mean_v[c], factor);
@@ -199,6 +194,38 @@ void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
     for (int64_t c = 0; c < C; ++c) rv[c] = running_blend(rv[c], unbiased_from_biased(var_v[c], count), factor);
     store_channel_values(*running_var, rv);
   }
+}
+
+void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
+                                     const c10::optional<Tensor>& running_var,
+                                     const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
+                                     const Tensor& var, c10::optional<double> momentum, int64_t count) {
+  check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count);
+  // Every check has passed: from here on nothing can fail half-way.
+  const int64_t C = mean.numel();
+  update_running(running_mean, running_var, num_batches_tracked, channel_values(mean, C, 0.0),
+                 channel_values(var, C, 0.0), momentum, count);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
+                                                           const c10::optional<Tensor>& running_mean,
+                                                           const c10::optional<Tensor>& running_var,
+                                                           const c10::optional<Tensor>& num_batches_tracked,
+                                                           c10::optional<double> momentum) {
+  const int64_t C = check_gather_stats(stats, running_mean, running_var, num_batches_tracked, momentum);
+  const Tensor table = stats.to(at::kDouble).contiguous();
+  const double* t = table.const_data_ptr<double>();
+  const int64_t ranks = table.size(0);
+  std::vector<double> mean(C), var(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const WelfordPartial<double> acc = merge_rank_rows(t, ranks, C, c);
+    mean[c] = acc.mean;
+    var[c] = acc.count > 0.0 ? acc.m2 / acc.count : 0.0;
+  }
+  const double total = total_rank_count(t, ranks, C);
+  update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, std::llround(total));
+  return {channel_tensor(mean, stats, stats.scalar_type()), channel_tensor(var, stats, stats.scalar_type()),
+          channel_tensor({total}, stats, stats.scalar_type())};
 }
 
 }  // namespace
@@ -255,6 +282,7 @@ TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {
   m.impl("batch_norm_backward_elemt", &cpu::batch_norm_backward_elemt);
   m.impl("batch_norm_backward", &cpu::batch_norm_backward);
   m.impl("batch_norm_update_running_stats", &cpu::batch_norm_update_running_stats);
+  m.impl("batch_norm_gather_stats", &cpu::batch_norm_gather_stats);
 }
 
 }  // namespace bn_ext

@@ -498,6 +498,43 @@ __global__ void update_running_stats_kernel(run_t* __restrict__ running_mean, ru
   }
 }
 
+// SyncBatchNorm's merge of the gathered per-rank rows, and the running-stat update over the total
+// count, in one block (the counter is read once; C is at most a few thousand).
+template <typename run_t, typename stat_t>
+__global__ void gather_stats_kernel(const stat_t* __restrict__ stats, int64_t ranks, int64_t C,
+                                    stat_t* __restrict__ mean_out, stat_t* __restrict__ var_out,
+                                    stat_t* __restrict__ count_out, run_t* __restrict__ running_mean,
+                                    run_t* __restrict__ running_var, int64_t* __restrict__ num_batches_tracked,
+                                    bool has_momentum, double momentum) {
+  __shared__ double factor;
+  __shared__ double total;
+  if (threadIdx.x == 0) {
+    double f = momentum;
+    if (num_batches_tracked != nullptr) {
+      const int64_t n = *num_batches_tracked + 1;
+      *num_batches_tracked = n;
+      if (!has_momentum) f = 1.0 / static_cast<double>(n);
+    }
+    factor = f;
+    total = total_rank_count(stats, ranks, C);
+    *count_out = static_cast<stat_t>(total);
+  }
+  __syncthreads();
+  const int64_t count = llround(total);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const WelfordPartial<double> acc = merge_rank_rows(stats, ranks, C, c);
+    const double var = acc.count > 0.0 ? acc.m2 / acc.count : 0.0;
+    mean_out[c] = static_cast<stat_t>(acc.mean);
+    var_out[c] = static_cast<stat_t>(var);
+    if (count == 0) continue;  // an empty batch is counted but leaves the statistics alone
+    if (running_mean != nullptr)
+      running_mean[c] = static_cast<run_t>(running_blend(static_cast<double>(running_mean[c]), acc.mean, factor));
+    if (running_var != nullptr)
+      running_var[c] = static_cast<run_t>(
+          running_blend(static_cast<double>(running_var[c]), unbiased_from_biased(var, count), factor));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -536,23 +573,24 @@ Tensor stat_tensor(const Geometry& g, const Tensor& input, c10::ScalarType dtype
   return g.numel() > 0 ? at::empty({g.C}, input.options().dtype(dtype)) : at::zeros({g.C}, input.options().dtype(dtype));
 }
 
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
-  check_stats_args(input);
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input, c10::optional<c10::ScalarType> dtype) {
+  const auto dt = check_stats_args(input, dtype);
   Context ctx(input);
   Operands p = prepare(input, {input}, /*with_output=*/false);
-  const auto dt = stat_dtype(input.scalar_type());
   Tensor mean = stat_tensor(p.g, input, dt);
   Tensor var = stat_tensor(p.g, input, dt);
   if (p.g.numel() == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_ext_stats_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
     Tensor partials = launch_reduce<Reduce::kStats, scalar_t>(p.g, p.inputs[0].const_data_ptr<scalar_t>(), nullptr,
                                                                 no_mean<scalar_t>(), input, ctx.stream);
-    finalize_stats_kernel<acc_t><<<channel_grid(p.g.C), kThreads, 0, ctx.stream>>>(
-        reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()), p.g.C, partials.size(1),
-        mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), ChannelArgs<acc_t>{nullptr, nullptr}, 0.0,
-        nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto* parts = reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>());
+    // The statistics come out in their own dtype: float32, or float64 when asked (or for float64 input).
+    AT_DISPATCH_FLOATING_TYPES(dt, "bn_ext_stats_cuda_out", [&] {
+      finalize_stats_kernel<scalar_t><<<channel_grid(p.g.C), kThreads, 0, ctx.stream>>>(
+          parts, p.g.C, partials.size(1), mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>(),
+          ChannelArgs<scalar_t>{nullptr, nullptr}, 0.0, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {mean, var};
 }
@@ -745,6 +783,42 @@ void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
   if (rv.defined() && !rv_c.is_same(rv)) rv.copy_(rv_c);
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
+                                                           const c10::optional<Tensor>& running_mean,
+                                                           const c10::optional<Tensor>& running_var,
+                                                           const c10::optional<Tensor>& num_batches_tracked,
+                                                           c10::optional<double> momentum) {
+  const int64_t C = check_gather_stats(stats, running_mean, running_var, num_batches_tracked, momentum);
+  const Tensor rm = running_mean.has_value() ? *running_mean : Tensor();
+  const Tensor rv = running_var.has_value() ? *running_var : Tensor();
+  const Tensor nbt = num_batches_tracked.has_value() ? *num_batches_tracked : Tensor();
+  TORCH_CHECK(!rm.defined() || !rv.defined() || rm.scalar_type() == rv.scalar_type(),
+              "bn_ext.batch_norm_gather_stats: running_var: expected dtype ", rm.scalar_type(),
+              " (running_mean's), got ", rv.scalar_type());
+  Context ctx(stats);
+  const Tensor table = stats.contiguous();
+  Tensor mean = at::empty({C}, stats.options());
+  Tensor var = at::empty({C}, stats.options());
+  Tensor count = at::empty({1}, stats.options());
+  Tensor rm_c = rm.defined() ? rm.contiguous() : Tensor();
+  Tensor rv_c = rv.defined() ? rv.contiguous() : Tensor();
+  const auto run_dtype = rm.defined() ? rm.scalar_type() : (rv.defined() ? rv.scalar_type() : at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_dtype, "bn_ext_gather_stats_cuda", [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "bn_ext_gather_stats_cuda", [&] {
+      gather_stats_kernel<run_t, scalar_t><<<1, kThreads, 0, ctx.stream>>>(
+          table.const_data_ptr<scalar_t>(), table.size(0), C, mean.mutable_data_ptr<scalar_t>(),
+          var.mutable_data_ptr<scalar_t>(), count.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<run_t>(rm_c),
+          mutable_ptr_or_null<run_t>(rv_c), nbt.defined() ? nbt.mutable_data_ptr<int64_t>() : nullptr,
+          momentum.has_value(), momentum.value_or(0.0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (rm.defined() && !rm_c.is_same(rm)) rm.copy_(rm_c);
+  if (rv.defined() && !rv_c.is_same(rv)) rv.copy_(rv_c);
+  return {mean, var, count};
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -756,6 +830,7 @@ TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) {
   m.impl("batch_norm_backward_elemt", &cuda::batch_norm_backward_elemt);
   m.impl("batch_norm_backward", &cuda::batch_norm_backward);
   m.impl("batch_norm_update_running_stats", &cuda::batch_norm_update_running_stats);
+  m.impl("batch_norm_gather_stats", &cuda::batch_norm_gather_stats);
 }
 
 }  // namespace bn_ext

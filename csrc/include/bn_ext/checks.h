@@ -106,7 +106,15 @@ inline void check_running(const c10::optional<at::Tensor>& t, const char* name, 
 
 // One function per op: what it checks before any kernel runs, the same on every device.
 
-inline void check_stats_args(const at::Tensor& input) { check_input(input, "bn_ext.batch_norm_stats"); }
+inline c10::ScalarType check_stats_args(const at::Tensor& input, c10::optional<c10::ScalarType> dtype) {
+  const char* op = "bn_ext.batch_norm_stats";
+  check_input(input, op);
+  const auto def = stat_dtype(input.scalar_type());
+  if (!dtype.has_value()) return def;
+  TORCH_CHECK(*dtype == def || *dtype == c10::ScalarType::Double, op,
+              ": dtype: expected None (the default statistics dtype) or float64, got ", *dtype);
+  return *dtype;
+}
 
 inline void check_elemt_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
@@ -164,6 +172,24 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& in
 }
 
 // Everything batch_norm_update_running_stats needs, checked before it writes anything.
+// num_batches_tracked and momentum, as the running-stat updates take them.
+inline void check_counter_and_momentum(const c10::optional<at::Tensor>& num_batches_tracked,
+                                       c10::optional<double> momentum, const at::Tensor& like, const char* op) {
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (has_nbt) {
+    const at::Tensor& nbt = *num_batches_tracked;
+    TORCH_CHECK(nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
+                ": num_batches_tracked: expected a one-element int64 tensor, got ", nbt.scalar_type(), " of size ",
+                shape_str(nbt));
+    TORCH_CHECK(nbt.device() == like.device(), op, ": num_batches_tracked: expected a tensor on ", like.device(),
+                ", got one on ", nbt.device());
+  }
+  TORCH_CHECK(momentum.has_value() || has_nbt, op,
+              ": momentum: None (cumulative average) needs num_batches_tracked, got None for both");
+  if (momentum.has_value())
+    TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
+}
+
 inline void check_update_running_stats(const c10::optional<at::Tensor>& running_mean,
                                        const c10::optional<at::Tensor>& running_var,
                                        const c10::optional<at::Tensor>& num_batches_tracked,
@@ -177,21 +203,29 @@ inline void check_update_running_stats(const c10::optional<at::Tensor>& running_
               ": mean, var: expected floating-point tensors");
   check_running(running_mean, "running_mean", mean, op);
   check_running(running_var, "running_var", mean, op);
-  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  if (has_nbt) {
-    const at::Tensor& nbt = *num_batches_tracked;
-    TORCH_CHECK(nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
-                ": num_batches_tracked: expected a one-element int64 tensor, got ", nbt.scalar_type(), " of size ",
-                shape_str(nbt));
-    TORCH_CHECK(nbt.device() == mean.device(), op, ": num_batches_tracked: expected a tensor on ", mean.device(),
-                ", got one on ", nbt.device());
-  }
-  TORCH_CHECK(momentum.has_value() || has_nbt, op,
-              ": momentum: None (cumulative average) needs num_batches_tracked, got None for both");
-  if (momentum.has_value())
-    TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
+  check_counter_and_momentum(num_batches_tracked, momentum, mean, op);
   TORCH_CHECK(count >= 0, op, ": count: expected a non-negative element count, got ", count);
+}
 
+// The gathered table of per-rank statistics: one row per rank, [count, mean (C), var (C)].
+// Returns C.
+inline int64_t check_gather_stats(const at::Tensor& stats, const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var,
+                                  const c10::optional<at::Tensor>& num_batches_tracked,
+                                  c10::optional<double> momentum) {
+  const char* op = "bn_ext.batch_norm_gather_stats";
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) >= 1 && stats.size(1) % 2 == 1, op,
+              ": stats: expected a 2-D tensor with a row per rank of 2 * C + 1 values "
+              "([count, mean (C), var (C)]), got size ", shape_str(stats));
+  TORCH_CHECK(stats.scalar_type() == at::kDouble || stats.scalar_type() == at::kFloat, op,
+              ": stats: expected dtype float64 or float32, got ", stats.scalar_type());
+  const int64_t C = (stats.size(1) - 1) / 2;
+  // check_running compares against a per-channel tensor: a C-element view of the table will do
+  const at::Tensor channel_like = stats.select(0, 0).narrow(0, 0, C);
+  check_running(running_mean, "running_mean", channel_like, op);
+  check_running(running_var, "running_var", channel_like, op);
+  check_counter_and_momentum(num_batches_tracked, momentum, stats, op);
+  return C;
 }
 
 }  // namespace bn_ext

@@ -40,6 +40,29 @@ BN_EXT_HOST_DEVICE WelfordPartial<acc_t> welford_merge(
   return out;
 }
 
+// Channel c's statistics over all ranks, from the gathered table of per-rank rows
+// [count, mean (C), biased var (C)] (contiguous, `ranks` rows). Rows merge in rank order, so the
+// result is the same bits on every rank; rows with count 0 drop out.
+template <typename T>
+BN_EXT_HOST_DEVICE WelfordPartial<double> merge_rank_rows(const T* stats, int64_t ranks, int64_t C, int64_t c) {
+  WelfordPartial<double> acc{0.0, 0.0, 0.0};
+  for (int64_t r = 0; r < ranks; ++r) {
+    const T* row = stats + r * (2 * C + 1);
+    const double n = static_cast<double>(row[0]);
+    const WelfordPartial<double> part{n, static_cast<double>(row[1 + c]), static_cast<double>(row[1 + C + c]) * n};
+    acc = welford_merge(acc, part);
+  }
+  return acc;
+}
+
+// Total element count of a gathered table (the first column).
+template <typename T>
+BN_EXT_HOST_DEVICE double total_rank_count(const T* stats, int64_t ranks, int64_t C) {
+  double total = 0.0;
+  for (int64_t r = 0; r < ranks; ++r) total += static_cast<double>(stats[r * (2 * C + 1)]);
+  return total;
+}
+
 // 1 / sqrt(var + eps), as PyTorch computes it (not rsqrt: we want its rounding on the CPU).
 template <typename acc_t>
 BN_EXT_HOST_DEVICE acc_t invstd_from_var(acc_t var, double eps) {
