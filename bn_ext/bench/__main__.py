@@ -39,9 +39,7 @@ def sync(device):
 def median_time(fn, device, repeats, warmup, min_time=0.0):
     """Median seconds per call of fn, after warm-up. On the GPU each sample is CUDA events
     around a burst of calls (so launch-bound cases are not drowned by synchronisation)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
+    warm(fn, device, warmup)
     if device == "cuda":
         burst = 10
         samples = []
@@ -64,6 +62,38 @@ def median_time(fn, device, repeats, warmup, min_time=0.0):
         if len(times) >= 10 * repeats:
             break
     return statistics.median(times)
+
+
+def warm(fn, device, warmup, seconds=0.15):
+    """At least `warmup` calls and `seconds` of them: the first tens of calls on a big tensor pay
+    for the allocator taking fresh pages from the OS (page faults), not for the kernel."""
+    started = time.perf_counter()
+    calls = 0
+    while calls < warmup or (time.perf_counter() - started < seconds and calls < 200):
+        fn()
+        calls += 1
+    sync(device)
+
+
+def paired_median_times(fn_a, fn_b, device, repeats, warmup, min_time=0.0):
+    """Median seconds per call of fn_a and of fn_b. On the CPU the two alternate call by call, so
+    both see the same machine state (a noisy neighbour slows both, not one); on the GPU each
+    is timed by median_time."""
+    if device == "cuda":
+        return (median_time(fn_a, device, repeats, warmup, min_time),
+                median_time(fn_b, device, repeats, warmup, min_time))
+    warm(fn_a, device, warmup)
+    warm(fn_b, device, warmup)
+    times_a, times_b = [], []
+    started = time.perf_counter()
+    while len(times_a) < repeats or time.perf_counter() - started < min_time:
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times_a) >= 10 * repeats:
+            break
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def make_modules(case, dtype, device):
@@ -194,8 +224,8 @@ def run(args):
             ours.eval()
         err, ok = check_parity(theirs, ours, x, mode, dtype)
         dy = torch.randn_like(x)
-        t_theirs = median_time(step_fn(theirs, x, mode, dy), device, args.repeats, args.warmup, args.min_time)
-        t_ours = median_time(step_fn(ours, x, mode, dy), device, args.repeats, args.warmup, args.min_time)
+        t_theirs, t_ours = paired_median_times(step_fn(theirs, x, mode, dy), step_fn(ours, x, mode, dy), device,
+                                               args.repeats, args.warmup, args.min_time)
         key = (case.shape, case.layout, dname)
         if key not in copy_cache:
             y = torch.empty_like(x)
@@ -296,7 +326,7 @@ def main(argv=None):
     if args.dtype is None:
         args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
     if args.repeats is None:
-        args.repeats = 5 if args.quick else (15 if args.device == "cpu" else 20)
+        args.repeats = 5 if args.quick else (25 if args.device == "cpu" else 20)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     rows = run(args)

@@ -176,12 +176,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
 void update_running(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
                     const c10::optional<Tensor>& num_batches_tracked, const std::vector<double>& mean_v,
                     const std::vector<double>& var_v, c10::optional<double> momentum, int64_t count) {
-  double factor = momentum.value_or(0.0);
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-    int64_t* n = num_batches_tracked->mutable_data_ptr<int64_t>();
-    *n += 1;
-    if (!momentum.has_value()) factor = 1.0 / static_cast<double>(*n);
-  }
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const double factor = count_batch(has_nbt ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr,
+                                    momentum.has_value(), momentum.value_or(0.0));
   if (count == 0) return;  // an empty batch is counted but leaves the statistics alone, as in PyTorch
   const int64_t C = static_cast<int64_t>(mean_v.size());
   if (running_mean.has_value() && running_mean->defined()) {

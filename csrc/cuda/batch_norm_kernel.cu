@@ -471,6 +471,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Channel c's running stats blended towards a batch's mean and biased var over `count` elements.
+template <typename run_t>
+__device__ __forceinline__ void blend_running(run_t* __restrict__ running_mean, run_t* __restrict__ running_var,
+                                              int64_t c, double mean, double var, int64_t count, double factor) {
+  if (running_mean != nullptr)
+    running_mean[c] = static_cast<run_t>(running_blend(static_cast<double>(running_mean[c]), mean, factor));
+  if (running_var != nullptr)
+    running_var[c] = static_cast<run_t>(
+        running_blend(static_cast<double>(running_var[c]), unbiased_from_biased(var, count), factor));
+}
+
 // running stats += ..., num_batches_tracked += 1, all in one block so the counter is read once.
 template <typename run_t, typename stat_t>
 __global__ void update_running_stats_kernel(run_t* __restrict__ running_mean, run_t* __restrict__ running_var,
@@ -478,24 +489,12 @@ __global__ void update_running_stats_kernel(run_t* __restrict__ running_mean, ru
                                             const stat_t* __restrict__ var, int64_t C, bool has_momentum,
                                             double momentum, int64_t count) {
   __shared__ double factor;
-  if (threadIdx.x == 0) {
-    double f = momentum;
-    if (num_batches_tracked != nullptr) {
-      const int64_t n = *num_batches_tracked + 1;
-      *num_batches_tracked = n;
-      if (!has_momentum) f = 1.0 / static_cast<double>(n);
-    }
-    factor = f;
-  }
+  if (threadIdx.x == 0) factor = count_batch(num_batches_tracked, has_momentum, momentum);
   __syncthreads();
-  if (count == 0) return;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    if (running_mean != nullptr)
-      running_mean[c] = static_cast<run_t>(running_blend(static_cast<double>(running_mean[c]), static_cast<double>(mean[c]), factor));
-    if (running_var != nullptr)
-      running_var[c] = static_cast<run_t>(running_blend(
-          static_cast<double>(running_var[c]), unbiased_from_biased(static_cast<double>(var[c]), count), factor));
-  }
+  if (count == 0) return;  // an empty batch is counted but leaves the statistics alone
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+    blend_running(running_mean, running_var, c, static_cast<double>(mean[c]), static_cast<double>(var[c]), count,
+                  factor);
 }
 
 // SyncBatchNorm's merge of the gathered per-rank rows, and the running-stat update over the total
@@ -509,13 +508,7 @@ __global__ void gather_stats_kernel(const stat_t* __restrict__ stats, int64_t ra
   __shared__ double factor;
   __shared__ double total;
   if (threadIdx.x == 0) {
-    double f = momentum;
-    if (num_batches_tracked != nullptr) {
-      const int64_t n = *num_batches_tracked + 1;
-      *num_batches_tracked = n;
-      if (!has_momentum) f = 1.0 / static_cast<double>(n);
-    }
-    factor = f;
+    factor = count_batch(num_batches_tracked, has_momentum, momentum);
     total = total_rank_count(stats, ranks, C);
     *count_out = static_cast<stat_t>(total);
   }
@@ -526,12 +519,7 @@ __global__ void gather_stats_kernel(const stat_t* __restrict__ stats, int64_t ra
     const double var = acc.count > 0.0 ? acc.m2 / acc.count : 0.0;
     mean_out[c] = static_cast<stat_t>(acc.mean);
     var_out[c] = static_cast<stat_t>(var);
-    if (count == 0) continue;  // an empty batch is counted but leaves the statistics alone
-    if (running_mean != nullptr)
-      running_mean[c] = static_cast<run_t>(running_blend(static_cast<double>(running_mean[c]), acc.mean, factor));
-    if (running_var != nullptr)
-      running_var[c] = static_cast<run_t>(
-          running_blend(static_cast<double>(running_var[c]), unbiased_from_biased(var, count), factor));
+    if (count > 0) blend_running(running_mean, running_var, c, acc.mean, var, count, factor);
   }
 }
 
@@ -752,35 +740,48 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   return {grad_input, grad_weight, grad_bias};
 }
 
+// The running buffers of an update, as contiguous tensors for its kernel; write_back() copies
+// into buffers that were not contiguous.
+struct RunningBuffers {
+  Tensor mean, var, counter, mean_c, var_c;
+  c10::ScalarType dtype;
+  RunningBuffers(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                 const c10::optional<Tensor>& num_batches_tracked, const char* op)
+      : mean(running_mean.has_value() ? *running_mean : Tensor()),
+        var(running_var.has_value() ? *running_var : Tensor()),
+        counter(num_batches_tracked.has_value() ? *num_batches_tracked : Tensor()) {
+    TORCH_CHECK(!mean.defined() || !var.defined() || mean.scalar_type() == var.scalar_type(), op,
+                ": running_var: expected dtype ", mean.scalar_type(), " (running_mean's), got ", var.scalar_type());
+    mean_c = mean.defined() ? mean.contiguous() : Tensor();
+    var_c = var.defined() ? var.contiguous() : Tensor();
+    dtype = mean.defined() ? mean.scalar_type() : (var.defined() ? var.scalar_type() : at::kFloat);
+  }
+  int64_t* counter_ptr() const { return counter.defined() ? counter.mutable_data_ptr<int64_t>() : nullptr; }
+  void write_back() const {
+    if (mean.defined() && !mean_c.is_same(mean)) mean.copy_(mean_c);
+    if (var.defined() && !var_c.is_same(var)) var.copy_(var_c);
+  }
+};
+
 void batch_norm_update_running_stats(const c10::optional<Tensor>& running_mean,
                                      const c10::optional<Tensor>& running_var,
                                      const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
                                      const Tensor& var, c10::optional<double> momentum, int64_t count) {
   check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count);
-  const Tensor rm = running_mean.has_value() ? *running_mean : Tensor();
-  const Tensor rv = running_var.has_value() ? *running_var : Tensor();
-  const Tensor nbt = num_batches_tracked.has_value() ? *num_batches_tracked : Tensor();
-  TORCH_CHECK(!rm.defined() || !rv.defined() || rm.scalar_type() == rv.scalar_type(),
-              "bn_ext.batch_norm_update_running_stats: running_var: expected dtype ", rm.scalar_type(),
-              " (running_mean's), got ", rv.scalar_type());
+  const RunningBuffers run(running_mean, running_var, num_batches_tracked, "bn_ext.batch_norm_update_running_stats");
   Context ctx(mean);
-  // Work on contiguous buffers; write back into strided ones afterwards.
-  Tensor rm_c = rm.defined() ? rm.contiguous() : Tensor();
-  Tensor rv_c = rv.defined() ? rv.contiguous() : Tensor();
   const Tensor m = mean.contiguous(), v = var.to(mean.scalar_type()).contiguous();
-  const auto run_dtype = rm.defined() ? rm.scalar_type() : (rv.defined() ? rv.scalar_type() : at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_dtype, "bn_ext_update_running_stats_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.dtype, "bn_ext_update_running_stats_cuda", [&] {
     using run_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "bn_ext_update_running_stats_cuda", [&] {
       update_running_stats_kernel<run_t, scalar_t><<<1, kThreads, 0, ctx.stream>>>(
-          mutable_ptr_or_null<run_t>(rm_c), mutable_ptr_or_null<run_t>(rv_c),
-          nbt.defined() ? nbt.mutable_data_ptr<int64_t>() : nullptr, m.const_data_ptr<scalar_t>(),
-          v.const_data_ptr<scalar_t>(), m.numel(), momentum.has_value(), momentum.value_or(0.0), count);
+          mutable_ptr_or_null<run_t>(run.mean_c), mutable_ptr_or_null<run_t>(run.var_c), run.counter_ptr(),
+          m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), m.numel(), momentum.has_value(),
+          momentum.value_or(0.0), count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (rm.defined() && !rm_c.is_same(rm)) rm.copy_(rm_c);
-  if (rv.defined() && !rv_c.is_same(rv)) rv.copy_(rv_c);
+  run.write_back();
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
@@ -789,33 +790,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
                                                            const c10::optional<Tensor>& num_batches_tracked,
                                                            c10::optional<double> momentum) {
   const int64_t C = check_gather_stats(stats, running_mean, running_var, num_batches_tracked, momentum);
-  const Tensor rm = running_mean.has_value() ? *running_mean : Tensor();
-  const Tensor rv = running_var.has_value() ? *running_var : Tensor();
-  const Tensor nbt = num_batches_tracked.has_value() ? *num_batches_tracked : Tensor();
-  TORCH_CHECK(!rm.defined() || !rv.defined() || rm.scalar_type() == rv.scalar_type(),
-              "bn_ext.batch_norm_gather_stats: running_var: expected dtype ", rm.scalar_type(),
-              " (running_mean's), got ", rv.scalar_type());
+  const RunningBuffers run(running_mean, running_var, num_batches_tracked, "bn_ext.batch_norm_gather_stats");
   Context ctx(stats);
   const Tensor table = stats.contiguous();
   Tensor mean = at::empty({C}, stats.options());
   Tensor var = at::empty({C}, stats.options());
   Tensor count = at::empty({1}, stats.options());
-  Tensor rm_c = rm.defined() ? rm.contiguous() : Tensor();
-  Tensor rv_c = rv.defined() ? rv.contiguous() : Tensor();
-  const auto run_dtype = rm.defined() ? rm.scalar_type() : (rv.defined() ? rv.scalar_type() : at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_dtype, "bn_ext_gather_stats_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.dtype, "bn_ext_gather_stats_cuda", [&] {
     using run_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "bn_ext_gather_stats_cuda", [&] {
       gather_stats_kernel<run_t, scalar_t><<<1, kThreads, 0, ctx.stream>>>(
           table.const_data_ptr<scalar_t>(), table.size(0), C, mean.mutable_data_ptr<scalar_t>(),
-          var.mutable_data_ptr<scalar_t>(), count.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<run_t>(rm_c),
-          mutable_ptr_or_null<run_t>(rv_c), nbt.defined() ? nbt.mutable_data_ptr<int64_t>() : nullptr,
-          momentum.has_value(), momentum.value_or(0.0));
+          var.mutable_data_ptr<scalar_t>(), count.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<run_t>(run.mean_c),
+          mutable_ptr_or_null<run_t>(run.var_c), run.counter_ptr(), momentum.has_value(), momentum.value_or(0.0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (rm.defined() && !rm_c.is_same(rm)) rm.copy_(rm_c);
-  if (rv.defined() && !rv_c.is_same(rv)) rv.copy_(rv_c);
+  run.write_back();
   return {mean, var, count};
 }
 

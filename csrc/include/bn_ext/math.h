@@ -85,6 +85,15 @@ BN_EXT_HOST_DEVICE double running_blend(double running, double batch, double fac
   return factor * batch + (1.0 - factor) * running;
 }
 
+// One more batch counted: num_batches_tracked += 1 (when tracked), and the factor the running
+// stats blend with: momentum, or 1 / num_batches_tracked (cumulative average) when momentum is None.
+BN_EXT_HOST_DEVICE double count_batch(int64_t* num_batches_tracked, bool has_momentum, double momentum) {
+  if (num_batches_tracked == nullptr) return momentum;
+  const int64_t n = *num_batches_tracked + 1;
+  *num_batches_tracked = n;
+  return has_momentum ? momentum : 1.0 / static_cast<double>(n);
+}
+
 // Elementwise forward per channel: y = ((x - mean_hi) - mean_lo) * scale + shift. The mean is
 // split into the part the compute type holds and the remainder, so x - mean stays exact for
 // inputs whose mean is large against their spread (a folded x * scale + shift would not).
