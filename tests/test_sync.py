@@ -41,6 +41,11 @@ def test_matches_single_process_over_whole_batch(tmp_path, sizes):
 
 
 @requires_gloo
+def test_matches_single_process_bfloat16(tmp_path):
+    spawn(sync_workers.parity, 2, tmp_path, [5, 2], [torch.bfloat16])
+
+
+@requires_gloo
 def test_process_group_subset(tmp_path):
     spawn(sync_workers.subgroup, 3, tmp_path)
 
