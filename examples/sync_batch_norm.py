@@ -54,6 +54,10 @@ def main(steps: int = 3) -> None:
         same = all(torch.equal(t, every[0]) for t in every)
         if rank == 0:
             print(f"running stats identical on all {world} ranks: {same}")
+        # DDP's reducer holds the group: release it before destroying the group, or its threads
+        # may outlive the group and abort the process at exit (seen with gloo on torch 2.14)
+        del model, opt
+        dist.barrier()
         dist.destroy_process_group()
     else:
         print("one process: SyncBatchNorm ran as a plain BatchNorm")

@@ -102,13 +102,28 @@ struct ForwardCoeffs {
   opmath_t mean_hi, mean_lo, scale, shift;
 };
 
+// Where |mean| is at most kFoldLimit standard deviations, y = x * scale + (bias - mean * scale)
+// (one multiply-add, as PyTorch computes it) is within an ulp or two of the output's typical size
+// of the split form, and it is what the coefficients say: mean_hi = mean_lo = 0, the mean folded
+// into shift. Kernels then skip the two subtractions. A large mean against the spread keeps the
+// split form, which stays exact there.
+constexpr double kFoldLimit = 4.0;
+
 template <typename opmath_t>
 BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs(double mean, double var, double weight, double bias,
                                                           double eps) {
   ForwardCoeffs<opmath_t> k;
+  const double invstd = invstd_from_var(var, eps);
+  const double scale = weight * invstd;
+  k.scale = static_cast<opmath_t>(scale);
+  if (mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit) {
+    // fold with the scale the kernel multiplies by, so x == mean still maps to about bias
+    k.mean_hi = k.mean_lo = opmath_t(0);
+    k.shift = static_cast<opmath_t>(bias - mean * static_cast<double>(k.scale));
+    return k;
+  }
   k.mean_hi = static_cast<opmath_t>(mean);
   k.mean_lo = static_cast<opmath_t>(mean - static_cast<double>(k.mean_hi));
-  k.scale = static_cast<opmath_t>(weight * invstd_from_var(var, eps));
   k.shift = static_cast<opmath_t>(bias);
   return k;
 }
