@@ -163,6 +163,32 @@ def git_commit():
         return "unknown"
 
 
+# glibc malloc returns freed blocks of more than a few MB to the OS, so the next call on a large
+# tensor page-faults its output into existence: 1,000+ faults and several ms per call, paid by
+# whichever library's allocation pattern trips it (seen on either side here), which measures the
+# allocator rather than the kernels. Keeping blocks below 32 MB on the heap (and the heap
+# untrimmed) gives both sides the same steady state. --malloc-defaults keeps glibc's defaults.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_SETTING = "glibc mmap_threshold=32MiB trim_threshold=1GiB"
+
+
+ALLOCATOR = "default"
+
+
+def keep_freed_memory():
+    """Apply MALLOC_SETTING in this process; returns the setting, or None where it cannot be set."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return None
+    return MALLOC_SETTING if ok else None
+
+
 def machine_info(device):
     cpu = platform.processor() or "unknown"
     try:
@@ -183,6 +209,7 @@ def machine_info(device):
         "bn_ext_cpu_kernels": bn_ext.build_info()["cpu_kernels"],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
+        "allocator": ALLOCATOR,
     }
 
 
@@ -248,7 +275,7 @@ def run(args):
 
 def print_table(rows, info):
     print(f"\nbn_ext vs PyTorch on {rows[0]['device'] if rows else '?'}: {info['cpu'] if not info['gpu'] else info['gpu']}, "
-          f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}")
+          f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}, malloc {info['allocator']}")
     head = f"{'case':<26} {'layout':<13} {'dtype':<8} {'mode':<13} {'torch':>6} {'torch ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} {'of copy':>7} parity"
     print(head)
     print("-" * len(head))
@@ -322,7 +349,11 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=0.0, help="time each measurement for at least this many s")
     p.add_argument("--out", default="benchmarks", help="folder for the CSV/JSON results")
     p.add_argument("--tag", default=None, help="results file name tag (default: device and mode of run)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)")
     args = p.parse_args(argv)
+    global ALLOCATOR
+    ALLOCATOR = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     if args.dtype is None:
         args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
     if args.repeats is None:

@@ -180,33 +180,39 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
   *s2 += hsum(b0, b1, b2, b3) + tb;
 }
 
+// sum(dy) and sum(dy * (x - mean)) over one run: chunks of 32 values in float32 against the mean
+// rounded to float32 (x - mean_f is exact near the mean), widened into float64 per chunk, with
+// the rounding of the mean corrected: sum(dy * (x - mean)) = sum(dy * (x - mean_f)) - rest * sum(dy).
 template <typename scalar_t>
 inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, double* sum_dy,
                                double* sum_dy_xmu) {
-  const __m256d m = _mm256_set1_pd(mean);
-  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  const __m256 mf = _mm256_set1_ps(static_cast<float>(mean));
+  const double rest = mean - static_cast<double>(static_cast<float>(mean));
+  __m256d a0 = _mm256_setzero_pd(), b0 = a0;
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m256 g = load8(dy + i), h = load8(dy + i + 8), v = load8(x + i), w = load8(x + i + 8);
-    const __m256d g0 = lo4(g), g1 = hi4(g), g2 = lo4(h), g3 = hi4(h);
-    a0 = _mm256_add_pd(a0, g0);
-    a1 = _mm256_add_pd(a1, g1);
-    a2 = _mm256_add_pd(a2, g2);
-    a3 = _mm256_add_pd(a3, g3);
-    b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(lo4(v), m), b0);
-    b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(hi4(v), m), b1);
-    b2 = _mm256_fmadd_pd(g2, _mm256_sub_pd(lo4(w), m), b2);
-    b3 = _mm256_fmadd_pd(g3, _mm256_sub_pd(hi4(w), m), b3);
+  for (; i + 32 <= len; i += 32) {
+    __m256 fa = _mm256_setzero_ps(), fb = fa;
+#pragma GCC unroll 4
+    for (int j = 0; j < 32; j += 8) {
+      const __m256 g = load8(dy + i + j);
+      fa = _mm256_add_ps(fa, g);
+      fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i + j), mf), fb);
+    }
+    a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
+    b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
   }
+  const __m256d zero = _mm256_setzero_pd();
   double ta = 0, tb = 0;
   for (; i < len; ++i) {
     const double gv = static_cast<double>(static_cast<float>(dy[i]));
     ta += gv;
     tb += gv * (static_cast<double>(static_cast<float>(x[i])) - mean);
   }
-  *sum_dy += hsum(a0, a1, a2, a3) + ta;
-  *sum_dy_xmu += hsum(b0, b1, b2, b3) + tb;
+  const double sa = hsum(a0, zero, zero, zero);
+  *sum_dy += sa + ta;
+  *sum_dy_xmu += (hsum(b0, zero, zero, zero) - rest * sa) + tb;
 }
+
 // Channels-last: add the shifted sums of channels [c, c + 8) over rows [r0, r1) into s1/s2.
 // Callers pass a few rows at a time: rows are C elements apart, and more than a handful of such
 // lines would thrash L1's sets. The few rows are summed in float32 against the shift rounded to
@@ -240,24 +246,26 @@ inline void shifted_sums_tile8_avx2(const scalar_t* x, int64_t C, int64_t c, int
   }
 }
 
+// sum(dy) and sum(dy * (x - mean)) of channels [c, c + 8) over rows [r0, r1), summed in float32
+// against the mean rounded to float32 and widened once, as shifted_sums_tile8_avx2 does.
 template <typename scalar_t>
 inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                  const double* mean, double* sum_dy, double* sum_dy_xmu) {
   const __m256d m0 = _mm256_loadu_pd(mean + c), m1 = _mm256_loadu_pd(mean + c + 4);
-  __m256d a0 = _mm256_loadu_pd(sum_dy + c), a1 = _mm256_loadu_pd(sum_dy + c + 4);
-  __m256d b0 = _mm256_loadu_pd(sum_dy_xmu + c), b1 = _mm256_loadu_pd(sum_dy_xmu + c + 4);
+  const __m256 mf = _mm256_set_m128(_mm256_cvtpd_ps(m1), _mm256_cvtpd_ps(m0));
+  __m256 fa = _mm256_setzero_ps(), fb = fa;
   for (int64_t r = r0; r < r1; ++r) {
-    const __m256 g = load8(dy + r * C + c), v = load8(x + r * C + c);
-    const __m256d g0 = lo4(g), g1 = hi4(g);
-    a0 = _mm256_add_pd(a0, g0);
-    a1 = _mm256_add_pd(a1, g1);
-    b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(lo4(v), m0), b0);
-    b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(hi4(v), m1), b1);
+    const __m256 g = load8(dy + r * C + c);
+    fa = _mm256_add_ps(fa, g);
+    fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + r * C + c), mf), fb);
   }
-  _mm256_storeu_pd(sum_dy + c, a0);
-  _mm256_storeu_pd(sum_dy + c + 4, a1);
-  _mm256_storeu_pd(sum_dy_xmu + c, b0);
-  _mm256_storeu_pd(sum_dy_xmu + c + 4, b1);
+  const __m256d sa[2] = {lo4(fa), hi4(fa)}, sb[2] = {lo4(fb), hi4(fb)};
+  const __m256d rest[2] = {_mm256_sub_pd(m0, lo4(mf)), _mm256_sub_pd(m1, hi4(mf))};
+  for (int h = 0; h < 2; ++h) {
+    _mm256_storeu_pd(sum_dy + c + 4 * h, _mm256_add_pd(_mm256_loadu_pd(sum_dy + c + 4 * h), sa[h]));
+    const __m256d b = _mm256_add_pd(_mm256_loadu_pd(sum_dy_xmu + c + 4 * h), sb[h]);
+    _mm256_storeu_pd(sum_dy_xmu + c + 4 * h, _mm256_fnmadd_pd(rest[h], sa[h], b));
+  }
 }
 
 // Eight float32 values rounded to the storage type (round to nearest even, NaN kept quiet: the
