@@ -29,6 +29,10 @@ LAYOUT_CASES = [
     ((2, 3, 150, 150), None),
     ((2, 3, 150, 150), torch.channels_last),
     ((1000, 37, 3), None),
+    # channels-last rows of a few channels, walked 8 rows at a time, with rows left over
+    ((5, 12, 7, 3), torch.channels_last),
+    ((6, 3), None),
+    ((61, 3), None),
 ]
 
 

@@ -79,6 +79,31 @@ void parallel_rows(const Geometry& g, Fn&& fn) {
   });
 }
 
+// fn(offset, width, arrays) over a channels-last tensor, in parallel: each row of C channels with
+// the per-channel arrays as given; or, for rows of a few channels (C % 8 != 0, C below
+// kWideRowChannels), spans of 8 rows (8 * C values, whole vectors) with the arrays tiled, the
+// last rows (fewer than 8) one by one.
+template <typename T, size_t K, typename Fn>
+void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn) {
+  if (g.C % 8 == 0 || g.C >= kWideRowChannels) {
+    parallel_rows(g, [&](int64_t off) { fn(off, g.C, arrays); });
+    return;
+  }
+  const int64_t width = 8 * g.C;
+  std::array<std::vector<T>, K> tiled;
+  std::array<const T*, K> tiled_ptrs;
+  for (size_t k = 0; k < K; ++k) {
+    tiled[k].resize(width);
+    for (int64_t i = 0; i < width; ++i) tiled[k][i] = arrays[k][i % g.C];
+    tiled_ptrs[k] = tiled[k].data();
+  }
+  const int64_t spans = g.rows() / 8;
+  at::parallel_for(0, spans, std::max<int64_t>(1, kElemGrain / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r * width, width, tiled_ptrs);
+  });
+  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, arrays);
+}
+
 // ---- statistics ------------------------------------------------------------------------------
 
 // Per-channel shift: the mean of the channel's first (up to) kShiftSamples elements.
@@ -476,6 +501,8 @@ struct ShiftedSquares {
   void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
     shifted_sums_run(x + off, len, shift[c], a, b);
   }
+  const double* per_channel() const { return shift; }
+  ShiftedSquares widened(int64_t width, const double* tiled) const { return {x, tiled, width}; }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
     const int64_t c_begin = for_each_tile8<scalar_t, 1>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1) {
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -503,6 +530,8 @@ struct GradSums {
   void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
     grad_sums_run(dy + off, x + off, len, mean[c], a, b);
   }
+  const double* per_channel() const { return mean; }
+  GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width}; }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
     const int64_t c_begin = for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1) {
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -568,6 +597,30 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
     return;
   }
   // Channels-last: a block is a run of rows, accumulated for every channel at once.
+  if (g.C % 8 != 0 && g.C < kWideRowChannels && g.rows() >= 8) {
+    // Rows of a few channels are too short for the 8-channel tiles: sum 8 rows at a time as one
+    // row of 8 * C positions (per-channel values tiled), then fold position p into channel p % C.
+    const int64_t width = 8 * g.C;
+    std::vector<double> tiled(width);
+    for (int64_t i = 0; i < width; ++i) tiled[i] = sum.per_channel()[i % g.C];
+    Geometry wide = g;
+    wide.N = g.rows() / 8;
+    wide.S = 1;
+    wide.C = width;
+    std::vector<double> wa(width), wb(width);
+    channel_sums(sum.widened(width, tiled.data()), wide, wa, wb);
+    for (int64_t i = 0; i < width; ++i) {
+      a[i % g.C] += wa[i];
+      b[i % g.C] += wb[i];
+    }
+    std::vector<double> ta(g.C, 0.0), tb(g.C, 0.0);  // the last rows, fewer than 8
+    sum.rows(wide.N * 8, g.rows(), ta.data(), tb.data());
+    for (int64_t c = 0; c < g.C; ++c) {
+      a[c] += ta[c];
+      b[c] += tb[c];
+    }
+    return;
+  }
   const RowBlocks rb = row_blocks(g);
   std::vector<double> part(rb.blocks * g.C * 2, 0.0);
   at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -643,7 +696,9 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = a.folded();
-    parallel_rows(g, [&](int64_t off) { normalize_row_avx2(x + off, y + off, g.C, hi, lo, sc, sh, folded); });
+    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, const auto& k) {
+      normalize_row_avx2(x + off, y + off, width, k[0], k[1], k[2], k[3], folded);
+    });
     return;
   }
 #endif
@@ -733,8 +788,8 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
   const opmath_t* __restrict lo = k.mean_lo.data();
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    parallel_rows(g, [&](int64_t off) {
-      grad_input_row_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, g.C, kd, kx, k0, hi, lo);
+    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, const auto& c) {
+      grad_input_row_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4]);
     });
     return;
   }

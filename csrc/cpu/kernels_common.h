@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -28,6 +29,9 @@ constexpr int64_t kRowBlockMinElems = 65536;
 constexpr int64_t kElemGrain = 32768;
 // Elements averaged into each channel's shift for the shifted sums.
 constexpr int64_t kShiftSamples = 16;
+// Channels-last rows with fewer channels than this, and not a multiple of 8, are walked 8 rows at
+// a time (one row of 8 * C values) by the reductions and the elementwise forward.
+constexpr int64_t kWideRowChannels = 64;
 // NC(D)HW training passes go per channel (reduction, then the elementwise pass from cache) when
 // there are at least this many channels per thread; below, work is split within channels.
 constexpr int64_t kPerChannelMinTasksPerThread = 4;
