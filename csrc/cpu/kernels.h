@@ -149,8 +149,73 @@ inline double hsum(__m256d a0, __m256d a1, __m256d a2, __m256d a3) {
   return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
+#ifdef BN_EXT_AVX512BF16
+// The AVX-512 build's 16-wide loads and stores (bfloat16 rounded by vcvtneps2bf16, as store8).
+// The run loops below start with a 16-wide body and finish with the 8-wide one.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(h));
+}
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline __m256 lower8(__m512 v) { return _mm512_castps512_ps256(v); }
+inline __m256 upper8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+// Sixteen float64 values rounded to float32 in one vector.
+inline __m512 narrow16(__m512d lo, __m512d hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
+                                             _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
+}
+// Sixteen float32 sums widened and added into eight float64 lanes.
+inline __m512d widen_add(__m512d acc, __m512 v) {
+  return _mm512_add_pd(acc, _mm512_add_pd(_mm512_cvtps_pd(lower8(v)), _mm512_cvtps_pd(upper8(v))));
+}
+inline double hsum8(__m512d v) {
+  alignas(64) double t[8];
+  _mm512_store_pd(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+constexpr int64_t kChunk16 = 64;  // values summed in float32 before widening, 16-wide loops
+#endif
+
 template <typename scalar_t>
 inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, double* s1, double* s2) {
+#ifdef BN_EXT_AVX512BF16
+  if (len >= kChunk16) {
+    // chunks of 64 values summed in float32 against the float32 shift, widened per chunk; then
+    // sum(x - shift) = A - n * rest and sum((x - shift)^2) = B - 2 * rest * A + n * rest^2
+    const float shift_f = static_cast<float>(shift);
+    const double rest = shift - static_cast<double>(shift_f);
+    const __m512 shf = _mm512_set1_ps(shift_f);
+    __m512d za = _mm512_setzero_pd(), zb = za;
+    int64_t n = 0;
+    for (; n + kChunk16 <= len; n += kChunk16) {
+      __m512 fa = _mm512_setzero_ps(), fb = fa;
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunk16; j += 16) {
+        const __m512 d = _mm512_sub_ps(load16(p + n + j), shf);
+        fa = _mm512_add_ps(fa, d);
+        fb = _mm512_fmadd_ps(d, d, fb);
+      }
+      za = widen_add(za, fa);
+      zb = widen_add(zb, fb);
+    }
+    const double A = hsum8(za), B = hsum8(zb), count = static_cast<double>(n);
+    *s1 += A - count * rest;
+    *s2 += (B - 2.0 * rest * A) + count * rest * rest;
+    p += n;
+    len -= n;
+  }
+#endif
   const __m256d sh = _mm256_set1_pd(shift);
   __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   int64_t i = 0;
@@ -211,6 +276,31 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
 template <typename scalar_t>
 inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, double* sum_dy,
                                double* sum_dy_xmu) {
+#ifdef BN_EXT_AVX512BF16
+  if (len >= kChunk16) {
+    const float mean_f = static_cast<float>(mean);
+    const __m512 zm = _mm512_set1_ps(mean_f);
+    __m512d za = _mm512_setzero_pd(), zb = za;
+    int64_t n = 0;
+    for (; n + kChunk16 <= len; n += kChunk16) {
+      __m512 fa = _mm512_setzero_ps(), fb = fa;
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunk16; j += 16) {
+        const __m512 g = load16(dy + n + j);
+        fa = _mm512_add_ps(fa, g);
+        fb = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + n + j), zm), fb);
+      }
+      za = widen_add(za, fa);
+      zb = widen_add(zb, fb);
+    }
+    const double A = hsum8(za);
+    *sum_dy += A;
+    *sum_dy_xmu += hsum8(zb) - (mean - static_cast<double>(mean_f)) * A;
+    dy += n;
+    x += n;
+    len -= n;
+  }
+#endif
   const __m256 mf = _mm256_set1_ps(static_cast<float>(mean));
   const double rest = mean - static_cast<double>(static_cast<float>(mean));
   __m256d a0 = _mm256_setzero_pd(), b0 = a0;
@@ -293,6 +383,58 @@ inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t 
   }
 }
 
+#ifdef BN_EXT_AVX512BF16
+// shifted_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
+template <typename scalar_t>
+inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                const double* shift, double* s1, double* s2) {
+  const __m512d sh[2] = {_mm512_loadu_pd(shift + c), _mm512_loadu_pd(shift + c + 8)};
+  const __m512 shf = narrow16(sh[0], sh[1]);
+  __m512 fa = _mm512_setzero_ps(), fb = fa;
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m512 d = _mm512_sub_ps(load16(x + r * C + c), shf);
+    fa = _mm512_add_ps(fa, d);
+    fb = _mm512_fmadd_ps(d, d, fb);
+  }
+  const __m512d n = _mm512_set1_pd(static_cast<double>(r1 - r0));
+  const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
+  const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
+  const __m512d shf_d[2] = {_mm512_cvtps_pd(lower8(shf)), _mm512_cvtps_pd(upper8(shf))};
+  for (int h = 0; h < 2; ++h) {
+    const __m512d rest = _mm512_sub_pd(sh[h], shf_d[h]);
+    const __m512d nr = _mm512_mul_pd(n, rest);
+    const __m512d a = _mm512_sub_pd(_mm512_add_pd(_mm512_loadu_pd(s1 + c + 8 * h), sa[h]), nr);
+    __m512d b = _mm512_add_pd(_mm512_loadu_pd(s2 + c + 8 * h), sb[h]);
+    b = _mm512_fnmadd_pd(_mm512_add_pd(rest, rest), sa[h], b);
+    b = _mm512_fmadd_pd(nr, rest, b);
+    _mm512_storeu_pd(s1 + c + 8 * h, a);
+    _mm512_storeu_pd(s2 + c + 8 * h, b);
+  }
+}
+
+// grad_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
+template <typename scalar_t>
+inline void grad_sums_tile16(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                             const double* mean, double* sum_dy, double* sum_dy_xmu) {
+  const __m512d m[2] = {_mm512_loadu_pd(mean + c), _mm512_loadu_pd(mean + c + 8)};
+  const __m512 mf = narrow16(m[0], m[1]);
+  __m512 fa = _mm512_setzero_ps(), fb = fa;
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m512 g = load16(dy + r * C + c);
+    fa = _mm512_add_ps(fa, g);
+    fb = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + r * C + c), mf), fb);
+  }
+  const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
+  const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
+  const __m512d mf_d[2] = {_mm512_cvtps_pd(lower8(mf)), _mm512_cvtps_pd(upper8(mf))};
+  for (int h = 0; h < 2; ++h) {
+    _mm512_storeu_pd(sum_dy + c + 8 * h, _mm512_add_pd(_mm512_loadu_pd(sum_dy + c + 8 * h), sa[h]));
+    const __m512d b = _mm512_add_pd(_mm512_loadu_pd(sum_dy_xmu + c + 8 * h), sb[h]);
+    _mm512_storeu_pd(sum_dy_xmu + c + 8 * h, _mm512_fnmadd_pd(_mm512_sub_pd(m[h], mf_d[h]), sa[h], b));
+  }
+}
+#endif
+
 // Eight float32 values rounded to the storage type (round to nearest even, NaN kept quiet: the
 // same results as c10's scalar conversions).
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
@@ -325,7 +467,19 @@ template <typename scalar_t>
 inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh) {
   const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(sc), vsh = _mm256_set1_ps(sh);
   int64_t i = 0;
-  if (hi == 0.0f && lo == 0.0f) {  // the mean folded into the shift (forward_coeffs)
+  const bool folded = hi == 0.0f && lo == 0.0f;  // the mean folded into the shift (forward_coeffs)
+#ifdef BN_EXT_AVX512BF16
+  {
+    const __m512 zhi = _mm512_set1_ps(hi), zlo = _mm512_set1_ps(lo), zsc = _mm512_set1_ps(sc), zsh = _mm512_set1_ps(sh);
+    if (folded) {
+      for (; i + 16 <= len; i += 16) store16(y + i, _mm512_fmadd_ps(load16(x + i), zsc, zsh));
+    } else {
+      for (; i + 16 <= len; i += 16)
+        store16(y + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(load16(x + i), zhi), zlo), zsc, zsh));
+    }
+  }
+#endif
+  if (folded) {
     for (; i + 8 <= len; i += 8) store8(y + i, _mm256_fmadd_ps(load8(x + i), vsc, vsh));
   }
   for (; i + 8 <= len; i += 8) {
@@ -339,6 +493,17 @@ template <typename scalar_t>
 inline void normalize_row_avx2(const scalar_t* x, scalar_t* y, int64_t C, const float* hi, const float* lo,
                                const float* sc, const float* sh, bool folded) {
   int64_t c = 0;
+#ifdef BN_EXT_AVX512BF16
+  if (folded) {
+    for (; c + 16 <= C; c += 16)
+      store16(y + c, _mm512_fmadd_ps(load16(x + c), _mm512_loadu_ps(sc + c), _mm512_loadu_ps(sh + c)));
+  } else {
+    for (; c + 16 <= C; c += 16) {
+      const __m512 v = _mm512_sub_ps(_mm512_sub_ps(load16(x + c), _mm512_loadu_ps(hi + c)), _mm512_loadu_ps(lo + c));
+      store16(y + c, _mm512_fmadd_ps(v, _mm512_loadu_ps(sc + c), _mm512_loadu_ps(sh + c)));
+    }
+  }
+#endif
   if (folded) {  // every channel's mean folded into its shift (forward_coeffs)
     for (; c + 8 <= C; c += 8)
       store8(y + c, _mm256_fmadd_ps(load8(x + c), _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c)));
@@ -361,6 +526,22 @@ inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t*
   const __m256 vkd = _mm256_set1_ps(kd), vkx = _mm256_set1_ps(kx), vk0 = _mm256_set1_ps(k0);
   const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo);
   int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+  {
+    const __m512 zkd = _mm512_set1_ps(kd), zkx = _mm512_set1_ps(kx), zk0 = _mm512_set1_ps(k0);
+    const __m512 zhi = _mm512_set1_ps(hi), zlo = _mm512_set1_ps(lo);
+    for (; i + 16 <= len; i += 16) {
+      __m512 v;
+      if (kTraining) {
+        const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + i), zhi), zlo);
+        v = _mm512_fmadd_ps(zkx, xc, _mm512_fmadd_ps(zkd, load16(dy + i), zk0));
+      } else {
+        v = _mm512_mul_ps(zkd, load16(dy + i));
+      }
+      store16(dx + i, v);
+    }
+  }
+#endif
   for (; i + 8 <= len; i += 8) {
     __m256 v;
     if (kTraining) {
@@ -379,6 +560,19 @@ template <typename scalar_t, bool kTraining>
 inline void grad_input_row_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const float* kd,
                                 const float* kx, const float* k0, const float* hi, const float* lo) {
   int64_t c = 0;
+#ifdef BN_EXT_AVX512BF16
+  for (; c + 16 <= C; c += 16) {
+    __m512 v;
+    if (kTraining) {
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + c), _mm512_loadu_ps(hi + c)), _mm512_loadu_ps(lo + c));
+      v = _mm512_fmadd_ps(_mm512_loadu_ps(kx + c), xc,
+                          _mm512_fmadd_ps(_mm512_loadu_ps(kd + c), load16(dy + c), _mm512_loadu_ps(k0 + c)));
+    } else {
+      v = _mm512_mul_ps(_mm512_loadu_ps(kd + c), load16(dy + c));
+    }
+    store16(dx + c, v);
+  }
+#endif
   for (; c + 8 <= C; c += 8) {
     __m256 v;
     if (kTraining) {
@@ -484,8 +678,16 @@ inline int64_t for_each_tile8(int64_t C, int64_t r0, int64_t r1, Tile&& tile) {
     // C * sizeof apart can all fall in one L1 set (C = 1024 floats: exactly 4 KiB apart)
     constexpr int64_t rows = kRowsPerTile / kStreams;
     const int64_t tiled = C / 8 * 8;
-    for (int64_t q0 = r0; q0 < r1; q0 += rows)
-      for (int64_t c = 0; c < tiled; c += 8) tile(c, q0, std::min(r1, q0 + rows));
+#ifdef BN_EXT_AVX512BF16
+    const int64_t wide = C / 16 * 16;  // 16-channel tiles, then at most one of 8
+#else
+    const int64_t wide = 0;
+#endif
+    for (int64_t q0 = r0; q0 < r1; q0 += rows) {
+      const int64_t q1 = std::min(r1, q0 + rows);
+      for (int64_t c = 0; c < wide; c += 16) tile(c, q0, q1, 16);
+      for (int64_t c = wide; c < tiled; c += 8) tile(c, q0, q1, 8);
+    }
     return tiled;
   }
 #endif
@@ -504,9 +706,14 @@ struct ShiftedSquares {
   const double* per_channel() const { return shift; }
   ShiftedSquares widened(int64_t width, const double* tiled) const { return {x, tiled, width}; }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
-    const int64_t c_begin = for_each_tile8<scalar_t, 1>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1) {
+    const int64_t c_begin = for_each_tile8<scalar_t, 1>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<scalar_t, double>) shifted_sums_tile8_avx2(x, C, c, q0, q1, shift, a, b);
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+#ifdef BN_EXT_AVX512BF16
+        if (width == 16) return shifted_sums_tile16(x, C, c, q0, q1, shift, a, b);
+#endif
+        shifted_sums_tile8_avx2(x, C, c, q0, q1, shift, a, b);
+      }
 #endif
     });
     for (int64_t r = r0; r < r1; ++r) {
@@ -533,9 +740,14 @@ struct GradSums {
   const double* per_channel() const { return mean; }
   GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width}; }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
-    const int64_t c_begin = for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1) {
+    const int64_t c_begin = for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<scalar_t, double>) grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+#ifdef BN_EXT_AVX512BF16
+        if (width == 16) return grad_sums_tile16(dy, x, C, c, q0, q1, mean, a, b);
+#endif
+        grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
+      }
 #endif
     });
     for (int64_t r = r0; r < r1; ++r) {
