@@ -129,7 +129,7 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
 }
 
 #ifdef BN_EXT_AVX2_INTRINSICS
-constexpr int64_t kRowsPerTile = 8;
+constexpr int64_t kRowsPerTile = 32;  // at most, summed in float32 per tile
 
 // Eight elements widened to float32 (the compiler does not vectorise the float -> double widening
 // reductions below on its own, so the AVX2 build spells them out).
@@ -674,9 +674,12 @@ template <typename scalar_t, int64_t kStreams, typename Tile>
 inline int64_t for_each_tile8(int64_t C, int64_t r0, int64_t r1, Tile&& tile) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    // kRowsPerTile lines in flight per tile in all, whatever the number of tensors read: rows
-    // C * sizeof apart can all fall in one L1 set (C = 1024 floats: exactly 4 KiB apart)
-    constexpr int64_t rows = kRowsPerTile / kStreams;
+    // Rows per chunk: as many as keep at most 8 lines per L1 set in flight over all tensors
+    // read. Lines 4 KiB apart share a set, so rows C * sizeof apart alias every `period` rows
+    // (C = 1024 floats: every row; C = 64 floats: every 16th).
+    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t period = 4096 / std::gcd<int64_t>(row_bytes, 4096);
+    const int64_t rows = std::clamp<int64_t>(8 * period / kStreams, 1, kRowsPerTile);
     const int64_t tiled = C / 8 * 8;
 #ifdef BN_EXT_AVX512BF16
     const int64_t wide = C / 16 * 16;  // 16-channel tiles, then at most one of 8
