@@ -1,13 +1,16 @@
-// CPU kernel loops, compiled once per instruction set: kernels_default.cpp (baseline x86-64)
-// and kernels_avx2.cpp (AVX2 + FMA), each wrapping this file in its own namespace
+// CPU kernel loops, compiled once per instruction set: kernels_default.cpp (baseline x86-64),
+// kernels_avx2.cpp (AVX2 + FMA) and kernels_avx512bf16.cpp (AVX2 loops with 16-wide AVX-512
+// bodies in front), each wrapping this file in its own namespace
 // (BN_EXT_CPU_ISA). batch_norm_kernel.cpp picks one at run time. Everything this file needs is
 // included by the including file first, so that the ISA's target options apply to these loops
 // only, never to shared inline code.
 //
-// Statistics: one sweep of shifted sums in float64, sum(x - shift) and sum((x - shift)^2), where
-// `shift` is the mean of the channel's first few elements. With the shift near the mean and the
-// sums in float64 the variance does not cancel (a float32 sum of squares would), and blocks
-// merge by plain addition. Blocks have shape-only boundaries and are added in block order, so
+// Statistics: one sweep of shifted sums, sum(x - shift) and sum((x - shift)^2), where `shift` is
+// the mean of the channel's first few elements. The SIMD builds sum short chunks (up to 64
+// values, or a few channels-last rows) in float32 against the shift rounded to float32 and widen
+// each chunk into the float64 sums, correcting for that rounding; the baseline sums in float64.
+// With the shift near the mean the variance does not cancel (a float32 sum of squares of raw
+// values would), and blocks merge by plain addition. Blocks have shape-only boundaries and are added in block order, so
 // results are bitwise identical for any thread count, and for the fused and unfused paths.
 //
 // NC(D)HW tensors with enough channels run the training forward and backward per channel: the

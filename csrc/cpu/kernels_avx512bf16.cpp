@@ -1,5 +1,6 @@
-// The AVX2 loops again, with bfloat16 stores rounded by AVX-512 BF16's vcvtneps2bf16 (one
-// instruction instead of ten); chosen at run time on CPUs that have AVX512_BF16 and AVX512VL.
+// The AVX2 loops again, with 16-wide AVX-512 bodies in front of the 8-wide ones and bfloat16
+// stores rounded by AVX-512 BF16's vcvtneps2bf16 (one instruction instead of ten); chosen at run
+// time on CPUs that have AVX512_BF16, AVX512VL and AVX512BW.
 #include "kernels_common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
