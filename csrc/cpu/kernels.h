@@ -466,56 +466,92 @@ inline void store8(c10::Half* p, __m256 v) {
 // scalar tail alike, so where a thread's range splits a run cannot change any result.
 inline float normalize_one(float x, float hi, float lo, float sc, float sh) { return std::fma((x - hi) - lo, sc, sh); }
 
+// The elementwise loops are written once over a vector width L (Lanes8: AVX2, Lanes16: the
+// AVX-512 build's bodies, run first) and a per-channel coefficient K: Broadcast (one channel's
+// run, NC(D)HW) or PerLane (a channels-last row, one coefficient per channel).
+struct Lanes8 {
+  using vec = __m256;
+  static constexpr int64_t width = 8;
+  template <typename T>
+  static vec load(const T* p) { return load8(p); }
+  template <typename T>
+  static void store(T* p, vec v) { store8(p, v); }
+  static vec coef(const float* p) { return _mm256_loadu_ps(p); }
+  static vec coef(float v) { return _mm256_set1_ps(v); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#ifdef BN_EXT_AVX512BF16
+struct Lanes16 {
+  using vec = __m512;
+  static constexpr int64_t width = 16;
+  template <typename T>
+  static vec load(const T* p) { return load16(p); }
+  template <typename T>
+  static void store(T* p, vec v) { store16(p, v); }
+  static vec coef(const float* p) { return _mm512_loadu_ps(p); }
+  static vec coef(float v) { return _mm512_set1_ps(v); }
+  static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#endif
+
+struct Broadcast {
+  float v;
+  template <typename L>
+  typename L::vec at(int64_t) const { return L::coef(v); }
+  float scalar(int64_t) const { return v; }
+};
+struct PerLane {
+  const float* p;
+  template <typename L>
+  typename L::vec at(int64_t i) const { return L::coef(p + i); }
+  float scalar(int64_t i) const { return p[i]; }
+};
+
+// y[i] = ((x[i] - hi) - lo) * sc + sh, or x[i] * sc + sh where the mean is folded into the shift,
+// for whole vectors of L from i on; returns where it stopped.
+template <typename L, typename scalar_t, typename K>
+inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, const K& hi, const K& lo,
+                                 const K& sc, const K& sh, bool folded) {
+  if (folded) {
+    for (; i + L::width <= n; i += L::width)
+      L::store(y + i, L::fmadd(L::load(x + i), sc.template at<L>(i), sh.template at<L>(i)));
+    return i;
+  }
+  for (; i + L::width <= n; i += L::width) {
+    const typename L::vec v = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
+    L::store(y + i, L::fmadd(v, sc.template at<L>(i), sh.template at<L>(i)));
+  }
+  return i;
+}
+
+// normalize_vectors, then the scalar tail (the same formula, so where vectors end cannot matter).
+template <typename scalar_t, typename K>
+inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& hi, const K& lo, const K& sc,
+                           const K& sh, bool folded) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+  i = normalize_vectors<Lanes16>(x, y, i, n, hi, lo, sc, sh, folded);
+#endif
+  i = normalize_vectors<Lanes8>(x, y, i, n, hi, lo, sc, sh, folded);
+  for (; i < n; ++i)
+    y[i] = static_cast<scalar_t>(
+        normalize_one(static_cast<float>(x[i]), hi.scalar(i), lo.scalar(i), sc.scalar(i), sh.scalar(i)));
+}
+
 template <typename scalar_t>
 inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh) {
-  const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(sc), vsh = _mm256_set1_ps(sh);
-  int64_t i = 0;
-  const bool folded = hi == 0.0f && lo == 0.0f;  // the mean folded into the shift (forward_coeffs)
-#ifdef BN_EXT_AVX512BF16
-  {
-    const __m512 zhi = _mm512_set1_ps(hi), zlo = _mm512_set1_ps(lo), zsc = _mm512_set1_ps(sc), zsh = _mm512_set1_ps(sh);
-    if (folded) {
-      for (; i + 16 <= len; i += 16) store16(y + i, _mm512_fmadd_ps(load16(x + i), zsc, zsh));
-    } else {
-      for (; i + 16 <= len; i += 16)
-        store16(y + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(load16(x + i), zhi), zlo), zsc, zsh));
-    }
-  }
-#endif
-  if (folded) {
-    for (; i + 8 <= len; i += 8) store8(y + i, _mm256_fmadd_ps(load8(x + i), vsc, vsh));
-  }
-  for (; i + 8 <= len; i += 8) {
-    const __m256 v = _mm256_sub_ps(_mm256_sub_ps(load8(x + i), vhi), vlo);
-    store8(y + i, _mm256_fmadd_ps(v, vsc, vsh));
-  }
-  for (; i < len; ++i) y[i] = static_cast<scalar_t>(normalize_one(static_cast<float>(x[i]), hi, lo, sc, sh));
+  // hi == lo == 0: the mean folded into the shift (forward_coeffs)
+  normalize_span(x, y, len, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f);
 }
 
 template <typename scalar_t>
 inline void normalize_row_avx2(const scalar_t* x, scalar_t* y, int64_t C, const float* hi, const float* lo,
                                const float* sc, const float* sh, bool folded) {
-  int64_t c = 0;
-#ifdef BN_EXT_AVX512BF16
-  if (folded) {
-    for (; c + 16 <= C; c += 16)
-      store16(y + c, _mm512_fmadd_ps(load16(x + c), _mm512_loadu_ps(sc + c), _mm512_loadu_ps(sh + c)));
-  } else {
-    for (; c + 16 <= C; c += 16) {
-      const __m512 v = _mm512_sub_ps(_mm512_sub_ps(load16(x + c), _mm512_loadu_ps(hi + c)), _mm512_loadu_ps(lo + c));
-      store16(y + c, _mm512_fmadd_ps(v, _mm512_loadu_ps(sc + c), _mm512_loadu_ps(sh + c)));
-    }
-  }
-#endif
-  if (folded) {  // every channel's mean folded into its shift (forward_coeffs)
-    for (; c + 8 <= C; c += 8)
-      store8(y + c, _mm256_fmadd_ps(load8(x + c), _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c)));
-  }
-  for (; c + 8 <= C; c += 8) {
-    const __m256 v = _mm256_sub_ps(_mm256_sub_ps(load8(x + c), _mm256_loadu_ps(hi + c)), _mm256_loadu_ps(lo + c));
-    store8(y + c, _mm256_fmadd_ps(v, _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c)));
-  }
-  for (; c < C; ++c) y[c] = static_cast<scalar_t>(normalize_one(static_cast<float>(x[c]), hi[c], lo[c], sc[c], sh[c]));
+  normalize_span(x, y, C, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded);
 }
 
 template <bool kTraining>
@@ -523,73 +559,49 @@ inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi,
   return kTraining ? std::fma(kx, (x - hi) - lo, std::fma(kd, dy, k0)) : kd * dy;
 }
 
+// dx[i] = kx * ((x[i] - hi) - lo) + (kd * dy[i] + k0) in training, kd * dy[i] in eval, for whole
+// vectors of L from i on; returns where it stopped.
+template <typename L, bool kTraining, typename scalar_t, typename K>
+inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t i, int64_t n,
+                                  const K& kd, const K& kx, const K& k0, const K& hi, const K& lo) {
+  for (; i + L::width <= n; i += L::width) {
+    typename L::vec v;
+    if (kTraining) {
+      const typename L::vec xc = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
+      v = L::fmadd(kx.template at<L>(i), xc, L::fmadd(kd.template at<L>(i), L::load(dy + i), k0.template at<L>(i)));
+    } else {
+      v = L::mul(kd.template at<L>(i), L::load(dy + i));
+    }
+    L::store(dx + i, v);
+  }
+  return i;
+}
+
+template <bool kTraining, typename scalar_t, typename K>
+inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, const K& kd, const K& kx,
+                            const K& k0, const K& hi, const K& lo) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo);
+#endif
+  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo);
+  for (; i < n; ++i)
+    dx[i] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[i]), static_cast<float>(x[i]),
+                                                      kd.scalar(i), kx.scalar(i), k0.scalar(i), hi.scalar(i),
+                                                      lo.scalar(i)));
+}
+
 template <typename scalar_t, bool kTraining>
 inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
                                 float k0, float hi, float lo) {
-  const __m256 vkd = _mm256_set1_ps(kd), vkx = _mm256_set1_ps(kx), vk0 = _mm256_set1_ps(k0);
-  const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo);
-  int64_t i = 0;
-#ifdef BN_EXT_AVX512BF16
-  {
-    const __m512 zkd = _mm512_set1_ps(kd), zkx = _mm512_set1_ps(kx), zk0 = _mm512_set1_ps(k0);
-    const __m512 zhi = _mm512_set1_ps(hi), zlo = _mm512_set1_ps(lo);
-    for (; i + 16 <= len; i += 16) {
-      __m512 v;
-      if (kTraining) {
-        const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + i), zhi), zlo);
-        v = _mm512_fmadd_ps(zkx, xc, _mm512_fmadd_ps(zkd, load16(dy + i), zk0));
-      } else {
-        v = _mm512_mul_ps(zkd, load16(dy + i));
-      }
-      store16(dx + i, v);
-    }
-  }
-#endif
-  for (; i + 8 <= len; i += 8) {
-    __m256 v;
-    if (kTraining) {
-      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(load8(x + i), vhi), vlo);
-      v = _mm256_fmadd_ps(vkx, xc, _mm256_fmadd_ps(vkd, load8(dy + i), vk0));
-    } else {
-      v = _mm256_mul_ps(vkd, load8(dy + i));
-    }
-    store8(dx + i, v);
-  }
-  for (; i < len; ++i)
-    dx[i] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[i]), static_cast<float>(x[i]), kd, kx, k0, hi, lo));
+  grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
+                             Broadcast{lo});
 }
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_row_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const float* kd,
                                 const float* kx, const float* k0, const float* hi, const float* lo) {
-  int64_t c = 0;
-#ifdef BN_EXT_AVX512BF16
-  for (; c + 16 <= C; c += 16) {
-    __m512 v;
-    if (kTraining) {
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + c), _mm512_loadu_ps(hi + c)), _mm512_loadu_ps(lo + c));
-      v = _mm512_fmadd_ps(_mm512_loadu_ps(kx + c), xc,
-                          _mm512_fmadd_ps(_mm512_loadu_ps(kd + c), load16(dy + c), _mm512_loadu_ps(k0 + c)));
-    } else {
-      v = _mm512_mul_ps(_mm512_loadu_ps(kd + c), load16(dy + c));
-    }
-    store16(dx + c, v);
-  }
-#endif
-  for (; c + 8 <= C; c += 8) {
-    __m256 v;
-    if (kTraining) {
-      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(load8(x + c), _mm256_loadu_ps(hi + c)), _mm256_loadu_ps(lo + c));
-      v = _mm256_fmadd_ps(_mm256_loadu_ps(kx + c), xc,
-                          _mm256_fmadd_ps(_mm256_loadu_ps(kd + c), load8(dy + c), _mm256_loadu_ps(k0 + c)));
-    } else {
-      v = _mm256_mul_ps(_mm256_loadu_ps(kd + c), load8(dy + c));
-    }
-    store8(dx + c, v);
-  }
-  for (; c < C; ++c)
-    dx[c] = static_cast<scalar_t>(
-        grad_one<kTraining>(static_cast<float>(dy[c]), static_cast<float>(x[c]), kd[c], kx[c], k0[c], hi[c], lo[c]));
+  grad_input_span<kTraining>(dy, x, dx, C, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo});
 }
 #endif
 
