@@ -23,6 +23,20 @@ def _init(rank, world, store_file, backend="gloo", timeout_s=60):
     )
 
 
+def _release_group():
+    """Destroy the process group once nothing else holds it. DDP's reducer and compiled graphs
+    keep references to the group; destroying it under them can leave a thread to be torn down
+    at exit ("terminate called without an active exception", SIGABRT), seen with gloo on torch
+    2.14. So: the caller drops them first; here compiled code is dropped, garbage collected, the
+    ranks lined up, then the group destroyed."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _shared_batch(sizes, shape_tail, channels, dtype, device, memory_format, seed):
     """Every rank's batch (the same on every rank, from one seed), and the dy for each."""
     g = torch.Generator().manual_seed(seed)
@@ -209,11 +223,8 @@ def ddp_training(rank, world, store_file, sizes, steps=3):
             _check_close(a, b, dict(rtol=1e-9, atol=1e-10), f"rank {rank} {name} after {steps} steps")
         else:
             assert torch.equal(a, b), name
-    # DDP's reducer holds the group: release it first, or its threads can outlive the group at
-    # exit ("terminate called without an active exception")
-    del ddp
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp, model
+    _release_group()
 
 
 def compiled(rank, world, store_file, sizes):
@@ -240,7 +251,8 @@ def compiled(rank, world, store_file, sizes):
         _check_close(g_c, g_e, F64, f"rank {rank} compiled input grad")
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(comp, name), getattr(eager, name), **F64)
-    dist.destroy_process_group()
+    del comp_fn, comp
+    _release_group()
 
 
 def mismatched_features(rank, world, store_file):
