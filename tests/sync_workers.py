@@ -227,7 +227,7 @@ def ddp_training(rank, world, store_file, sizes, steps=3):
     _release_group()
 
 
-def compiled(rank, world, store_file, sizes):
+def compiled(rank, world, store_file, sizes, backend="aot_eager"):
     """torch.compile(fullgraph=True) of a SyncBatchNorm training step: the functional collectives
     trace into the graph, and the result equals eager."""
     _init(rank, world, store_file)
@@ -243,7 +243,7 @@ def compiled(rank, world, store_file, sizes):
         y.backward(dy)
         return y.detach(), x.grad
 
-    comp_fn = torch.compile(comp, fullgraph=True, backend="aot_eager")
+    comp_fn = torch.compile(comp, fullgraph=True, backend=backend)
     for _ in range(2):
         y_e, g_e = step(eager, xs[rank], dys[rank])
         y_c, g_c = step(comp_fn, xs[rank], dys[rank])

@@ -61,8 +61,9 @@ def test_ddp_training_matches_single_process(tmp_path):
 
 
 @requires_gloo
-def test_torch_compile_fullgraph(tmp_path):
-    spawn(sync_workers.compiled, 2, tmp_path, [3, 5])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(tmp_path, backend):
+    spawn(sync_workers.compiled, 2, tmp_path, [3, 5], backend)
 
 
 @requires_gloo
