@@ -479,6 +479,7 @@ struct Lanes8 {
   static vec coef(const float* p) { return _mm256_loadu_ps(p); }
   static vec coef(float v) { return _mm256_set1_ps(v); }
   static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 };
@@ -493,6 +494,7 @@ struct Lanes16 {
   static vec coef(const float* p) { return _mm512_loadu_ps(p); }
   static vec coef(float v) { return _mm512_set1_ps(v); }
   static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
   static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 };
@@ -552,6 +554,45 @@ template <typename scalar_t>
 inline void normalize_row_avx2(const scalar_t* x, scalar_t* y, int64_t C, const float* hi, const float* lo,
                                const float* sc, const float* sh, bool folded) {
   normalize_span(x, y, C, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded);
+}
+
+// Channels-last gradient sums streamed row after row: two sequential streams, which the
+// prefetchers follow (the tiles walk many rows at once, one stream per row). Per-channel float32
+// partial sums stay in L1 and are widened into the float64 sums every kStreamRows rows, with the
+// rounding of the mean to float32 corrected. Channels [0, n), n a multiple of 8.
+constexpr int64_t kStreamRows = 32;
+
+template <typename L, typename scalar_t>
+inline int64_t grad_sums_row_vectors(const scalar_t* g, const scalar_t* xr, int64_t c, int64_t n, const float* mf,
+                                     float* fa, float* fb) {
+  for (; c + L::width <= n; c += L::width) {
+    const typename L::vec gv = L::load(g + c);
+    L::store(fa + c, L::add(L::coef(fa + c), gv));
+    L::store(fb + c, L::fmadd(gv, L::sub(L::load(xr + c), L::coef(mf + c)), L::coef(fb + c)));
+  }
+  return c;
+}
+
+template <typename scalar_t>
+inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t n, int64_t r0,
+                                    int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
+  std::vector<float> mf(n), fa(n), fb(n);
+  for (int64_t c = 0; c < n; ++c) mf[c] = static_cast<float>(mean[c]);
+  for (int64_t q0 = r0; q0 < r1; q0 += kStreamRows) {
+    std::fill(fa.begin(), fa.end(), 0.0f);
+    std::fill(fb.begin(), fb.end(), 0.0f);
+    for (int64_t r = q0; r < std::min(r1, q0 + kStreamRows); ++r) {
+      int64_t c = 0;
+#ifdef BN_EXT_AVX512BF16
+      c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, c, n, mf.data(), fa.data(), fb.data());
+#endif
+      grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, c, n, mf.data(), fa.data(), fb.data());
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      sum_dy[c] += fa[c];
+      sum_dy_xmu[c] += fb[c] - (mean[c] - static_cast<double>(mf[c])) * static_cast<double>(fa[c]);
+    }
+  }
 }
 
 template <bool kTraining>
@@ -755,9 +796,25 @@ struct GradSums {
   void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
     grad_sums_run(dy + off, x + off, len, mean[c], a, b);
   }
+  bool streamed = false;  // rows one after another (grad_sums_rows_streamed), not in tiles
   const double* per_channel() const { return mean; }
-  GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width}; }
+  GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width, streamed}; }
   void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
+#ifdef BN_EXT_AVX2_INTRINSICS
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (streamed) {
+        const int64_t n = C / 8 * 8;
+        grad_sums_rows_streamed(dy, x, C, n, r0, r1, mean, a, b);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = n; c < C; ++c) {
+            const double gv = static_cast<double>(dy[r * C + c]);
+            a[c] += gv;
+            b[c] += gv * (static_cast<double>(x[r * C + c]) - mean[c]);
+          }
+        return;
+      }
+    }
+#endif
     const int64_t c_begin = for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -967,7 +1024,12 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
 template <typename scalar_t>
 void grad_sums_kernel(const scalar_t* dy, const scalar_t* x, const Geometry& g, const std::vector<double>& mean,
                       std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
-  channel_sums(GradSums<scalar_t>{dy, x, mean.data(), g.C}, g, sum_dy, sum_dy_xmu);
+  // Channels-last tensors read from memory rather than cache stream their rows (measured on a
+  // 32 MiB-L3 machine: 2.4x faster at 34 MB read, 0.6x at 13 MB, where the tiles win).
+  const bool from_memory =
+      2 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamedReadBytes && g.C >= kStreamedMinChannels;
+  channel_sums(GradSums<scalar_t>{dy, x, mean.data(), g.C, g.layout == Layout::kNSC && from_memory}, g, sum_dy,
+               sum_dy_xmu);
 }
 
 template <typename opmath_t>
