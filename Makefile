@@ -9,7 +9,7 @@ SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all build test bench clean
+.PHONY: all build test bench cmake-test clean
 
 all: test
 
@@ -32,5 +32,14 @@ test: $(BUILT)
 bench: $(BUILT)
 	$(PY) -m bn_ext.bench $(BENCH_ARGS)
 
+# The CMake build of the ops for C++ users, and its C++ test. TORCH_PREFIX defaults to the venv's
+# torch; with a CUDA build of torch, Torch's CMake config needs a complete CUDA toolkit.
+TORCH_PREFIX ?= $(shell $(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
+CMAKE_ARGS ?=
+cmake-test: $(DEPS)
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" $(CMAKE_ARGS)
+	cmake --build build-cmake -j2
+	ctest --test-dir build-cmake --output-on-failure
+
 clean:
-	rm -rf build bn_ext/*.so $(BUILT)
+	rm -rf build build-cmake bn_ext/*.so $(BUILT)
