@@ -17,10 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 _ops = torch.ops.bn_ext
-
-
-def _functional():
-    return torch.ops._c10d_functional
+_fc = torch.ops._c10d_functional  # its ops resolve on first use
 
 
 def sync_group(process_group) -> Optional["dist.ProcessGroup"]:
@@ -41,18 +38,16 @@ def _collective_failed(what: str, group_size: int, error: Exception) -> RuntimeE
 
 def all_gather_rows(row: Tensor, group, group_size: int, what: str) -> Tensor:
     """(group_size, len(row)): every rank's row, in rank order."""
-    fc = _functional()
     try:
-        gathered = fc.wait_tensor(fc.all_gather_into_tensor(row, group_size, group.group_name))
+        gathered = _fc.wait_tensor(_fc.all_gather_into_tensor(row, group_size, group.group_name))
     except RuntimeError as error:
         raise _collective_failed(what, group_size, error) from error
     return gathered.view(group_size, row.numel())
 
 
 def all_reduce_sum(t: Tensor, group, group_size: int, what: str) -> Tensor:
-    fc = _functional()
     try:
-        return fc.wait_tensor(fc.all_reduce(t, "sum", group.group_name))
+        return _fc.wait_tensor(_fc.all_reduce(t, "sum", group.group_name))
     except RuntimeError as error:
         raise _collective_failed(what, group_size, error) from error
 

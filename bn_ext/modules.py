@@ -38,27 +38,28 @@ class _BatchNorm(_torch_bn._BatchNorm):
                 f"got input of size {tuple(input.shape)}"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        self._check_channels(input)
-        # Batch statistics in training, and in eval when there are no running statistics.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    def _buffers_and_momentum(self):
+        """(running_mean, running_var, num_batches_tracked, momentum) for this call: the running
+        stats are passed when they are updated (training) or used (eval), the counter only when
+        they are updated."""
         update = self.training and self.track_running_stats
         keep_buffers = not self.training or self.track_running_stats
         nbt = self.num_batches_tracked if update else None
         momentum = self.momentum
         if momentum is None and nbt is None:
             momentum = 0.0  # nothing is averaged: the factor is unused
+        running_mean = self.running_mean if keep_buffers else None
+        running_var = self.running_var if keep_buffers else None
+        return running_mean, running_var, nbt, momentum
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
+        # Batch statistics in training, and in eval when there are no running statistics.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean, running_var, nbt, momentum = self._buffers_and_momentum()
         return _batch_norm(
-            input,
-            self.running_mean if keep_buffers else None,
-            self.running_var if keep_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            nbt,
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps, nbt
         )
 
 
@@ -160,12 +161,8 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         group_size = torch.distributed.get_world_size(group)
         _check_args(True, self.momentum, self.eps)
-        update = self.track_running_stats
-        running_mean = self.running_mean if update else None
-        running_var = self.running_var if update else None
-        nbt = self.num_batches_tracked if update else None
-        momentum = self.momentum if self.momentum is not None or nbt is not None else 0.0
-        if update:
+        running_mean, running_var, nbt, momentum = self._buffers_and_momentum()
+        if self.track_running_stats:
             _check_buffers(input, running_mean, running_var, nbt)
         if not torch.compiler.is_compiling() and group.group_name not in self._num_features_checked:
             _sync.check_num_features(self.num_features, input.device, group, group_size)

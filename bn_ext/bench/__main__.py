@@ -172,9 +172,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_SETTING = "glibc mmap_threshold=32MiB trim_threshold=1GiB"
 
 
-ALLOCATOR = "default"
-
-
 def keep_freed_memory():
     """Apply MALLOC_SETTING in this process; returns the setting, or None where it cannot be set."""
     if not sys.platform.startswith("linux"):
@@ -189,7 +186,7 @@ def keep_freed_memory():
     return MALLOC_SETTING if ok else None
 
 
-def machine_info(device):
+def machine_info(device, allocator):
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -209,7 +206,7 @@ def machine_info(device):
         "bn_ext_cpu_kernels": bn_ext.build_info()["cpu_kernels"],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
-        "allocator": ALLOCATOR,
+        "allocator": allocator,
     }
 
 
@@ -352,8 +349,7 @@ def main(argv=None):
     p.add_argument("--malloc-defaults", action="store_true",
                    help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)")
     args = p.parse_args(argv)
-    global ALLOCATOR
-    ALLOCATOR = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
+    allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     if args.dtype is None:
         args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
     if args.repeats is None:
@@ -361,7 +357,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     rows = run(args)
-    info = machine_info(args.device)
+    info = machine_info(args.device, allocator)
     print_table(rows, info)
     tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}"
     base = write_results(rows, info, args.out, tag)

@@ -793,38 +793,25 @@ struct GradSums {
   const scalar_t* x;
   const double* mean;
   int64_t C;
+  bool streamed = false;  // channels-last rows one after another (grad_sums_rows_streamed), not in tiles
   void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
     grad_sums_run(dy + off, x + off, len, mean[c], a, b);
   }
-  bool streamed = false;  // rows one after another (grad_sums_rows_streamed), not in tiles
   const double* per_channel() const { return mean; }
   GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width, streamed}; }
-  void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
+  // Channels [0, returned) of rows [r0, r1) streamed row by row (SIMD builds, non-double input).
+  int64_t stream_rows(int64_t r0, int64_t r1, double* a, double* b) const {
 #ifdef BN_EXT_AVX2_INTRINSICS
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (streamed) {
-        const int64_t n = C / 8 * 8;
-        grad_sums_rows_streamed(dy, x, C, n, r0, r1, mean, a, b);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = n; c < C; ++c) {
-            const double gv = static_cast<double>(dy[r * C + c]);
-            a[c] += gv;
-            b[c] += gv * (static_cast<double>(x[r * C + c]) - mean[c]);
-          }
-        return;
-      }
+      const int64_t n = C / 8 * 8;
+      grad_sums_rows_streamed(dy, x, C, n, r0, r1, mean, a, b);
+      return n;
     }
 #endif
-    const int64_t c_begin = for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
-#ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-#ifdef BN_EXT_AVX512BF16
-        if (width == 16) return grad_sums_tile16(dy, x, C, c, q0, q1, mean, a, b);
-#endif
-        grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
-      }
-#endif
-    });
+    return 0;
+  }
+  void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
+    const int64_t c_begin = streamed ? stream_rows(r0, r1, a, b) : tile_rows(r0, r1, a, b);
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict dyr = dy + r * C;
       const scalar_t* __restrict xr = x + r * C;
@@ -834,6 +821,19 @@ struct GradSums {
         b[c] += gv * (static_cast<double>(xr[c]) - mean[c]);
       }
     }
+  }
+  // Channels [0, returned) of rows [r0, r1) in register tiles of 16 or 8 channels.
+  int64_t tile_rows(int64_t r0, int64_t r1, double* a, double* b) const {
+    return for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+#ifdef BN_EXT_AVX512BF16
+        if (width == 16) return grad_sums_tile16(dy, x, C, c, q0, q1, mean, a, b);
+#endif
+        grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
+      }
+#endif
+    });
   }
 };
 

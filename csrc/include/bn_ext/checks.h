@@ -171,7 +171,6 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& in
   check_grad_args(grad_out, input, weight, mean, var, eps, "bn_ext.batch_norm_backward");
 }
 
-// Everything batch_norm_update_running_stats needs, checked before it writes anything.
 // num_batches_tracked and momentum, as the running-stat updates take them.
 inline void check_counter_and_momentum(const c10::optional<at::Tensor>& num_batches_tracked,
                                        c10::optional<double> momentum, const at::Tensor& like, const char* op) {
@@ -190,6 +189,7 @@ inline void check_counter_and_momentum(const c10::optional<at::Tensor>& num_batc
     TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
 }
 
+// Everything batch_norm_update_running_stats needs, checked before it writes anything.
 inline void check_update_running_stats(const c10::optional<at::Tensor>& running_mean,
                                        const c10::optional<at::Tensor>& running_var,
                                        const c10::optional<at::Tensor>& num_batches_tracked,
