@@ -33,6 +33,9 @@ LAYOUT_CASES = [
     ((5, 12, 7, 3), torch.channels_last),
     ((6, 3), None),
     ((61, 3), None),
+    # many channels over few rows: the channels-last reductions split the channels across tasks
+    ((4, 1030, 3, 5), torch.channels_last),
+    ((2, 1032, 4, 4), torch.channels_last),
 ]
 
 
@@ -149,7 +152,8 @@ torch.set_num_threads(int(sys.argv[1]))
 torch.manual_seed(0)
 ops = torch.ops.bn_ext
 out = []
-for shape, fmt in [((8, 3, 64, 64), None), ((8, 3, 64, 64), torch.channels_last), ((4096, 96), None), ((4, 5, 7, 9, 11), None)]:
+for shape, fmt in [((8, 3, 64, 64), None), ((8, 3, 64, 64), torch.channels_last), ((4096, 96), None), ((4, 5, 7, 9, 11), None),
+                   ((4, 2070, 3, 5), torch.channels_last)]:
     x = torch.randn(shape) * 3 + 1
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)

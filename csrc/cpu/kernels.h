@@ -59,26 +59,48 @@ inline void for_each_run_of_channel(const Geometry& g, int64_t c, int64_t start,
   }
 }
 
+// The order in which each thread walks its share of an elementwise pass. A pass that follows a
+// reduction over the same tensors walks back (kBackward), a piece of about kElemGrain elements at
+// a time, each piece ascending: the reduction's last lines are the ones still in cache (walking
+// forward, each line read would evict the next one needed once the tensors outgrow the cache).
+enum class Sweep { kForward, kBackward };
+
+// body(lo, hi) over [begin, end): at once, or in pieces of `step` from the end down.
+template <typename Fn>
+inline void sweep(int64_t begin, int64_t end, int64_t step, Sweep order, Fn&& body) {
+  if (order == Sweep::kForward) {
+    body(begin, end);
+    return;
+  }
+  for (int64_t hi = end; hi > begin; hi -= step) body(std::max(begin, hi - step), hi);
+}
+
 // fn(c, offset, len) over every element, NC(D)HW layout, in parallel.
 template <typename Fn>
-void parallel_runs(const Geometry& g, Fn&& fn) {
+void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
   at::parallel_for(0, g.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    while (i < end) {
-      const int64_t plane = i / g.S;
-      const int64_t run_end = std::min(end, (plane + 1) * g.S);
-      fn(plane % g.C, i, run_end - i);
-      i = run_end;
-    }
+    sweep(begin, end, kElemGrain, order, [&](int64_t lo, int64_t hi) {
+      // one division per piece, not per run: planes of a few elements are common (7x7)
+      int64_t plane = lo / g.S;
+      int64_t c = plane % g.C;
+      for (int64_t i = lo; i < hi; ++plane) {
+        const int64_t run_end = std::min(hi, (plane + 1) * g.S);
+        fn(c, i, run_end - i);
+        i = run_end;
+        if (++c == g.C) c = 0;
+      }
+    });
   });
 }
 
 // fn(offset) for each row of C channels, channels-last layout, in parallel.
 template <typename Fn>
-void parallel_rows(const Geometry& g, Fn&& fn) {
+void parallel_rows(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
   const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(1, g.C));
   at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) fn(r * g.C);
+    sweep(begin, end, grain, order, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) fn(r * g.C);
+    });
   });
 }
 
@@ -87,9 +109,10 @@ void parallel_rows(const Geometry& g, Fn&& fn) {
 // kWideRowChannels), spans of 8 rows (8 * C values, whole vectors) with the arrays tiled, the
 // last rows (fewer than 8) one by one.
 template <typename T, size_t K, typename Fn>
-void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn) {
+void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn,
+                        Sweep order = Sweep::kForward) {
   if (g.C % 8 == 0 || g.C >= kWideRowChannels) {
-    parallel_rows(g, [&](int64_t off) { fn(off, g.C, arrays); });
+    parallel_rows(g, [&](int64_t off) { fn(off, g.C, arrays); }, order);
     return;
   }
   const int64_t width = 8 * g.C;
@@ -101,8 +124,11 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
     tiled_ptrs[k] = tiled[k].data();
   }
   const int64_t spans = g.rows() / 8;
-  at::parallel_for(0, spans, std::max<int64_t>(1, kElemGrain / width), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) fn(r * width, width, tiled_ptrs);
+  const int64_t grain = std::max<int64_t>(1, kElemGrain / width);
+  at::parallel_for(0, spans, grain, [&](int64_t begin, int64_t end) {
+    sweep(begin, end, grain, order, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) fn(r * width, width, tiled_ptrs);
+    });
   });
   for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, arrays);
 }
@@ -559,7 +585,7 @@ inline void normalize_row_avx2(const scalar_t* x, scalar_t* y, int64_t C, const 
 // Channels-last gradient sums streamed row after row: two sequential streams, which the
 // prefetchers follow (the tiles walk many rows at once, one stream per row). Per-channel float32
 // partial sums stay in L1 and are widened into the float64 sums every kStreamRows rows, with the
-// rounding of the mean to float32 corrected. Channels [0, n), n a multiple of 8.
+// rounding of the mean to float32 corrected. Channels [c0, n), both multiples of 8.
 constexpr int64_t kStreamRows = 32;
 
 template <typename L, typename scalar_t>
@@ -574,21 +600,21 @@ inline int64_t grad_sums_row_vectors(const scalar_t* g, const scalar_t* xr, int6
 }
 
 template <typename scalar_t>
-inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t n, int64_t r0,
-                                    int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
+inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c0, int64_t n,
+                                    int64_t r0, int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
   std::vector<float> mf(n), fa(n), fb(n);
-  for (int64_t c = 0; c < n; ++c) mf[c] = static_cast<float>(mean[c]);
+  for (int64_t c = c0; c < n; ++c) mf[c] = static_cast<float>(mean[c]);
   for (int64_t q0 = r0; q0 < r1; q0 += kStreamRows) {
     std::fill(fa.begin(), fa.end(), 0.0f);
     std::fill(fb.begin(), fb.end(), 0.0f);
     for (int64_t r = q0; r < std::min(r1, q0 + kStreamRows); ++r) {
-      int64_t c = 0;
+      int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
       c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, c, n, mf.data(), fa.data(), fb.data());
 #endif
       grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, c, n, mf.data(), fa.data(), fb.data());
     }
-    for (int64_t c = 0; c < n; ++c) {
+    for (int64_t c = c0; c < n; ++c) {
       sum_dy[c] += fa[c];
       sum_dy_xmu[c] += fb[c] - (mean[c] - static_cast<double>(mf[c])) * static_cast<double>(fa[c]);
     }
@@ -600,11 +626,19 @@ inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi,
   return kTraining ? std::fma(kx, (x - hi) - lo, std::fma(kd, dy, k0)) : kd * dy;
 }
 
-// dx[i] = kx * ((x[i] - hi) - lo) + (kd * dy[i] + k0) in training, kd * dy[i] in eval, for whole
-// vectors of L from i on; returns where it stopped.
+// dx[i] = kx * ((x[i] - hi) - lo) + (kd * dy[i] + k0) in training (kx * x[i] + ... where the
+// mean is folded into k0), kd * dy[i] in eval, for whole vectors of L from i on; returns where it
+// stopped.
 template <typename L, bool kTraining, typename scalar_t, typename K>
 inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t i, int64_t n,
-                                  const K& kd, const K& kx, const K& k0, const K& hi, const K& lo) {
+                                  const K& kd, const K& kx, const K& k0, const K& hi, const K& lo, bool folded) {
+  if (kTraining && folded) {
+    for (; i + L::width <= n; i += L::width) {
+      const typename L::vec v = L::fmadd(kd.template at<L>(i), L::load(dy + i), k0.template at<L>(i));
+      L::store(dx + i, L::fmadd(kx.template at<L>(i), L::load(x + i), v));
+    }
+    return i;
+  }
   for (; i + L::width <= n; i += L::width) {
     typename L::vec v;
     if (kTraining) {
@@ -620,12 +654,12 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
 
 template <bool kTraining, typename scalar_t, typename K>
 inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, const K& kd, const K& kx,
-                            const K& k0, const K& hi, const K& lo) {
+                            const K& k0, const K& hi, const K& lo, bool folded) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo);
+  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded);
 #endif
-  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo);
+  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded);
   for (; i < n; ++i)
     dx[i] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[i]), static_cast<float>(x[i]),
                                                       kd.scalar(i), kx.scalar(i), k0.scalar(i), hi.scalar(i),
@@ -636,13 +670,13 @@ template <typename scalar_t, bool kTraining>
 inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
                                 float k0, float hi, float lo) {
   grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
-                             Broadcast{lo});
+                             Broadcast{lo}, hi == 0.0f && lo == 0.0f);
 }
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_row_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const float* kd,
-                                const float* kx, const float* k0, const float* hi, const float* lo) {
-  grad_input_span<kTraining>(dy, x, dx, C, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo});
+                                const float* kx, const float* k0, const float* hi, const float* lo, bool folded) {
+  grad_input_span<kTraining>(dy, x, dx, C, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo}, folded);
 }
 #endif
 
@@ -723,11 +757,12 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
 // add one NC(D)HW run of a channel, or rows of a channels-last tensor for every channel; the
 // templates below own the blocking, the parallelism and the block-order merge for both.
 
-// Channels-last rows [r0, r1): tile(c, q0, q1) for each 8-channel tile over chunks of
-// kRowsPerTile rows (AVX2 builds, non-double input). Returns the first channel it did not cover,
-// which the caller finishes with scalar code.
+// Channels-last rows [r0, r1), channels [c0, c1) (c0 a multiple of 16): tile(c, q0, q1, width) for
+// each tile of 16 or 8 channels over chunks of at most kRowsPerTile rows (AVX2 builds, non-double
+// input). Returns the first channel it did not cover, which the caller finishes with scalar code.
+// Which tile a channel falls in depends on C alone, never on [c0, c1).
 template <typename scalar_t, int64_t kStreams, typename Tile>
-inline int64_t for_each_tile8(int64_t C, int64_t r0, int64_t r1, Tile&& tile) {
+inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int64_t r1, Tile&& tile) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     // Rows per chunk: as many as keep at most 8 lines per L1 set in flight over all tensors
@@ -736,21 +771,21 @@ inline int64_t for_each_tile8(int64_t C, int64_t r0, int64_t r1, Tile&& tile) {
     const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t period = 4096 / std::gcd<int64_t>(row_bytes, 4096);
     const int64_t rows = std::clamp<int64_t>(8 * period / kStreams, 1, kRowsPerTile);
-    const int64_t tiled = C / 8 * 8;
+    const int64_t tiled = std::max(c0, std::min(c1, C / 8 * 8));
 #ifdef BN_EXT_AVX512BF16
-    const int64_t wide = C / 16 * 16;  // 16-channel tiles, then at most one of 8
+    const int64_t wide = std::max(c0, std::min(c1, C / 16 * 16));  // 16-channel tiles, then at most one of 8
 #else
-    const int64_t wide = 0;
+    const int64_t wide = c0;
 #endif
     for (int64_t q0 = r0; q0 < r1; q0 += rows) {
       const int64_t q1 = std::min(r1, q0 + rows);
-      for (int64_t c = 0; c < wide; c += 16) tile(c, q0, q1, 16);
+      for (int64_t c = c0; c < wide; c += 16) tile(c, q0, q1, 16);
       for (int64_t c = wide; c < tiled; c += 8) tile(c, q0, q1, 8);
     }
     return tiled;
   }
 #endif
-  return 0;
+  return c0;
 }
 
 // (sum(x - shift), sum((x - shift)^2)) per channel.
@@ -764,8 +799,10 @@ struct ShiftedSquares {
   }
   const double* per_channel() const { return shift; }
   ShiftedSquares widened(int64_t width, const double* tiled) const { return {x, tiled, width}; }
-  void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
-    const int64_t c_begin = for_each_tile8<scalar_t, 1>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
+  // Rows [r0, r1) of channels [c0, c1), added into a and b.
+  void rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* __restrict a, double* __restrict b) const {
+    const int64_t c_begin =
+        for_each_tile8<scalar_t, 1>(C, c0, c1, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<scalar_t, double>) {
 #ifdef BN_EXT_AVX512BF16
@@ -777,7 +814,7 @@ struct ShiftedSquares {
     });
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict row = x + r * C;
-      for (int64_t c = c_begin; c < C; ++c) {
+      for (int64_t c = c_begin; c < c1; ++c) {
         const double d = static_cast<double>(row[c]) - shift[c];
         a[c] += d;
         b[c] += d * d;
@@ -799,32 +836,33 @@ struct GradSums {
   }
   const double* per_channel() const { return mean; }
   GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width, streamed}; }
-  // Channels [0, returned) of rows [r0, r1) streamed row by row (SIMD builds, non-double input).
-  int64_t stream_rows(int64_t r0, int64_t r1, double* a, double* b) const {
+  // Channels [c0, returned) of rows [r0, r1) streamed row by row (SIMD builds, non-double input).
+  int64_t stream_rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a, double* b) const {
 #ifdef BN_EXT_AVX2_INTRINSICS
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      const int64_t n = C / 8 * 8;
-      grad_sums_rows_streamed(dy, x, C, n, r0, r1, mean, a, b);
+      const int64_t n = std::max(c0, std::min(c1, C / 8 * 8));
+      grad_sums_rows_streamed(dy, x, C, c0, n, r0, r1, mean, a, b);
       return n;
     }
 #endif
-    return 0;
+    return c0;
   }
-  void rows(int64_t r0, int64_t r1, double* __restrict a, double* __restrict b) const {
-    const int64_t c_begin = streamed ? stream_rows(r0, r1, a, b) : tile_rows(r0, r1, a, b);
+  // Rows [r0, r1) of channels [c0, c1), added into a and b.
+  void rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* __restrict a, double* __restrict b) const {
+    const int64_t c_begin = streamed ? stream_rows(r0, r1, c0, c1, a, b) : tile_rows(r0, r1, c0, c1, a, b);
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict dyr = dy + r * C;
       const scalar_t* __restrict xr = x + r * C;
-      for (int64_t c = c_begin; c < C; ++c) {
+      for (int64_t c = c_begin; c < c1; ++c) {
         const double gv = static_cast<double>(dyr[c]);
         a[c] += gv;
         b[c] += gv * (static_cast<double>(xr[c]) - mean[c]);
       }
     }
   }
-  // Channels [0, returned) of rows [r0, r1) in register tiles of 16 or 8 channels.
-  int64_t tile_rows(int64_t r0, int64_t r1, double* a, double* b) const {
-    return for_each_tile8<scalar_t, 2>(C, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
+  // Channels [c0, returned) of rows [r0, r1) in register tiles of 16 or 8 channels.
+  int64_t tile_rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a, double* b) const {
+    return for_each_tile8<scalar_t, 2>(C, c0, c1, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<scalar_t, double>) {
 #ifdef BN_EXT_AVX512BF16
@@ -836,6 +874,16 @@ struct GradSums {
     });
   }
 };
+
+// Channels-last reductions: channels per task. With few row blocks for the threads (many channels,
+// few rows: 2048 channels of 7x7) the channels split too, into chunks of whole 16-channel tiles
+// and of at least kMinChunkChannels, so that the threads get even shares. Results do not depend on
+// it: a channel's sums over a block are the same whatever chunk it falls in.
+int64_t channel_chunk(const Geometry& g, int64_t blocks) {
+  const int64_t split = std::min(ceil_div(kMinReductionTasksPerThread * at::get_num_threads(), blocks),
+                                 g.C / kMinChunkChannels);
+  return split <= 1 ? g.C : ceil_div(ceil_div(g.C, split), 16) * 16;
+}
 
 // NC(D)HW: the sums of block k of channel c (its flat elements [k * kBlockElems, ...)).
 template <typename Summand>
@@ -901,7 +949,7 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
       b[i % g.C] += wb[i];
     }
     std::vector<double> ta(g.C, 0.0), tb(g.C, 0.0);  // the last rows, fewer than 8
-    sum.rows(wide.N * 8, g.rows(), ta.data(), tb.data());
+    sum.rows(wide.N * 8, g.rows(), 0, g.C, ta.data(), tb.data());
     for (int64_t c = 0; c < g.C; ++c) {
       a[c] += ta[c];
       b[c] += tb[c];
@@ -909,11 +957,15 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
     return;
   }
   const RowBlocks rb = row_blocks(g);
+  const int64_t chunk = channel_chunk(g, rb.blocks);
+  const int64_t chunks = ceil_div(g.C, chunk);
   std::vector<double> part(rb.blocks * g.C * 2, 0.0);
-  at::parallel_for(0, rb.blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
+  at::parallel_for(0, rb.blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / chunks, c0 = task % chunks * chunk;
       double* pa = part.data() + k * g.C * 2;
-      sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), pa, pa + g.C);
+      sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0,
+               std::min(g.C, c0 + chunk), pa, pa + g.C);
     }
   });
   for (int64_t k = 0; k < rb.blocks; ++k) {  // block order, contiguous reads
@@ -936,6 +988,15 @@ void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mea
 
 // ---- elementwise forward -----------------------------------------------------------------------
 
+// Whether every channel's mean is folded into its shift (forward_coeffs, backward_coeffs), so the
+// kernels can skip subtracting it.
+template <typename opmath_t>
+bool mean_folded(const std::vector<opmath_t>& mean_hi, const std::vector<opmath_t>& mean_lo) {
+  for (size_t c = 0; c < mean_hi.size(); ++c)
+    if (mean_hi[c] != opmath_t(0) || mean_lo[c] != opmath_t(0)) return false;
+  return true;
+}
+
 template <typename opmath_t>
 struct Affine {
   std::vector<opmath_t> mean_hi, mean_lo, scale, shift;
@@ -947,11 +1008,7 @@ struct Affine {
     scale[c] = k.scale;
     shift[c] = k.shift;
   }
-  bool folded() const {
-    for (size_t c = 0; c < mean_hi.size(); ++c)
-      if (mean_hi[c] != opmath_t(0) || mean_lo[c] != opmath_t(0)) return false;
-    return true;
-  }
+  bool folded() const { return mean_folded(mean_hi, mean_lo); }
 };
 
 template <typename scalar_t, typename opmath_t>
@@ -968,12 +1025,12 @@ inline void normalize_run(const scalar_t* __restrict x, scalar_t* __restrict y, 
 
 template <typename scalar_t>
 void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Geometry& g,
-                  const Affine<at::opmath_type<scalar_t>>& a) {
+                  const Affine<at::opmath_type<scalar_t>>& a, Sweep order = Sweep::kForward) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
     parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
       normalize_run(x + off, y + off, len, a.mean_hi[c], a.mean_lo[c], a.scale[c], a.shift[c]);
-    });
+    }, order);
     return;
   }
   const opmath_t* __restrict hi = a.mean_hi.data();
@@ -985,7 +1042,7 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
     const bool folded = a.folded();
     parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, const auto& k) {
       normalize_row_avx2(x + off, y + off, width, k[0], k[1], k[2], k[3], folded);
-    });
+    }, order);
     return;
   }
 #endif
@@ -994,7 +1051,7 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
     scalar_t* __restrict ys = y + off;
     for (int64_t c = 0; c < g.C; ++c)
       ys[c] = static_cast<scalar_t>(((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) * sc[c] + sh[c]);
-  });
+  }, order);
 }
 
 // Fused training forward, NC(D)HW, one channel per task: statistics, then the channel's
@@ -1044,6 +1101,7 @@ struct GradCoeffs {
     mean_hi[c] = k.mean_hi;
     mean_lo[c] = k.mean_lo;
   }
+  bool folded() const { return mean_folded(mean_hi, mean_lo); }
 };
 
 template <typename scalar_t, typename opmath_t, bool kTraining>
@@ -1064,13 +1122,13 @@ inline void grad_input_run(const scalar_t* __restrict dy, const scalar_t* __rest
 
 template <typename scalar_t, bool kTraining>
 void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict x, scalar_t* __restrict dx,
-                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& k) {
+                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& k, Sweep order) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
     parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
       const BackwardCoeffs<opmath_t> kc{k.k_dy[c], k.k_x[c], k.k_0[c], k.mean_hi[c], k.mean_lo[c]};
       grad_input_run<scalar_t, opmath_t, kTraining>(dy + off, x + off, dx + off, len, kc);
-    });
+    }, order);
     return;
   }
   const opmath_t* __restrict kd = k.k_dy.data();
@@ -1080,9 +1138,11 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
   const opmath_t* __restrict lo = k.mean_lo.data();
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
+    const bool folded = k.folded();
     parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, const auto& c) {
-      grad_input_row_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4]);
-    });
+      grad_input_row_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4],
+                                               folded);
+    }, order);
     return;
   }
 #endif
@@ -1095,7 +1155,7 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
       if (kTraining) v += kx[c] * ((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) + k0[c];
       dxs[c] = static_cast<scalar_t>(v);
     }
-  });
+  }, order);
 }
 
 // Fused training backward, NC(D)HW, one channel per task: the channel's sums, then its dx.
@@ -1156,7 +1216,7 @@ void train(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
     stats_kernel(xp, g, mean, var);
     Affine<at::opmath_type<scalar_t>> a(g.C);
     for (int64_t c = 0; c < g.C; ++c) a.set(c, mean[c], var[c], weight[c], bias[c], eps);
-    elemt_kernel(xp, y.mutable_data_ptr<scalar_t>(), g, a);
+    elemt_kernel(xp, y.mutable_data_ptr<scalar_t>(), g, a, Sweep::kBackward);
   });
 }
 
@@ -1179,10 +1239,12 @@ void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geome
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    // In training the gradient sums have just read dy and x (backward_train, or the
+    // backward_reduce op before backward_elemt): walk back over what they left in cache.
     if (training) {
-      grad_input_kernel<scalar_t, true>(dyp, xp, dxp, g, k);
+      grad_input_kernel<scalar_t, true>(dyp, xp, dxp, g, k, Sweep::kBackward);
     } else {
-      grad_input_kernel<scalar_t, false>(dyp, xp, dxp, g, k);
+      grad_input_kernel<scalar_t, false>(dyp, xp, dxp, g, k, Sweep::kForward);
     }
   });
 }

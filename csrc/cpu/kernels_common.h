@@ -26,6 +26,10 @@ constexpr int64_t kBlockElems = 8192;
 // elements, so that per-block partials (2 doubles per channel) stay small next to the input.
 constexpr int64_t kMaxRowBlocks = 64;
 constexpr int64_t kRowBlockMinElems = 65536;
+// Channels-last reductions split the channels as well when there are fewer than this many row
+// blocks per thread, into chunks of at least kMinChunkChannels channels.
+constexpr int64_t kMinReductionTasksPerThread = 8;
+constexpr int64_t kMinChunkChannels = 128;
 // Elements per parallel chunk of the elementwise passes.
 constexpr int64_t kElemGrain = 32768;
 // Elements averaged into each channel's shift for the shifted sums.

@@ -130,7 +130,9 @@ BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs(double mean, double va
 
 // Elementwise backward per channel: dx = k_dy * dy + k_x * ((x - mean_hi) - mean_lo) + k_0.
 // In training, sum_dy and sum_dy_xmu = sum(dy * (x - mean)) are over the `count` elements the
-// statistics came from; in eval mode the statistics are constants and k_x = k_0 = 0.
+// statistics came from; in eval mode the statistics are constants and k_x = k_0 = 0. Where the
+// mean is within kFoldLimit standard deviations it folds into k_0, as in forward_coeffs, and
+// mean_hi = mean_lo = 0.
 template <typename opmath_t>
 struct BackwardCoeffs {
   opmath_t k_dy, k_x, k_0, mean_hi, mean_lo;
@@ -147,9 +149,15 @@ BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs(double mean, double 
   k.k_x = k.k_0 = k.mean_hi = k.mean_lo = opmath_t(0);
   if (training) {
     k.k_x = static_cast<opmath_t>(-k_dy * invstd * invstd * sum_dy_xmu / count);
-    k.k_0 = static_cast<opmath_t>(-k_dy * sum_dy / count);
-    k.mean_hi = static_cast<opmath_t>(mean);
-    k.mean_lo = static_cast<opmath_t>(mean - static_cast<double>(k.mean_hi));
+    const double k_0 = -k_dy * sum_dy / count;
+    if (mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit) {
+      // dx = k_dy * dy + k_x * x + (k_0 - k_x * mean): the mean folded as in forward_coeffs
+      k.k_0 = static_cast<opmath_t>(k_0 - mean * static_cast<double>(k.k_x));
+    } else {
+      k.k_0 = static_cast<opmath_t>(k_0);
+      k.mean_hi = static_cast<opmath_t>(mean);
+      k.mean_lo = static_cast<opmath_t>(mean - static_cast<double>(k.mean_hi));
+    }
   }
   return k;
 }
