@@ -18,36 +18,7 @@ def _per_channel(t, input):
     return t.view([1, -1] + [1] * (input.dim() - 2))
 
 
-# ---- batch_norm_train ---------------------------------------------------------------------
-
-
-def _train_setup(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, mean, var = output
-    ctx.save_for_backward(input, weight, mean, var)
-    ctx.eps = eps
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _train_backward(ctx, grad_out, _grad_mean, _grad_var):
-    input, weight, mean, var = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2]]
-    if not any(mask):
-        return None, None, None, None
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-        grad_out, input, weight, mean, var, ctx.eps, True, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias.to(ctx.bias_dtype) if mask[2] else None,
-        None,
-    )
-
-
-torch.library.register_autograd("bn_ext::batch_norm_train", _train_backward, setup_context=_train_setup)
+# ---- batch_norm_train: autograd in C++ (csrc/autograd.cpp), backward by batch_norm_backward -----
 
 
 # ---- batch_norm_elemt (normalise with given statistics: eval mode) --------------------------

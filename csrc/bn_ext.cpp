@@ -1,5 +1,5 @@
 // Every bn_ext schema, defined once. Kernels register per device (cpu/, cuda/); fake kernels
-// and autograd are registered from Python (bn_ext/_fake.py, bn_ext/_autograd.py).
+// are registered from Python (bn_ext/_fake.py), autograd in csrc/autograd.cpp and bn_ext/_autograd.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(bn_ext, m) {

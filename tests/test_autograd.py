@@ -40,6 +40,26 @@ def test_gradcheck_train_without_affine(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_train_gradients_with_some_arguments_absent_or_frozen(device):
+    """The C++ autograd function maps gradients to the tensors given: bias without weight, and
+    any subset of input, weight and bias requiring grad."""
+    x, w, b = inputs(device, shape=(4, 3, 5))
+    fn = lambda x, b: ops.batch_norm_train(x, None, b, 1e-3)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, b))
+    assert torch.autograd.gradgradcheck(fn, (x, b))
+    dy = torch.randn_like(x)
+    for needs in [(True, False, True), (False, True, False), (False, False, True), (True, True, False)]:
+        xs, ws, bs = [leaf(t).requires_grad_(n) for t, n in zip((x, w, b), needs)]
+        ops.batch_norm_train(xs, ws, bs, 1e-3)[0].backward(dy)
+        xr, wr, br = [leaf(t) for t in (x, w, b)]
+        torch.nn.functional.batch_norm(xr, None, None, wr, br, True, 0.1, 1e-3).backward(dy)
+        for ours, ref, n in zip((xs, ws, bs), (xr, wr, br), needs):
+            assert (ours.grad is not None) == n
+            if n:
+                torch.testing.assert_close(ours.grad, ref.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_eval_including_statistics(device):
     x, w, b = inputs(device)
     mean = leaf(torch.randn(2, dtype=torch.float64, device=device))
