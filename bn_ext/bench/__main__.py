@@ -75,25 +75,25 @@ def warm(fn, device, warmup, seconds=0.15):
     sync(device)
 
 
-def paired_median_times(fn_a, fn_b, device, repeats, warmup, min_time=0.0):
-    """Median seconds per call of fn_a and of fn_b. On the CPU the two alternate call by call, so
-    both see the same machine state (a noisy neighbour slows both, not one); on the GPU each
-    is timed by median_time."""
+def interleaved_median_times(fns, device, repeats, warmup, min_time=0.0):
+    """Median seconds per call of each of fns. On the CPU they take turns call by call, so that
+    each sees the same machine state: a noisy neighbour slows all of them, not one, and each call
+    follows one that read the same input and wrote an output of the same size, so none of them
+    finds the tensors in cache that another does not. On the GPU each is timed by median_time."""
     if device == "cuda":
-        return (median_time(fn_a, device, repeats, warmup, min_time),
-                median_time(fn_b, device, repeats, warmup, min_time))
-    warm(fn_a, device, warmup)
-    warm(fn_b, device, warmup)
-    times_a, times_b = [], []
+        return [median_time(fn, device, repeats, warmup, min_time) for fn in fns]
+    for fn in fns:
+        warm(fn, device, warmup)
+    times = [[] for _ in fns]
     started = time.perf_counter()
-    while len(times_a) < repeats or time.perf_counter() - started < min_time:
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+    while len(times[0]) < repeats or time.perf_counter() - started < min_time:
+        for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        if len(times_a) >= 10 * repeats:
+            ts.append(time.perf_counter() - t0)
+        if len(times[0]) >= 10 * repeats:
             break
-    return statistics.median(times_a), statistics.median(times_b)
+    return [statistics.median(ts) for ts in times]
 
 
 def make_modules(case, dtype, device):
@@ -248,13 +248,16 @@ def run(args):
             ours.eval()
         err, ok = check_parity(theirs, ours, x, mode, dtype)
         dy = torch.randn_like(x)
-        t_theirs, t_ours = paired_median_times(step_fn(theirs, x, mode, dy), step_fn(ours, x, mode, dy), device,
-                                               args.repeats, args.warmup, args.min_time)
+        fns = [step_fn(theirs, x, mode, dy), step_fn(ours, x, mode, dy)]
         key = (case.shape, case.layout, dname)
-        if key not in copy_cache:
-            y = torch.empty_like(x)
+        y = torch.empty_like(x)
+        if device == "cpu":  # the copy takes turns with the two (see interleaved_median_times)
+            fns.append(lambda y=y, x=x: y.copy_(x))
+        elif key not in copy_cache:
             copy_cache[key] = median_time(lambda y=y, x=x: y.copy_(x), device, args.repeats, args.warmup, args.min_time)
-        t_copy = copy_cache[key]
+        times = interleaved_median_times(fns, device, args.repeats, args.warmup, args.min_time)
+        t_theirs, t_ours = times[0], times[1]
+        t_copy = times[2] if device == "cpu" else copy_cache[key]
         nbytes = x.numel() * x.element_size()
         bw = MODES[mode] * nbytes / t_ours / 1e9
         copy_bw = 2 * nbytes / t_copy / 1e9
