@@ -136,23 +136,30 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
 // ---- statistics ------------------------------------------------------------------------------
 
 // Per-channel shift: the mean of the channel's first (up to) kShiftSamples elements.
+// Channel c's, NC(D)HW layout.
+template <typename scalar_t>
+double channel_shift(const scalar_t* x, const Geometry& g, int64_t c) {
+  const int64_t n = std::min<int64_t>(kShiftSamples, g.rows());
+  if (n == 0) return 0.0;
+  double s = 0;
+  for_each_run_of_channel(g, c, 0, n, [&](int64_t off, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) s += static_cast<double>(x[off + i]);
+  });
+  return s / static_cast<double>(n);
+}
+
+// Every channel's, either layout.
 template <typename scalar_t>
 std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
   std::vector<double> shift(g.C, 0.0);
   const int64_t n = std::min<int64_t>(kShiftSamples, g.rows());
   if (n == 0) return shift;
   if (g.layout == Layout::kNCS) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      double s = 0;
-      for_each_run_of_channel(g, c, 0, n, [&](int64_t off, int64_t len) {
-        for (int64_t i = 0; i < len; ++i) s += static_cast<double>(x[off + i]);
-      });
-      shift[c] = s;
-    }
-  } else {  // row by row: the first n rows are contiguous
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < g.C; ++c) shift[c] += static_cast<double>(x[r * g.C + c]);
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = channel_shift(x, g, c);
+    return shift;
   }
+  for (int64_t r = 0; r < n; ++r)  // row by row: the first n rows are contiguous
+    for (int64_t c = 0; c < g.C; ++c) shift[c] += static_cast<double>(x[r * g.C + c]);
   for (double& v : shift) v /= static_cast<double>(n);
   return shift;
 }
@@ -189,6 +196,15 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// The first n (< 16) values, zeros in the other lanes.
+inline __m512 load16_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+inline __m512 load16_first(const c10::BFloat16* p, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_first(const c10::Half* p, int64_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
+}
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
   const __m256bh h = _mm512_cvtneps_pbh(v);
@@ -215,36 +231,60 @@ inline double hsum8(__m512d v) {
 }
 constexpr int64_t kChunk16 = 64;  // values summed in float32 before widening, 16-wide loops
 #endif
+#endif  // BN_EXT_AVX2_INTRINSICS
+
+// One reduction block's two sums while its runs are added. The AVX-512 build keeps them as eight
+// float64 lanes of widened float32 chunk sums (taken against the float32-rounded shift or mean),
+// added across runs and reduced once, when the block finishes: a horizontal sum per run would
+// cost more than a 7x7 plane's run itself. The other builds sum into sa and sb.
+struct LaneSums {
+#ifdef BN_EXT_AVX512BF16
+  __m512d a, b;
+  double n = 0;  // values in the lanes
+  LaneSums() : a(_mm512_setzero_pd()), b(_mm512_setzero_pd()) {}  // user-provided: built for AVX-512
+#endif
+  double sa = 0, sb = 0;
+};
+
+#ifdef BN_EXT_AVX2_INTRINSICS
+#ifdef BN_EXT_AVX512BF16
+// Values [0, len) of a run in chunks of kChunk16, the last vector masked: body(ld, j, n) adds the
+// vector at j whose first n lanes are values (n = 16 but for the last), ld(p) loading it, into
+// float32 chunk sums fa/fb, widened into acc's lanes after each chunk.
+template <typename Body>
+inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
+  for (int64_t n = 0; n < len; n += kChunk16) {
+    const int64_t end = std::min(len, n + kChunk16);
+    __m512 fa = _mm512_setzero_ps(), fb = fa;
+    int64_t j = n;
+    for (; j + 16 <= end; j += 16) body(j, 16, fa, fb);
+    if (j < end) body(j, end - j, fa, fb);
+    acc.a = widen_add(acc.a, fa);
+    acc.b = widen_add(acc.b, fb);
+  }
+  acc.n += static_cast<double>(len);
+}
 
 template <typename scalar_t>
-inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, double* s1, double* s2) {
-#ifdef BN_EXT_AVX512BF16
-  if (len >= kChunk16) {
-    // chunks of 64 values summed in float32 against the float32 shift, widened per chunk; then
-    // sum(x - shift) = A - n * rest and sum((x - shift)^2) = B - 2 * rest * A + n * rest^2
-    const float shift_f = static_cast<float>(shift);
-    const double rest = shift - static_cast<double>(shift_f);
-    const __m512 shf = _mm512_set1_ps(shift_f);
-    __m512d za = _mm512_setzero_pd(), zb = za;
-    int64_t n = 0;
-    for (; n + kChunk16 <= len; n += kChunk16) {
-      __m512 fa = _mm512_setzero_ps(), fb = fa;
-#pragma GCC unroll 4
-      for (int j = 0; j < kChunk16; j += 16) {
-        const __m512 d = _mm512_sub_ps(load16(p + n + j), shf);
-        fa = _mm512_add_ps(fa, d);
-        fb = _mm512_fmadd_ps(d, d, fb);
-      }
-      za = widen_add(za, fa);
-      zb = widen_add(zb, fb);
-    }
-    const double A = hsum8(za), B = hsum8(zb), count = static_cast<double>(n);
-    *s1 += A - count * rest;
-    *s2 += (B - 2.0 * rest * A) + count * rest * rest;
-    p += n;
-    len -= n;
-  }
+inline __m512 load16_n(const scalar_t* p, int64_t n) {
+  return n == 16 ? load16(p) : load16_first(p, n);
+}
 #endif
+
+template <typename scalar_t>
+inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, LaneSums& acc) {
+#ifdef BN_EXT_AVX512BF16
+  // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
+  const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
+  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
+    const __m512 d = _mm512_maskz_sub_ps(__mmask16((1u << n) - 1), load16_n(p + j, n), shf);
+    fa = _mm512_add_ps(fa, d);
+    fb = _mm512_fmadd_ps(d, d, fb);
+  });
+  return;
+#endif
+  double* s1 = &acc.sa;
+  double* s2 = &acc.sb;
   const __m256d sh = _mm256_set1_pd(shift);
   __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   int64_t i = 0;
@@ -303,33 +343,19 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
 // rounded to float32 (x - mean_f is exact near the mean), widened into float64 per chunk, with
 // the rounding of the mean corrected: sum(dy * (x - mean)) = sum(dy * (x - mean_f)) - rest * sum(dy).
 template <typename scalar_t>
-inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, double* sum_dy,
-                               double* sum_dy_xmu) {
+inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc) {
 #ifdef BN_EXT_AVX512BF16
-  if (len >= kChunk16) {
-    const float mean_f = static_cast<float>(mean);
-    const __m512 zm = _mm512_set1_ps(mean_f);
-    __m512d za = _mm512_setzero_pd(), zb = za;
-    int64_t n = 0;
-    for (; n + kChunk16 <= len; n += kChunk16) {
-      __m512 fa = _mm512_setzero_ps(), fb = fa;
-#pragma GCC unroll 4
-      for (int j = 0; j < kChunk16; j += 16) {
-        const __m512 g = load16(dy + n + j);
-        fa = _mm512_add_ps(fa, g);
-        fb = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + n + j), zm), fb);
-      }
-      za = widen_add(za, fa);
-      zb = widen_add(zb, fb);
-    }
-    const double A = hsum8(za);
-    *sum_dy += A;
-    *sum_dy_xmu += hsum8(zb) - (mean - static_cast<double>(mean_f)) * A;
-    dy += n;
-    x += n;
-    len -= n;
-  }
+  // dy and dy * (x - mean_f) in float32 chunks; finish_grad corrects for the rounding of the mean
+  const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
+  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
+    const __m512 g = load16_n(dy + j, n);
+    fa = _mm512_add_ps(fa, g);
+    fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(__mmask16((1u << n) - 1), load16_n(x + j, n), zm), fb);
+  });
+  return;
 #endif
+  double* sum_dy = &acc.sa;
+  double* sum_dy_xmu = &acc.sb;
   const __m256 mf = _mm256_set1_ps(static_cast<float>(mean));
   const double rest = mean - static_cast<double>(static_cast<float>(mean));
   __m256d a0 = _mm256_setzero_pd(), b0 = a0;
@@ -709,10 +735,10 @@ inline void two_sums_run(int64_t len, Term&& term, double* s1, double* s2) {
 
 // sum(x - shift) and sum((x - shift)^2) over one run.
 template <typename scalar_t>
-inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double shift, double* s1, double* s2) {
+inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double shift, LaneSums& acc) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    shifted_sums_run_avx2(p, len, shift, s1, s2);
+    shifted_sums_run_avx2(p, len, shift, acc);
     return;
   }
 #endif
@@ -720,7 +746,23 @@ inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double s
     const double d = static_cast<double>(p[i]) - shift;
     *u = d;
     *v = d * d;
-  }, s1, s2);
+  }, &acc.sa, &acc.sb);
+}
+
+// A block's shifted sums from its LaneSums: the lanes hold sums against shift_f, the shift
+// rounded to float32, so with rest = shift - shift_f, sum(x - shift) = A - n * rest and
+// sum((x - shift)^2) = B - 2 * rest * A + n * rest^2.
+inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double* s2) {
+  *s1 = acc.sa;
+  *s2 = acc.sb;
+#ifdef BN_EXT_AVX512BF16
+  const double rest = shift - static_cast<double>(static_cast<float>(shift));
+  const double A = hsum8(acc.a), B = hsum8(acc.b);
+  *s1 += A - acc.n * rest;
+  *s2 += (B - 2.0 * rest * A) + acc.n * rest * rest;
+#else
+  (void)shift;
+#endif
 }
 
 // Channel c's statistics from its shifted sums over `count` elements.
@@ -738,10 +780,10 @@ inline void finish_channel(double shift, double s1, double s2, double count, dou
 // sum(dy) and sum(dy * (x - mean)) over one run.
 template <typename scalar_t>
 inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t len, double mean,
-                          double* sum_dy, double* sum_dy_xmu) {
+                          LaneSums& acc) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    grad_sums_run_avx2(dy, x, len, mean, sum_dy, sum_dy_xmu);
+    grad_sums_run_avx2(dy, x, len, mean, acc);
     return;
   }
 #endif
@@ -749,7 +791,21 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
     const double g = static_cast<double>(dy[i]);
     *u = g;
     *v = g * (static_cast<double>(x[i]) - mean);
-  }, sum_dy, sum_dy_xmu);
+  }, &acc.sa, &acc.sb);
+}
+
+// A block's gradient sums from its LaneSums: the lanes hold sum(dy) and sum(dy * (x - mean_f)),
+// so sum(dy * (x - mean)) = B - (mean - mean_f) * A.
+inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double* sum_dy_xmu) {
+  *sum_dy = acc.sa;
+  *sum_dy_xmu = acc.sb;
+#ifdef BN_EXT_AVX512BF16
+  const double A = hsum8(acc.a);
+  *sum_dy += A;
+  *sum_dy_xmu += hsum8(acc.b) - (mean - static_cast<double>(static_cast<float>(mean))) * A;
+#else
+  (void)mean;
+#endif
 }
 
 // ---- per-channel reductions ---------------------------------------------------------------------
@@ -794,9 +850,8 @@ struct ShiftedSquares {
   const scalar_t* x;
   const double* shift;
   int64_t C;
-  void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
-    shifted_sums_run(x + off, len, shift[c], a, b);
-  }
+  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const { shifted_sums_run(x + off, len, shift[c], acc); }
+  void finish(int64_t c, const LaneSums& acc, double* a, double* b) const { finish_shifted(acc, shift[c], a, b); }
   const double* per_channel() const { return shift; }
   ShiftedSquares widened(int64_t width, const double* tiled) const { return {x, tiled, width}; }
   // Rows [r0, r1) of channels [c0, c1), added into a and b.
@@ -831,9 +886,10 @@ struct GradSums {
   const double* mean;
   int64_t C;
   bool streamed = false;  // channels-last rows one after another (grad_sums_rows_streamed), not in tiles
-  void run(int64_t c, int64_t off, int64_t len, double* a, double* b) const {
-    grad_sums_run(dy + off, x + off, len, mean[c], a, b);
+  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const {
+    grad_sums_run(dy + off, x + off, len, mean[c], acc);
   }
+  void finish(int64_t c, const LaneSums& acc, double* a, double* b) const { finish_grad(acc, mean[c], a, b); }
   const double* per_channel() const { return mean; }
   GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width, streamed}; }
   // Channels [c0, returned) of rows [r0, r1) streamed row by row (SIMD builds, non-double input).
@@ -889,11 +945,10 @@ int64_t channel_chunk(const Geometry& g, int64_t blocks) {
 template <typename Summand>
 inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b) {
   const int64_t start = k * kBlockElems;
-  double pa = 0, pb = 0;
+  LaneSums acc;
   for_each_run_of_channel(g, c, start, std::min(g.rows(), start + kBlockElems),
-                          [&](int64_t off, int64_t len) { sum.run(c, off, len, &pa, &pb); });
-  *a = pa;
-  *b = pb;
+                          [&](int64_t off, int64_t len) { sum.run(c, off, len, acc); });
+  sum.finish(c, acc, a, b);
 }
 
 // NC(D)HW: channel c's sums, its blocks added in order (what channel_sums gives for c).
@@ -1061,10 +1116,11 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
                        const std::vector<double>& bias, double eps, std::vector<double>& mean,
                        std::vector<double>& var) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const std::vector<double> shift = channel_shifts(x, g);
+  std::vector<double> shift(g.C);  // each task sets its channels' shifts before it sums them
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
+      shift[c] = channel_shift(x, g, c);
       double s1, s2;
       channel_total(sum, g, c, &s1, &s2);
       finish_channel(shift[c], s1, s2, static_cast<double>(g.rows()), &mean[c], &var[c]);
