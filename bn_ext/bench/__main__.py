@@ -75,13 +75,14 @@ def warm(fn, device, warmup, seconds=0.15):
     sync(device)
 
 
-def interleaved_median_times(fns, device, repeats, warmup, min_time=0.0):
-    """Median seconds per call of each of fns. On the CPU they take turns call by call, so that
-    each sees the same machine state: a noisy neighbour slows all of them, not one, and each call
-    follows one that read the same input and wrote an output of the same size, so none of them
-    finds the tensors in cache that another does not. On the GPU each is timed by median_time."""
+def interleaved_times(fns, device, repeats, warmup, min_time=0.0):
+    """Seconds per call of each of fns, a list of samples each. On the CPU they take turns call by
+    call, so that each sees the same machine state: a noisy neighbour slows all of them, not one,
+    and each call follows one that read the same input and wrote an output of the same size, so
+    none of them finds the tensors in cache that another does not. On the GPU each is timed by
+    median_time (one sample each)."""
     if device == "cuda":
-        return [median_time(fn, device, repeats, warmup, min_time) for fn in fns]
+        return [[median_time(fn, device, repeats, warmup, min_time)] for fn in fns]
     for fn in fns:
         warm(fn, device, warmup)
     times = [[] for _ in fns]
@@ -93,7 +94,7 @@ def interleaved_median_times(fns, device, repeats, warmup, min_time=0.0):
             ts.append(time.perf_counter() - t0)
         if len(times[0]) >= 10 * repeats:
             break
-    return [statistics.median(ts) for ts in times]
+    return times
 
 
 def make_modules(case, dtype, device):
@@ -235,10 +236,16 @@ def run(args):
     modes = args.mode.split(",")
     backends = [True] + ([False] if device == "cuda" and not args.quick else [])
     jobs = [(c, d, m, b) for c in cases for d in dtypes for m in modes for b in backends]
-    rows = []
-    copy_cache = {}
-    for i, (case, dname, mode, cudnn) in enumerate(jobs):
-        progress(i, len(jobs), f"{case.name} {case.layout} {dname} {mode}")
+    # Each round times every job; a job's samples from all rounds are pooled before the medians,
+    # so that one spell of a noisy neighbour (seconds long, on a shared machine) weighs on one
+    # round's share of a case, not on the whole case.
+    samples = [None] * len(jobs)
+    parity = [None] * len(jobs)
+    steps = len(jobs) * args.rounds
+    for step in range(steps):
+        i = step % len(jobs)
+        case, dname, mode, cudnn = jobs[i]
+        progress(step, steps, f"round {step // len(jobs) + 1}/{args.rounds} {case.name} {case.layout} {dname} {mode}")
         dtype = DTYPES[dname]
         torch.backends.cudnn.enabled = cudnn
         theirs, ours = make_modules(case, dtype, device)
@@ -246,18 +253,19 @@ def run(args):
         if mode == "eval_fwd":
             theirs.eval()
             ours.eval()
-        err, ok = check_parity(theirs, ours, x, mode, dtype)
+        if parity[i] is None:
+            parity[i] = check_parity(theirs, ours, x, mode, dtype)
         dy = torch.randn_like(x)
-        fns = [step_fn(theirs, x, mode, dy), step_fn(ours, x, mode, dy)]
-        key = (case.shape, case.layout, dname)
         y = torch.empty_like(x)
-        if device == "cpu":  # the copy takes turns with the two (see interleaved_median_times)
-            fns.append(lambda y=y, x=x: y.copy_(x))
-        elif key not in copy_cache:
-            copy_cache[key] = median_time(lambda y=y, x=x: y.copy_(x), device, args.repeats, args.warmup, args.min_time)
-        times = interleaved_median_times(fns, device, args.repeats, args.warmup, args.min_time)
-        t_theirs, t_ours = times[0], times[1]
-        t_copy = times[2] if device == "cpu" else copy_cache[key]
+        fns = [step_fn(theirs, x, mode, dy), step_fn(ours, x, mode, dy), lambda y=y, x=x: y.copy_(x)]
+        times = interleaved_times(fns, device, args.repeats, args.warmup, args.min_time)
+        samples[i] = times if samples[i] is None else [a + b for a, b in zip(samples[i], times)]
+    progress(steps, steps, "done")
+    torch.backends.cudnn.enabled = True
+    rows = []
+    for (case, dname, mode, cudnn), times, (err, ok) in zip(jobs, samples, parity):
+        t_theirs, t_ours, t_copy = (statistics.median(ts) for ts in times)
+        x = make_input(case, DTYPES[dname], "meta")
         nbytes = x.numel() * x.element_size()
         bw = MODES[mode] * nbytes / t_ours / 1e9
         copy_bw = 2 * nbytes / t_copy / 1e9
@@ -268,8 +276,6 @@ def run(args):
             "bn_ext_GBps": bw, "copy_GBps": copy_bw, "bw_fraction_of_copy": bw / copy_bw,
             "tensor_MB": nbytes / 1e6, "max_err": err, "parity": "ok" if ok else "MISMATCH",
         })
-    progress(len(jobs), len(jobs), "done")
-    torch.backends.cudnn.enabled = True
     return rows
 
 
@@ -347,6 +353,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-time", type=float, default=0.0, help="time each measurement for at least this many s")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="times to run the whole suite, samples pooled per case (default 3 on the CPU, 1 quick or on GPU)")
     p.add_argument("--out", default="benchmarks", help="folder for the CSV/JSON results")
     p.add_argument("--tag", default=None, help="results file name tag (default: device and mode of run)")
     p.add_argument("--malloc-defaults", action="store_true",
@@ -355,6 +363,8 @@ def main(argv=None):
     allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     if args.dtype is None:
         args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
+    if args.rounds is None:
+        args.rounds = 3 if args.device == "cpu" and not args.quick else 1
     if args.repeats is None:
         args.repeats = 5 if args.quick else (25 if args.device == "cpu" else 20)
     if args.device == "cuda" and not torch.cuda.is_available():
