@@ -237,16 +237,20 @@ def test_baseline_and_simd_kernels_agree(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channels_last_backward_streamed_from_memory(dtype):
-    """Channels-last gradient sums over tensors too large for cache stream their rows (more than
-    16 MiB read): against the float64 reference, C = 84 (16-wide, 8-wide and scalar channels)."""
-    n = 30000 if dtype == torch.float32 else 60000
-    x = rand((n, 84), "cpu", dtype, mean=2.0, std=3.0)
+@pytest.mark.parametrize("mean_value", [2.0, 1000.0])
+def test_channels_last_reductions_streamed_from_memory(dtype, mean_value):
+    """Channels-last statistics and gradient sums over tensors too large for cache stream their
+    rows (more than 16 MiB read): against the float64 reference, C = 84 (16-wide, 8-wide and
+    scalar channels), with a mean near the spread and one far from it."""
+    n = 60000 if dtype == torch.float32 else 120000
+    x = rand((n, 84), "cpu", dtype, mean=mean_value, std=3.0)
     dy = rand((n, 84), "cpu", dtype)
-    assert 2 * x.numel() * x.element_size() > 16 << 20
+    assert x.numel() * x.element_size() > 16 << 20
     mean, var = ops.batch_norm_stats(x)
-    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, mean)
     xd, dyd = x.double(), dy.double()
+    torch.testing.assert_close(mean.double(), xd.mean(0), rtol=1e-6, atol=1e-6 * mean_value)
+    torch.testing.assert_close(var.double(), xd.var(0, unbiased=False), rtol=1e-5, atol=1e-5)
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, mean)
     tol = dict(rtol=1e-5, atol=1e-2)
     torch.testing.assert_close(sum_dy.double(), dyd.sum(0), **tol)
     torch.testing.assert_close(sum_dy_xmu.double(), (dyd * (xd - mean.double())).sum(0), **tol)

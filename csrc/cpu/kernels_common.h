@@ -37,9 +37,9 @@ constexpr int64_t kShiftSamples = 16;
 // Channels-last rows with fewer channels than this, and not a multiple of 8, are walked 8 rows at
 // a time (one row of 8 * C values) by the reductions and the elementwise forward.
 constexpr int64_t kWideRowChannels = 64;
-// Channels-last gradient sums stream their rows (instead of tiling them) when they read more
-// than this (about half this machine's L3: beyond it the tiles' many strided streams starve the
-// prefetchers) and rows are wide enough for the per-row loop to pay.
+// Channels-last reductions (statistics, gradient sums) stream their rows (instead of tiling them)
+// when they read more than this (about half this machine's L3: beyond it the tiles' many strided
+// streams starve the prefetchers) and rows are wide enough for the per-row loop to pay.
 constexpr int64_t kStreamedReadBytes = int64_t(16) << 20;
 constexpr int64_t kStreamedMinChannels = 64;
 // NC(D)HW training passes go per channel (reduction, then the elementwise pass from cache) when
