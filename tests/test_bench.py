@@ -1,0 +1,59 @@
+"""The benchmark CLI (python -m bn_ext.bench): a small run end to end, and the pieces that decide
+its numbers. Nothing here asserts a speed: timings on a shared machine are not test material."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bn_ext
+from bn_ext.bench.__main__ import MODES, geomean, interleaved_times
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
+
+
+def test_interleaved_times_take_turns_and_pool_per_function():
+    calls = []
+    fns = [lambda k=k: calls.append(k) for k in range(3)]
+    times = interleaved_times(fns, "cpu", repeats=4, warmup=1)
+    assert [len(t) for t in times] == [4, 4, 4]
+    assert all(v >= 0 for t in times for v in t)
+    timed = calls[-12:]  # after warm-up: one call of each per turn, in order
+    assert timed == [0, 1, 2] * 4
+
+
+def test_geomean():
+    assert geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geomean([]) != geomean([])  # nan for no cases
+
+
+def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3",
+           "--dtype", "float32,bfloat16", "--repeats", "2", "--warmup", "1", "--rounds", "2",
+           "--out", str(tmp_path), "--tag", "t"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "geomean speedup" in run.stdout
+    with open(tmp_path / "bench-t.json") as f:
+        data = json.load(f)
+    machine, rows = data["machine"], data["results"]
+    for key in ("cpu", "threads", "torch", "bn_ext_commit", "bn_ext_cpu_kernels", "allocator"):
+        assert key in machine
+    assert machine["threads"] >= 1 and machine["bn_ext_cpu_kernels"] in ("default", "avx2", "avx512bf16")
+    # 2 layouts x 2 dtypes x 3 modes, each once however many rounds pooled it
+    assert len(rows) == 2 * 2 * len(MODES)
+    assert {(r["layout"], r["dtype"], r["mode"]) for r in rows} == {
+        (lay, dt, m) for lay in ("contiguous", "channels_last") for dt in ("float32", "bfloat16") for m in MODES
+    }
+    for r in rows:
+        assert r["parity"] == "ok"
+        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["bn_ext_ms"])
+        assert r["tensor_MB"] == pytest.approx(4 * 1024 * 14 * 14 * (4 if r["dtype"] == "float32" else 2) / 1e6)
+    with open(tmp_path / "bench-t.csv") as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("# {")  # the machine, as JSON
+    assert len(list(csv.DictReader(lines[1:]))) == len(rows)
+    assert (tmp_path / "bench-t.png").exists()
