@@ -162,8 +162,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
     grad_input = at::empty({0}, input.options());
   }
   if (output_mask[1]) {
-    std::vector<double> gw(C);
-    for (int64_t c = 0; c < C; ++c) gw[c] = sum_dy_xmu[c] * invstd_from_var(var_v[c], eps);
+    std::vector<double> gw = cpu_kernels().invstds(var_v, eps);
+    for (int64_t c = 0; c < C; ++c) gw[c] *= sum_dy_xmu[c];
     grad_weight = channel_tensor(gw, input, param_dtype);
   } else {
     grad_weight = at::empty({0}, input.options().dtype(param_dtype));
@@ -229,7 +229,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
 
 const Kernels& cpu_kernels() {
 #define BN_EXT_KERNEL_TABLE(ns, name) \
-  Kernels { name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train }
+  Kernels { name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds }
   static const Kernels baseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
   static const Kernels avx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
   static const Kernels avx512bf16 = BN_EXT_KERNEL_TABLE(isa_avx512bf16, "avx512bf16");

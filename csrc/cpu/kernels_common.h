@@ -62,7 +62,8 @@ constexpr int64_t kPerChannelMinTasksPerThread = 4;
   void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,       \
                       const std::vector<double>& mean, const std::vector<double>& var,                          \
                       const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,               \
-                      std::vector<double>& sum_dy_xmu);
+                      std::vector<double>& sum_dy_xmu);                                                          \
+  std::vector<double> invstds(const std::vector<double>& var, double eps);
 
 namespace isa_default {
 BN_EXT_DECLARE_CPU_KERNELS
@@ -82,6 +83,7 @@ struct Kernels {
   decltype(&isa_default::grad_sums) grad_sums;
   decltype(&isa_default::grad_input) grad_input;
   decltype(&isa_default::backward_train) backward_train;
+  decltype(&isa_default::invstds) invstds;  // 1 / sqrt(var + eps) per channel, invstd_from_var's bits
 };
 
 // The variant for this CPU: AVX2+FMA where supported, with AVX-512 BF16 conversions where those

@@ -109,11 +109,11 @@ struct ForwardCoeffs {
 // split form, which stays exact there.
 constexpr double kFoldLimit = 4.0;
 
+// From invstd = invstd_from_var(var, eps) (which callers with many channels compute in vectors).
 template <typename opmath_t>
-BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs(double mean, double var, double weight, double bias,
-                                                          double eps) {
+BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs_from_invstd(double mean, double invstd, double weight,
+                                                                      double bias) {
   ForwardCoeffs<opmath_t> k;
-  const double invstd = invstd_from_var(var, eps);
   const double scale = weight * invstd;
   k.scale = static_cast<opmath_t>(scale);
   if (mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit) {
@@ -128,6 +128,12 @@ BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs(double mean, double va
   return k;
 }
 
+template <typename opmath_t>
+BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs(double mean, double var, double weight, double bias,
+                                                          double eps) {
+  return forward_coeffs_from_invstd<opmath_t>(mean, invstd_from_var(var, eps), weight, bias);
+}
+
 // Elementwise backward per channel: dx = k_dy * dy + k_x * ((x - mean_hi) - mean_lo) + k_0.
 // In training, sum_dy and sum_dy_xmu = sum(dy * (x - mean)) are over the `count` elements the
 // statistics came from; in eval mode the statistics are constants and k_x = k_0 = 0. Where the
@@ -138,18 +144,18 @@ struct BackwardCoeffs {
   opmath_t k_dy, k_x, k_0, mean_hi, mean_lo;
 };
 
+// From invstd = invstd_from_var(var, eps) and inv_count = 1 / count.
 template <typename opmath_t>
-BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs(double mean, double var, double weight, double sum_dy,
-                                                            double sum_dy_xmu, double eps, double count,
-                                                            bool training) {
-  const double invstd = invstd_from_var(var, eps);
+BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs_from_invstd(double mean, double invstd, double weight,
+                                                                        double sum_dy, double sum_dy_xmu,
+                                                                        double inv_count, bool training) {
   const double k_dy = weight * invstd;
   BackwardCoeffs<opmath_t> k;
   k.k_dy = static_cast<opmath_t>(k_dy);
   k.k_x = k.k_0 = k.mean_hi = k.mean_lo = opmath_t(0);
   if (training) {
-    k.k_x = static_cast<opmath_t>(-k_dy * invstd * invstd * sum_dy_xmu / count);
-    const double k_0 = -k_dy * sum_dy / count;
+    k.k_x = static_cast<opmath_t>(-k_dy * invstd * invstd * sum_dy_xmu * inv_count);
+    const double k_0 = -k_dy * sum_dy * inv_count;
     if (mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit) {
       // dx = k_dy * dy + k_x * x + (k_0 - k_x * mean): the mean folded as in forward_coeffs
       k.k_0 = static_cast<opmath_t>(k_0 - mean * static_cast<double>(k.k_x));
@@ -160,6 +166,14 @@ BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs(double mean, double 
     }
   }
   return k;
+}
+
+template <typename opmath_t>
+BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs(double mean, double var, double weight, double sum_dy,
+                                                            double sum_dy_xmu, double eps, double count,
+                                                            bool training) {
+  return backward_coeffs_from_invstd<opmath_t>(mean, invstd_from_var(var, eps), weight, sum_dy, sum_dy_xmu,
+                                               1.0 / count, training);
 }
 
 }  // namespace bn_ext
