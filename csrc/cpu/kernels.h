@@ -248,9 +248,9 @@ struct LaneSums {
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 #ifdef BN_EXT_AVX512BF16
-// Values [0, len) of a run in chunks of kChunk16, the last vector masked: body(ld, j, n) adds the
-// vector at j whose first n lanes are values (n = 16 but for the last), ld(p) loading it, into
-// float32 chunk sums fa/fb, widened into acc's lanes after each chunk.
+// Values [0, len) of a run in chunks of kChunk16, the last vector masked: body(j, n, fa, fb) adds
+// the vector at j, whose first n lanes are values (n = 16 but for the last), into the float32
+// chunk sums fa/fb, which are widened into acc's lanes after each chunk.
 template <typename Body>
 inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
   for (int64_t n = 0; n < len; n += kChunk16) {
