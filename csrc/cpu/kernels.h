@@ -196,14 +196,16 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// The mask of the first n (<= 16) lanes.
+inline __mmask16 first_lanes(int64_t n) { return __mmask16((1u << n) - 1); }
 // The first n (< 16) values, zeros in the other lanes.
-inline __m512 load16_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+inline __m512 load16_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
 inline __m512 load16_first(const c10::BFloat16* p, int64_t n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+  const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m512 load16_first(const c10::Half* p, int64_t n) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p));
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
@@ -246,6 +248,20 @@ struct LaneSums {
   double sa = 0, sb = 0;
 };
 
+// Float32 partial sums taken against a shift (or mean) rounded to float32, added into the float64
+// sums against the exact one. With rest = shift - float(shift), over `count` values:
+// sum(x - shift) = A - count * rest and sum((x - shift)^2) = B - 2 * rest * A + count * rest^2.
+inline void add_shifted_sums(double A, double B, double count, double shift, double* s1, double* s2) {
+  const double rest = shift - static_cast<double>(static_cast<float>(shift));
+  *s1 += A - count * rest;
+  *s2 += (B - 2.0 * rest * A) + count * rest * rest;
+}
+// sum(dy) = A and sum(dy * (x - mean)) = B - (mean - float(mean)) * A.
+inline void add_grad_sums(double A, double B, double mean, double* sum_dy, double* sum_dy_xmu) {
+  *sum_dy += A;
+  *sum_dy_xmu += B - (mean - static_cast<double>(static_cast<float>(mean))) * A;
+}
+
 #ifdef BN_EXT_AVX2_INTRINSICS
 #ifdef BN_EXT_AVX512BF16
 // Values [0, len) of a run in chunks of kChunk16, the last vector masked: body(j, n, fa, fb) adds
@@ -277,7 +293,7 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
   // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
   chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    const __m512 d = _mm512_maskz_sub_ps(__mmask16((1u << n) - 1), load16_n(p + j, n), shf);
+    const __m512 d = _mm512_maskz_sub_ps(first_lanes(n), load16_n(p + j, n), shf);
     fa = _mm512_add_ps(fa, d);
     fb = _mm512_fmadd_ps(d, d, fb);
   });
@@ -350,7 +366,7 @@ inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t le
   chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
     const __m512 g = load16_n(dy + j, n);
     fa = _mm512_add_ps(fa, g);
-    fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(__mmask16((1u << n) - 1), load16_n(x + j, n), zm), fb);
+    fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x + j, n), zm), fb);
   });
   return;
 #endif
@@ -658,10 +674,7 @@ inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64
 #endif
     grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, c, n, mf.data(), fa, fb);
   }, [&](int64_t, const float* fa, const float* fb) {
-    for (int64_t c = c0; c < n; ++c) {
-      sum_dy[c] += fa[c];
-      sum_dy_xmu[c] += fb[c] - (mean[c] - static_cast<double>(mf[c])) * static_cast<double>(fa[c]);
-    }
+    for (int64_t c = c0; c < n; ++c) add_grad_sums(fa[c], fb[c], mean[c], &sum_dy[c], &sum_dy_xmu[c]);
   });
 }
 
@@ -677,8 +690,7 @@ inline int64_t shifted_sums_row_vectors(const scalar_t* xr, int64_t c, int64_t n
   return c;
 }
 
-// Shifted sums, with the rounding of the shift to float32 corrected at each flush (as in
-// finish_shifted).
+// Shifted sums, with the rounding of the shift to float32 corrected at each flush.
 template <typename scalar_t>
 inline void shifted_sums_rows_streamed(const scalar_t* x, int64_t C, int64_t c0, int64_t n, int64_t r0, int64_t r1,
                                        const double* shift, double* s1, double* s2) {
@@ -690,12 +702,8 @@ inline void shifted_sums_rows_streamed(const scalar_t* x, int64_t C, int64_t c0,
 #endif
     shifted_sums_row_vectors<Lanes8>(x + r * C, c, n, sf.data(), fa, fb);
   }, [&](int64_t rows, const float* fa, const float* fb) {
-    const double count = static_cast<double>(rows);
-    for (int64_t c = c0; c < n; ++c) {
-      const double rest = shift[c] - static_cast<double>(sf[c]), A = fa[c];
-      s1[c] += A - count * rest;
-      s2[c] += (static_cast<double>(fb[c]) - 2.0 * rest * A) + count * rest * rest;
-    }
+    for (int64_t c = c0; c < n; ++c)
+      add_shifted_sums(fa[c], fb[c], static_cast<double>(rows), shift[c], &s1[c], &s2[c]);
   });
 }
 
@@ -801,17 +809,12 @@ inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double s
   }, &acc.sa, &acc.sb);
 }
 
-// A block's shifted sums from its LaneSums: the lanes hold sums against shift_f, the shift
-// rounded to float32, so with rest = shift - shift_f, sum(x - shift) = A - n * rest and
-// sum((x - shift)^2) = B - 2 * rest * A + n * rest^2.
+// A block's shifted sums from its LaneSums (the lanes hold sums against the float32 shift).
 inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double* s2) {
   *s1 = acc.sa;
   *s2 = acc.sb;
 #ifdef BN_EXT_AVX512BF16
-  const double rest = shift - static_cast<double>(static_cast<float>(shift));
-  const double A = hsum8(acc.a), B = hsum8(acc.b);
-  *s1 += A - acc.n * rest;
-  *s2 += (B - 2.0 * rest * A) + acc.n * rest * rest;
+  add_shifted_sums(hsum8(acc.a), hsum8(acc.b), acc.n, shift, s1, s2);
 #else
   (void)shift;
 #endif
@@ -848,15 +851,12 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
   }, &acc.sa, &acc.sb);
 }
 
-// A block's gradient sums from its LaneSums: the lanes hold sum(dy) and sum(dy * (x - mean_f)),
-// so sum(dy * (x - mean)) = B - (mean - mean_f) * A.
+// A block's gradient sums from its LaneSums (the lanes hold sum(dy) and sum(dy * (x - mean_f))).
 inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double* sum_dy_xmu) {
   *sum_dy = acc.sa;
   *sum_dy_xmu = acc.sb;
 #ifdef BN_EXT_AVX512BF16
-  const double A = hsum8(acc.a);
-  *sum_dy += A;
-  *sum_dy_xmu += hsum8(acc.b) - (mean - static_cast<double>(static_cast<float>(mean))) * A;
+  add_grad_sums(hsum8(acc.a), hsum8(acc.b), mean, sum_dy, sum_dy_xmu);
 #else
   (void)mean;
 #endif
@@ -1151,13 +1151,17 @@ bool mean_folded(const std::vector<opmath_t>& mean_hi, const std::vector<opmath_
 template <typename opmath_t>
 struct Affine {
   std::vector<opmath_t> mean_hi, mean_lo, scale, shift;
-  explicit Affine(int64_t channels) : mean_hi(channels), mean_lo(channels), scale(channels), shift(channels) {}
-  void set(int64_t c, double mean, double invstd, double weight, double bias) {
-    const auto k = forward_coeffs_from_invstd<opmath_t>(mean, invstd, weight, bias);
-    mean_hi[c] = k.mean_hi;
-    mean_lo[c] = k.mean_lo;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
+  Affine(const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
+         const std::vector<double>& bias, double eps)
+      : mean_hi(mean.size()), mean_lo(mean.size()), scale(mean.size()), shift(mean.size()) {
+    const std::vector<double> invstd = invstd_vector(var, eps);
+    for (size_t c = 0; c < mean.size(); ++c) {
+      const auto k = forward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], bias[c]);
+      mean_hi[c] = k.mean_hi;
+      mean_lo[c] = k.mean_lo;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
+    }
   }
   bool folded() const { return mean_folded(mean_hi, mean_lo); }
 };
@@ -1348,9 +1352,7 @@ void elemt(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
            const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,
            double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_elemt", [&] {
-    Affine<at::opmath_type<scalar_t>> a(g.C);
-    const std::vector<double> invstd = invstd_vector(var, eps);
-    for (int64_t c = 0; c < g.C; ++c) a.set(c, mean[c], invstd[c], weight[c], bias[c]);
+    const Affine<at::opmath_type<scalar_t>> a(mean, var, weight, bias, eps);
     elemt_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a);
   });
 }
@@ -1364,9 +1366,7 @@ void train(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
       return;
     }
     stats_kernel(xp, g, mean, var);
-    Affine<at::opmath_type<scalar_t>> a(g.C);
-    const std::vector<double> invstd = invstd_vector(var, eps);
-    for (int64_t c = 0; c < g.C; ++c) a.set(c, mean[c], invstd[c], weight[c], bias[c]);
+    const Affine<at::opmath_type<scalar_t>> a(mean, var, weight, bias, eps);
     elemt_kernel(xp, y.mutable_data_ptr<scalar_t>(), g, a, Sweep::kBackward);
   });
 }

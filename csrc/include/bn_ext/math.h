@@ -109,6 +109,11 @@ struct ForwardCoeffs {
 // split form, which stays exact there.
 constexpr double kFoldLimit = 4.0;
 
+// Whether a channel's mean folds into its shift (see kFoldLimit).
+BN_EXT_HOST_DEVICE bool mean_folds(double mean, double invstd) {
+  return mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit;
+}
+
 // From invstd = invstd_from_var(var, eps) (which callers with many channels compute in vectors).
 template <typename opmath_t>
 BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs_from_invstd(double mean, double invstd, double weight,
@@ -116,7 +121,7 @@ BN_EXT_HOST_DEVICE ForwardCoeffs<opmath_t> forward_coeffs_from_invstd(double mea
   ForwardCoeffs<opmath_t> k;
   const double scale = weight * invstd;
   k.scale = static_cast<opmath_t>(scale);
-  if (mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit) {
+  if (mean_folds(mean, invstd)) {
     // fold with the scale the kernel multiplies by, so x == mean still maps to about bias
     k.mean_hi = k.mean_lo = opmath_t(0);
     k.shift = static_cast<opmath_t>(bias - mean * static_cast<double>(k.scale));
@@ -156,7 +161,7 @@ BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs_from_invstd(double m
   if (training) {
     k.k_x = static_cast<opmath_t>(-k_dy * invstd * invstd * sum_dy_xmu * inv_count);
     const double k_0 = -k_dy * sum_dy * inv_count;
-    if (mean == 0.0 || (mean < 0 ? -mean : mean) * invstd <= kFoldLimit) {
+    if (mean_folds(mean, invstd)) {
       // dx = k_dy * dy + k_x * x + (k_0 - k_x * mean): the mean folded as in forward_coeffs
       k.k_0 = static_cast<opmath_t>(k_0 - mean * static_cast<double>(k.k_x));
     } else {
