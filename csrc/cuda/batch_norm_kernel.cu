@@ -21,6 +21,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -48,9 +50,15 @@ using red_t = double;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// SM count per device, asked of the driver once (it is on every elementwise launch's path).
 int multiprocessors(int device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int count = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (cached) cache[device].store(count, std::memory_order_relaxed);
+  }
   return count;
 }
 
@@ -122,6 +130,55 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Channels-last with the channel fixed per thread: thread t takes vector slot t % (C / VEC) of every
+// row it visits and steps by a whole number of rows, so its VEC channels' coefficients are loaded
+// once into registers instead of once per element (the flat kernel above loads 4-5 of them per
+// element, which bounds it by load issue rather than DRAM for 2-byte types). Needs C / VEC <= the
+// number of threads launched.
+template <Pass kPass, typename scalar_t, typename acc_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_nsc_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t* __restrict__ out,
+                           const acc_t* __restrict__ k, index_t C, index_t nvec) {
+  const index_t slots = C / VEC;  // vectors per row
+  const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
+  const index_t lanes = threads - threads % slots;  // a whole number of rows per step
+  const index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= lanes) return;
+  const index_t c0 = (t % slots) * VEC;
+  acc_t k0[VEC], k1[VEC], k2[VEC], k3[VEC], k4[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    k2[j] = k[2 * C + c0 + j];
+    if (kPass != Pass::kBackwardEval) {
+      k0[j] = k[c0 + j];
+      k1[j] = k[C + c0 + j];
+      k3[j] = k[3 * C + c0 + j];
+    }
+    if (kPass == Pass::kBackwardTrain) k4[j] = k[4 * C + c0 + j];
+  }
+  for (index_t v = t; v < nvec; v += lanes) {
+    const index_t i = v * VEC;
+    const Vec<scalar_t, VEC> va = load_vec<scalar_t, VEC>(a + i);
+    Vec<scalar_t, VEC> vb;
+    if (kPass == Pass::kBackwardTrain) vb = load_vec<scalar_t, VEC>(b + i);
+    Vec<scalar_t, VEC> vo;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t xa = static_cast<acc_t>(va.v[j]);
+      acc_t r;
+      if (kPass == Pass::kForward) {
+        r = ((xa - k0[j]) - k1[j]) * k2[j] + k3[j];
+      } else if (kPass == Pass::kBackwardTrain) {
+        r = k2[j] * xa + k3[j] * ((static_cast<acc_t>(vb.v[j]) - k0[j]) - k1[j]) + k4[j];
+      } else {
+        r = k2[j] * xa;
+      }
+      vo.v[j] = static_cast<scalar_t>(r);
+    }
+    *reinterpret_cast<Vec<scalar_t, VEC>*>(out + i) = vo;
+  }
+}
+
 template <Pass kPass, typename scalar_t, typename acc_t>
 void launch_elementwise(const Geometry& g, const scalar_t* a, const scalar_t* b, scalar_t* out, const acc_t* k,
                         cudaStream_t stream, int device) {
@@ -139,6 +196,12 @@ void launch_elementwise(const Geometry& g, const scalar_t* a, const scalar_t* b,
     using Div = decltype(div);
     const int64_t nvec = numel / V;
     const int blocks = static_cast<int>(std::min(ceil_div(nvec, kThreads), max_blocks));
+    if (N && g.C / V <= int64_t(blocks) * kThreads) {
+      elementwise_nsc_kernel<kPass, scalar_t, acc_t, V, index_t><<<blocks, kThreads, 0, stream>>>(
+          a, b, out, k, static_cast<index_t>(g.C), static_cast<index_t>(nvec));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     elementwise_kernel<kPass, scalar_t, acc_t, V, N, index_t, Div><<<blocks, kThreads, 0, stream>>>(
         a, b, out, k, static_cast<index_t>(g.C), Div(static_cast<index_t>(nsc ? 1 : g.S)),
         Div(static_cast<index_t>(g.C)), static_cast<index_t>(nvec));
@@ -242,34 +305,50 @@ __device__ Partial<acc_t> block_reduce(Partial<acc_t> p) {
 }
 
 // NC(D)HW: block (bx, by) reduces elements [bx * chunk, (bx + 1) * chunk) of channel by (flat
-// index n * S + s), walking the planes it spans. partials[c * gridDim.x + bx].
+// index n * S + s). Planes at least a block's width long are walked plane by plane; shorter ones
+// (S < kThreads * VEC: 7x7, 14x14, sequences) would leave most threads idle that way, so the block
+// walks the chunk's flat index instead, each thread finding its vector's plane with a division
+// (a vector never crosses a plane: S % VEC == 0). partials[c * gridDim.x + bx].
 template <Reduce kR, typename scalar_t, typename acc_t, typename mean_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_ncs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const mean_t* __restrict__ mean,
-                      int64_t C, int64_t S, int64_t M, int64_t chunk, Partial<acc_t>* __restrict__ partials) {
+                      int64_t C, int64_t S, int64_t M, int64_t chunk, FastDiv32 by_plane,
+                      Partial<acc_t>* __restrict__ partials) {
+  const bool short_planes = S < static_cast<int64_t>(blockDim.x) * VEC;
+  const bool fast_div = M <= std::numeric_limits<int32_t>::max();
   for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
     const int64_t start = static_cast<int64_t>(blockIdx.x) * chunk;
     const int64_t end = min(M, start + chunk);
     const acc_t m = kR == Reduce::kGrad ? static_cast<acc_t>(mean[c]) : acc_t(0);
     Partial<acc_t> p{0, 0, 0};
-    for (int64_t i = start; i < end;) {  // block-uniform loop over the planes this chunk touches
-      const int64_t n = i / S;
-      const int64_t s = i - n * S;
-      const int64_t len = min(end - i, S - s);
-      const int64_t base = (n * C + c) * S + s;
-      for (int64_t j = static_cast<int64_t>(threadIdx.x) * VEC; j < len; j += static_cast<int64_t>(blockDim.x) * VEC) {
-        acc_t xv[VEC], gv[VEC];
-        const Vec<scalar_t, VEC> vx = load_vec<scalar_t, VEC>(x + base + j);
+    auto visit = [&](int64_t base) {
+      acc_t xv[VEC], gv[VEC];
+      const Vec<scalar_t, VEC> vx = load_vec<scalar_t, VEC>(x + base);
 #pragma unroll
-        for (int t = 0; t < VEC; ++t) xv[t] = static_cast<acc_t>(vx.v[t]);
-        if (kR == Reduce::kGrad) {
-          const Vec<scalar_t, VEC> vg = load_vec<scalar_t, VEC>(dy + base + j);
+      for (int t = 0; t < VEC; ++t) xv[t] = static_cast<acc_t>(vx.v[t]);
+      if (kR == Reduce::kGrad) {
+        const Vec<scalar_t, VEC> vg = load_vec<scalar_t, VEC>(dy + base);
 #pragma unroll
-          for (int t = 0; t < VEC; ++t) gv[t] = static_cast<acc_t>(vg.v[t]);
-        }
-        accumulate<kR, VEC>(p, xv, gv, m);
+        for (int t = 0; t < VEC; ++t) gv[t] = static_cast<acc_t>(vg.v[t]);
       }
-      i += len;
+      accumulate<kR, VEC>(p, xv, gv, m);
+    };
+    if (short_planes) {
+      for (int64_t e = start + static_cast<int64_t>(threadIdx.x) * VEC; e < end;
+           e += static_cast<int64_t>(blockDim.x) * VEC) {
+        const int64_t n = fast_div ? static_cast<int64_t>(by_plane.div(static_cast<uint32_t>(e))) : e / S;
+        visit((n * C + c) * S + (e - n * S));
+      }
+    } else {
+      for (int64_t i = start; i < end;) {  // block-uniform loop over the planes this chunk touches
+        const int64_t n = i / S;
+        const int64_t s = i - n * S;
+        const int64_t len = min(end - i, S - s);
+        const int64_t base = (n * C + c) * S + s;
+        for (int64_t j = static_cast<int64_t>(threadIdx.x) * VEC; j < len; j += static_cast<int64_t>(blockDim.x) * VEC)
+          visit(base + j);
+        i += len;
+      }
     }
     p = block_reduce<kR>(p);
     if (threadIdx.x == 0) partials[c * gridDim.x + blockIdx.x] = p;
@@ -338,10 +417,14 @@ Tensor launch_reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, c
     Tensor partials = at::empty({g.C, parts, 3}, like.options().dtype(acc_dtype));
     const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(std::min<int64_t>(g.C, 65535)));
     auto* out = reinterpret_cast<Partial<acc_t>*>(partials.mutable_data_ptr<acc_t>());
+    // S fits 32 bits whenever the kernel divides with it (rows < 2^31 there)
+    const FastDiv32 by_plane(static_cast<uint32_t>(std::min<int64_t>(g.S, std::numeric_limits<int32_t>::max())));
     if (vec) {
-      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, kVec><<<grid, kThreads, 0, stream>>>(x, dy, mean, g.C, g.S, rows, chunk, out);
+      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, kVec><<<grid, kThreads, 0, stream>>>(
+          x, dy, mean, g.C, g.S, rows, chunk, by_plane, out);
     } else {
-      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, 1><<<grid, kThreads, 0, stream>>>(x, dy, mean, g.C, g.S, rows, chunk, out);
+      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, 1><<<grid, kThreads, 0, stream>>>(
+          x, dy, mean, g.C, g.S, rows, chunk, by_plane, out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return partials;
