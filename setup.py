@@ -85,12 +85,12 @@ def extension():
     # own objects, and without the flag its `#pragma omp parallel` is dropped (serial loops).
     # The library then needs libgomp.so.1, and the loader reuses the one torch already loaded.
     cxx = opt + ["-fvisibility=hidden"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
-    # -lstdc++: link the C++ runtime dynamically, whatever the compiler adds. A g++ that appends
-    # -static-libstdc++ (the GPU machine's CXX wrapper does) leaves a private libstdc++ copy in
-    # the extension whose streams mix with the process's: formatting an integer into an error
-    # message then crashed (SIGSEGV) or printed nothing. An explicit -lstdc++ among our arguments
-    # resolves those symbols from libstdc++.so.6, the one torch itself uses.
-    link = ["-fopenmp", "-lstdc++"] if sys.platform.startswith("linux") else []
+    # The C++ runtime must not be mixed: a g++ that adds -static-libstdc++ (the GPU machine's CXX
+    # wrapper does) leaves a libstdc++ copy in the extension whose exported symbols resolve partly
+    # to the process's libstdc++.so.6 (loaded by torch); formatting an integer into an error
+    # message then crashed (SIGSEGV) or printed nothing. -lstdc++ among our arguments links the
+    # shared runtime where the driver lets it; --exclude-libs keeps any static copy private.
+    link = ["-fopenmp", "-lstdc++", "-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if cuda_wanted(cuda_sources):
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   echo "CXX=${CXX:-} CC=${CC:-}"; command -v c++ g++ gcc
-  ls -la /opt/gcc/bin/g++ 2>&1; /opt/gcc/bin/g++ --version 2>&1 | head -1; g++ --version 2>&1 | head -1
+  ls -la /opt/gcc/bin/g++ 2>&1; cat /opt/gcc/bin/g++ 2>&1; /opt/gcc/bin/g++ --version 2>&1 | head -1; g++ --version 2>&1 | head -1
   ldd bn_ext/_C*.so | grep -E "stdc|gcc_s|gomp|libc\.so"
   readelf -SW bn_ext/_C*.so | grep -E "eh_frame"
   $PY -c "import torch; print('cxx11abi', torch._C._GLIBCXX_USE_CXX11_ABI); print(torch.__config__.show()[:500])"
