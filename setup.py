@@ -85,11 +85,12 @@ def extension():
     # own objects, and without the flag its `#pragma omp parallel` is dropped (serial loops).
     # The library then needs libgomp.so.1, and the loader reuses the one torch already loaded.
     cxx = opt + ["-fvisibility=hidden"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
-    # The C++ runtime must not be mixed: a g++ that adds -static-libstdc++ (the GPU machine's CXX
-    # wrapper does) leaves a libstdc++ copy in the extension whose exported symbols resolve partly
-    # to the process's libstdc++.so.6 (loaded by torch); formatting an integer into an error
-    # message then crashed (SIGSEGV) or printed nothing. -lstdc++ among our arguments links the
-    # shared runtime where the driver lets it; --exclude-libs keeps any static copy private.
+    # The C++ runtime must not be mixed. The GPU machine's g++ is a wrapper whose -B search path
+    # finds a static libstdc++ (even for an explicit -lstdc++), so the extension got its own
+    # copy; that copy's exported symbols then resolved partly to the process's libstdc++.so.6
+    # (loaded by torch), and formatting an integer into an error message crashed (SIGSEGV).
+    # -lstdc++ links the shared runtime wherever the search path has it; --exclude-libs keeps any
+    # static copy private to the extension (tests/test_errors.py checks that none is exported).
     link = ["-fopenmp", "-lstdc++", "-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if cuda_wanted(cuda_sources):

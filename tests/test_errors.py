@@ -1,4 +1,8 @@
 """Bad input raises a clear error naming the argument, and leaves every buffer untouched."""
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -136,3 +140,16 @@ def test_device_mismatch_is_reported():
     with pytest.raises(RuntimeError, match="running_mean: expected a tensor on cuda"):
         m(x)
     assert_untouched(m, before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_extension_shares_the_process_cpp_runtime():
+    """The extension must not export a libstdc++ copy of its own: linked statically (a g++ whose
+    search path holds only libstdc++.a), its stream code mixed with the process's libstdc++.so.6
+    and formatting an integer into an error message crashed the process. ostream::_M_insert<long>
+    is instantiated inside libstdc++ only, so it is defined in our library only if a copy is."""
+    lib = bn_ext._C.__file__
+    out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    assert "_ZNSo9_M_insertIlEERSoT_" not in out, f"{lib} exports a static libstdc++'s symbols"
+    with pytest.raises(RuntimeError, match=r"got 1-D input of size \[5\]"):
+        ops.batch_norm_stats(torch.randn(5))
