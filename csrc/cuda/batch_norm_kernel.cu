@@ -97,6 +97,32 @@ struct PlainDiv64 {
 
 enum class Pass { kForward, kBackwardTrain, kBackwardEval };
 
+// out[i, i + VEC) from a (and b, the backward's x) by the pass's formula, with coef(j, m) giving
+// coefficient m of lane j's channel; both elementwise kernels below share it.
+template <Pass kPass, typename scalar_t, typename acc_t, int VEC, typename index_t, typename Coef>
+__device__ __forceinline__ void transform_vec(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                              scalar_t* __restrict__ out, index_t i, const Coef& coef) {
+  const Vec<scalar_t, VEC> va = load_vec<scalar_t, VEC>(a + i);
+  Vec<scalar_t, VEC> vb;
+  if (kPass == Pass::kBackwardTrain) vb = load_vec<scalar_t, VEC>(b + i);
+  Vec<scalar_t, VEC> vo;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t xa = static_cast<acc_t>(va.v[j]);
+    acc_t r;
+    if (kPass == Pass::kForward) {
+      r = ((xa - coef(j, 0)) - coef(j, 1)) * coef(j, 2) + coef(j, 3);
+    } else if (kPass == Pass::kBackwardTrain) {
+      const acc_t xb = static_cast<acc_t>(vb.v[j]);
+      r = coef(j, 2) * xa + coef(j, 3) * ((xb - coef(j, 0)) - coef(j, 1)) + coef(j, 4);
+    } else {
+      r = coef(j, 2) * xa;
+    }
+    vo.v[j] = static_cast<scalar_t>(r);
+  }
+  *reinterpret_cast<Vec<scalar_t, VEC>*>(out + i) = vo;
+}
+
 template <Pass kPass, typename scalar_t, typename acc_t, int VEC, bool kNSC, typename index_t, typename Div>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t* __restrict__ out,
@@ -107,26 +133,9 @@ __global__ void __launch_bounds__(kThreads)
     // channel of element i: NC(D)HW (i / S) % C; channels-last i % C
     const index_t q = kNSC ? i : static_cast<index_t>(by_inner.div(i));
     const index_t c0 = q - static_cast<index_t>(by_channels.div(q)) * C;
-    const Vec<scalar_t, VEC> va = load_vec<scalar_t, VEC>(a + i);
-    Vec<scalar_t, VEC> vb;
-    if (kPass == Pass::kBackwardTrain) vb = load_vec<scalar_t, VEC>(b + i);
-    Vec<scalar_t, VEC> vo;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const index_t c = kNSC ? c0 + j : c0;  // a vector never crosses a plane (NCS) or a row (NSC)
-      const acc_t xa = static_cast<acc_t>(va.v[j]);
-      acc_t r;
-      if (kPass == Pass::kForward) {
-        r = ((xa - k[c]) - k[C + c]) * k[2 * C + c] + k[3 * C + c];
-      } else if (kPass == Pass::kBackwardTrain) {
-        const acc_t xb = static_cast<acc_t>(vb.v[j]);
-        r = k[2 * C + c] * xa + k[3 * C + c] * ((xb - k[c]) - k[C + c]) + k[4 * C + c];
-      } else {
-        r = k[2 * C + c] * xa;
-      }
-      vo.v[j] = static_cast<scalar_t>(r);
-    }
-    *reinterpret_cast<Vec<scalar_t, VEC>*>(out + i) = vo;
+    // a vector never crosses a plane (NCS) or a row (NSC)
+    transform_vec<kPass, scalar_t, acc_t, VEC>(a, b, out, i,
+                                               [&](int j, int m) { return k[m * C + (kNSC ? c0 + j : c0)]; });
   }
 }
 
@@ -145,38 +154,19 @@ __global__ void __launch_bounds__(kThreads)
   const index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= lanes) return;
   const index_t c0 = (t % slots) * VEC;
-  acc_t k0[VEC], k1[VEC], k2[VEC], k3[VEC], k4[VEC];
+  acc_t kr[5][VEC];  // the pass's coefficients of this thread's VEC channels
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    k2[j] = k[2 * C + c0 + j];
+    kr[2][j] = k[2 * C + c0 + j];
     if (kPass != Pass::kBackwardEval) {
-      k0[j] = k[c0 + j];
-      k1[j] = k[C + c0 + j];
-      k3[j] = k[3 * C + c0 + j];
+      kr[0][j] = k[c0 + j];
+      kr[1][j] = k[C + c0 + j];
+      kr[3][j] = k[3 * C + c0 + j];
     }
-    if (kPass == Pass::kBackwardTrain) k4[j] = k[4 * C + c0 + j];
+    if (kPass == Pass::kBackwardTrain) kr[4][j] = k[4 * C + c0 + j];
   }
-  for (index_t v = t; v < nvec; v += lanes) {
-    const index_t i = v * VEC;
-    const Vec<scalar_t, VEC> va = load_vec<scalar_t, VEC>(a + i);
-    Vec<scalar_t, VEC> vb;
-    if (kPass == Pass::kBackwardTrain) vb = load_vec<scalar_t, VEC>(b + i);
-    Vec<scalar_t, VEC> vo;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t xa = static_cast<acc_t>(va.v[j]);
-      acc_t r;
-      if (kPass == Pass::kForward) {
-        r = ((xa - k0[j]) - k1[j]) * k2[j] + k3[j];
-      } else if (kPass == Pass::kBackwardTrain) {
-        r = k2[j] * xa + k3[j] * ((static_cast<acc_t>(vb.v[j]) - k0[j]) - k1[j]) + k4[j];
-      } else {
-        r = k2[j] * xa;
-      }
-      vo.v[j] = static_cast<scalar_t>(r);
-    }
-    *reinterpret_cast<Vec<scalar_t, VEC>*>(out + i) = vo;
-  }
+  for (index_t v = t; v < nvec; v += lanes)
+    transform_vec<kPass, scalar_t, acc_t, VEC>(a, b, out, v * VEC, [&](int j, int m) { return kr[m][j]; });
 }
 
 template <Pass kPass, typename scalar_t, typename acc_t>
