@@ -16,8 +16,14 @@ all: test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# torch 2.14.1 (a CUDA build) takes about 5.6 GB in the venv, plus room to unpack it: warn early
+# when the disk is short instead of leaving only pip's "No space left on device".
 $(DEPS): requirements-dev.txt | $(PY)
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@free_kb=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
+	if [ -n "$$free_kb" ] && [ "$$free_kb" -lt 8000000 ]; then \
+	  echo "make: warning: $$((free_kb / 1024)) MB free where $(VENV) lives; installing torch needs about 8 GB" >&2; \
+	fi
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
