@@ -57,3 +57,13 @@ def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
     assert lines[0].startswith("# {")  # the machine, as JSON
     assert len(list(csv.DictReader(lines[1:]))) == len(rows)
     assert (tmp_path / "bench-t.png").exists()
+
+
+def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
+    # benchmarks/bench-cpu.* hold a whole suite; a run with --shapes/--mode must write elsewhere
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3",
+           "--mode", "eval_fwd", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.glob("bench-*.csv")) == ["bench-cpu-partial.csv"]

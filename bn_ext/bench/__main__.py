@@ -367,6 +367,9 @@ def main(argv=None):
                    help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)")
     args = p.parse_args(argv)
     allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
+    # A filtered run (--shapes, --dtype, --mode) writes bench-<device>-partial.*, so that it never
+    # overwrites the results of a whole suite kept in benchmarks/.
+    partial = bool(args.shapes) or args.dtype is not None or set(args.mode.split(",")) != set(MODES)
     if args.dtype is None:
         args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
     if args.rounds is None:
@@ -378,7 +381,7 @@ def main(argv=None):
     rows = run(args)
     info = machine_info(args.device, allocator)
     print_table(rows, info)
-    tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}"
+    tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}{'-partial' if partial else ''}"
     base = write_results(rows, info, args.out, tag)
     print(f"wrote {base}.csv and {base}.json" + (f" and {base}.png" if write_plot(rows, info, base + ".png") else " (no plot: matplotlib is not installed)"))
     if any(r["parity"] != "ok" for r in rows):
