@@ -6,8 +6,8 @@
 // only, never to shared inline code.
 //
 // Statistics: one sweep of shifted sums, sum(x - shift) and sum((x - shift)^2), where `shift` is
-// the mean of the channel's first few elements. The SIMD builds sum short chunks (up to 64
-// values, or a few channels-last rows) in float32 against the shift rounded to float32 and widen
+// the mean of the channel's first few elements. The SIMD builds sum short chunks (512 values
+// in the AVX-512 build, 32 in the AVX2 one, or a few channels-last rows) in float32 against the shift rounded to float32 and widen
 // each chunk into the float64 sums, correcting for that rounding; the baseline sums in float64.
 // With the shift near the mean the variance does not cancel (a float32 sum of squares of raw
 // values would), and blocks merge by plain addition. Blocks have shape-only boundaries and are added in block order, so
@@ -231,7 +231,10 @@ inline double hsum8(__m512d v) {
   _mm512_store_pd(t, v);
   return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
-constexpr int64_t kChunk16 = 64;  // values summed in float32 before widening, 16-wide loops
+// Values summed in float32 before widening, 16-wide loops: 16 terms per lane of each of the two
+// pairs of chunk sums. Widening costs 10 instructions per chunk; with 64-value chunks that was 40%
+// of a bfloat16 sweep (19.8 -> 30 G values/s per core on Zen 5 going from 64 to 512).
+constexpr int64_t kChunk16 = 512;
 #endif
 #endif  // BN_EXT_AVX2_INTRINSICS
 
@@ -271,12 +274,19 @@ template <typename Body>
 inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
   for (int64_t n = 0; n < len; n += kChunk16) {
     const int64_t end = std::min(len, n + kChunk16);
-    __m512 fa = _mm512_setzero_ps(), fb = fa;
+    __m512 fa = _mm512_setzero_ps(), fb = fa, ga = fa, gb = fa;
     int64_t j = n;
-    for (; j + 16 <= end; j += 16) body(j, 16, fa, fb);
-    if (j < end) body(j, end - j, fa, fb);
-    acc.a = widen_add(acc.a, fa);
-    acc.b = widen_add(acc.b, fb);
+    for (; j + 32 <= end; j += 32) {
+      body(j, 16, fa, fb);
+      body(j + 16, 16, ga, gb);
+    }
+    if (j + 16 <= end) {
+      body(j, 16, fa, fb);
+      j += 16;
+    }
+    if (j < end) body(j, end - j, ga, gb);
+    acc.a = widen_add(acc.a, _mm512_add_ps(fa, ga));
+    acc.b = widen_add(acc.b, _mm512_add_ps(fb, gb));
   }
   acc.n += static_cast<double>(len);
 }
