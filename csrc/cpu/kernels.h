@@ -471,12 +471,24 @@ inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t
                                 const double* shift, double* s1, double* s2) {
   const __m512d sh[2] = {_mm512_loadu_pd(shift + c), _mm512_loadu_pd(shift + c + 8)};
   const __m512 shf = narrow16(sh[0], sh[1]);
-  __m512 fa = _mm512_setzero_ps(), fb = fa;
-  for (int64_t r = r0; r < r1; ++r) {
+  // even and odd rows into two pairs of sums: one chain of dependent FMAs would set the pace
+  __m512 fa = _mm512_setzero_ps(), fb = fa, ga = fa, gb = fa;
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const __m512 d = _mm512_sub_ps(load16(x + r * C + c), shf);
+    const __m512 e = _mm512_sub_ps(load16(x + (r + 1) * C + c), shf);
+    fa = _mm512_add_ps(fa, d);
+    fb = _mm512_fmadd_ps(d, d, fb);
+    ga = _mm512_add_ps(ga, e);
+    gb = _mm512_fmadd_ps(e, e, gb);
+  }
+  if (r < r1) {
     const __m512 d = _mm512_sub_ps(load16(x + r * C + c), shf);
     fa = _mm512_add_ps(fa, d);
     fb = _mm512_fmadd_ps(d, d, fb);
   }
+  fa = _mm512_add_ps(fa, ga);
+  fb = _mm512_add_ps(fb, gb);
   const __m512d n = _mm512_set1_pd(static_cast<double>(r1 - r0));
   const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
   const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
