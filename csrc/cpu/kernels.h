@@ -250,12 +250,25 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
 // One reduction block's two sums while its runs are added. The AVX-512 build keeps them as eight
 // float64 lanes of widened float32 chunk sums (taken against the float32-rounded shift or mean),
 // added across runs and reduced once, when the block finishes: a horizontal sum per run would
-// cost more than a 7x7 plane's run itself. The other builds sum into sa and sb.
+// cost more than a 7x7 plane's run itself. The float32 chunk sums (two pairs, f and g, taking
+// alternate vectors) carry over from one run to the next and are widened every kChunkVectors
+// vectors and when the block finishes, not per run: four 49-value runs of a 7x7 channel widen
+// once, not four times. The other builds sum into sa and sb.
 struct LaneSums {
 #ifdef BN_EXT_AVX512BF16
   __m512d a, b;
-  double n = 0;  // values in the lanes
-  LaneSums() : a(_mm512_setzero_pd()), b(_mm512_setzero_pd()) {}  // user-provided: built for AVX-512
+  __m512 fa, fb, ga, gb;
+  int64_t vecs = 0;  // vectors added into f and g since they were last widened
+  double n = 0;      // values in the lanes
+  LaneSums()  // user-provided: built for AVX-512
+      : a(_mm512_setzero_pd()), b(a), fa(_mm512_setzero_ps()), fb(fa), ga(fa), gb(fa) {}
+  void widen();
+  // The sums with the pending float32 chunk sums widened in.
+  LaneSums flushed() const {
+    LaneSums t = *this;
+    t.widen();
+    return t;
+  }
 #endif
   double sa = 0, sb = 0;
 };
@@ -276,26 +289,35 @@ inline void add_grad_sums(double A, double B, double mean, double* sum_dy, doubl
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 #ifdef BN_EXT_AVX512BF16
-// Values [0, len) of a run in chunks of kChunk16, the last vector masked: body(j, n, fa, fb) adds
-// the vector at j, whose first n lanes are values (n = 16 but for the last), into the float32
-// chunk sums fa/fb, which are widened into acc's lanes after each chunk.
+inline void LaneSums::widen() {
+  a = widen_add(a, _mm512_add_ps(fa, ga));
+  b = widen_add(b, _mm512_add_ps(fb, gb));
+  fa = fb = ga = gb = _mm512_setzero_ps();
+  vecs = 0;
+}
+
+// Vectors summed in float32 before widening: at most this many terms in any lane of f and g.
+constexpr int64_t kChunkVectors = kChunk16 / 16;
+
+// Values [0, len) of a run, the last vector masked: body(j, n, fa, fb) adds the vector at j, whose
+// first n lanes are values (n = 16 but for the last), into the float32 chunk sums fa/fb (acc's f
+// or g pair, alternately), widened into acc's lanes every kChunkVectors vectors.
 template <typename Body>
 inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
-  for (int64_t n = 0; n < len; n += kChunk16) {
-    const int64_t end = std::min(len, n + kChunk16);
-    __m512 fa = _mm512_setzero_ps(), fb = fa, ga = fa, gb = fa;
-    int64_t j = n;
-    for (; j + 32 <= end; j += 32) {
-      body(j, 16, fa, fb);
-      body(j + 16, 16, ga, gb);
-    }
-    if (j + 16 <= end) {
-      body(j, 16, fa, fb);
-      j += 16;
-    }
-    if (j < end) body(j, end - j, ga, gb);
-    acc.a = widen_add(acc.a, _mm512_add_ps(fa, ga));
-    acc.b = widen_add(acc.b, _mm512_add_ps(fb, gb));
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    body(j, 16, acc.fa, acc.fb);
+    body(j + 16, 16, acc.ga, acc.gb);
+    if ((acc.vecs += 2) >= kChunkVectors) acc.widen();
+  }
+  if (j + 16 <= len) {
+    body(j, 16, acc.fa, acc.fb);
+    j += 16;
+    if (++acc.vecs >= kChunkVectors) acc.widen();
+  }
+  if (j < len) {
+    body(j, len - j, acc.ga, acc.gb);
+    if (++acc.vecs >= kChunkVectors) acc.widen();
   }
   acc.n += static_cast<double>(len);
 }
@@ -845,7 +867,8 @@ inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double
   *s1 = acc.sa;
   *s2 = acc.sb;
 #ifdef BN_EXT_AVX512BF16
-  add_shifted_sums(hsum8(acc.a), hsum8(acc.b), acc.n, shift, s1, s2);
+  const LaneSums t = acc.flushed();
+  add_shifted_sums(hsum8(t.a), hsum8(t.b), t.n, shift, s1, s2);
 #else
   (void)shift;
 #endif
@@ -887,7 +910,8 @@ inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double
   *sum_dy = acc.sa;
   *sum_dy_xmu = acc.sb;
 #ifdef BN_EXT_AVX512BF16
-  add_grad_sums(hsum8(acc.a), hsum8(acc.b), mean, sum_dy, sum_dy_xmu);
+  const LaneSums t = acc.flushed();
+  add_grad_sums(hsum8(t.a), hsum8(t.b), mean, sum_dy, sum_dy_xmu);
 #else
   (void)mean;
 #endif
