@@ -497,11 +497,30 @@ inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t 
 
 #ifdef BN_EXT_AVX512BF16
 // shifted_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
+// Sixteen channels' float32 tile sums (fa of x - shf, fb of its squares, over `rows` rows, shf the
+// shift rounded to float32) added into their float64 sums s1/s2 with that rounding corrected.
+inline void add_tile16_sums(__m512 fa, __m512 fb, __m512 shf, const double* shift, int64_t rows, double* s1,
+                            double* s2) {
+  const __m512d n = _mm512_set1_pd(static_cast<double>(rows));
+  const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
+  const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
+  const __m512d shf_d[2] = {_mm512_cvtps_pd(lower8(shf)), _mm512_cvtps_pd(upper8(shf))};
+  for (int h = 0; h < 2; ++h) {
+    const __m512d rest = _mm512_sub_pd(_mm512_loadu_pd(shift + 8 * h), shf_d[h]);
+    const __m512d nr = _mm512_mul_pd(n, rest);
+    const __m512d a = _mm512_sub_pd(_mm512_add_pd(_mm512_loadu_pd(s1 + 8 * h), sa[h]), nr);
+    __m512d b = _mm512_add_pd(_mm512_loadu_pd(s2 + 8 * h), sb[h]);
+    b = _mm512_fnmadd_pd(_mm512_add_pd(rest, rest), sa[h], b);
+    b = _mm512_fmadd_pd(nr, rest, b);
+    _mm512_storeu_pd(s1 + 8 * h, a);
+    _mm512_storeu_pd(s2 + 8 * h, b);
+  }
+}
+
 template <typename scalar_t>
 inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                 const double* shift, double* s1, double* s2) {
-  const __m512d sh[2] = {_mm512_loadu_pd(shift + c), _mm512_loadu_pd(shift + c + 8)};
-  const __m512 shf = narrow16(sh[0], sh[1]);
+  const __m512 shf = narrow16(_mm512_loadu_pd(shift + c), _mm512_loadu_pd(shift + c + 8));
   // even and odd rows into two pairs of sums: one chain of dependent FMAs would set the pace
   __m512 fa = _mm512_setzero_ps(), fb = fa, ga = fa, gb = fa;
   int64_t r = r0;
@@ -518,22 +537,31 @@ inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t
     fa = _mm512_add_ps(fa, d);
     fb = _mm512_fmadd_ps(d, d, fb);
   }
-  fa = _mm512_add_ps(fa, ga);
-  fb = _mm512_add_ps(fb, gb);
-  const __m512d n = _mm512_set1_pd(static_cast<double>(r1 - r0));
-  const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
-  const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
-  const __m512d shf_d[2] = {_mm512_cvtps_pd(lower8(shf)), _mm512_cvtps_pd(upper8(shf))};
-  for (int h = 0; h < 2; ++h) {
-    const __m512d rest = _mm512_sub_pd(sh[h], shf_d[h]);
-    const __m512d nr = _mm512_mul_pd(n, rest);
-    const __m512d a = _mm512_sub_pd(_mm512_add_pd(_mm512_loadu_pd(s1 + c + 8 * h), sa[h]), nr);
-    __m512d b = _mm512_add_pd(_mm512_loadu_pd(s2 + c + 8 * h), sb[h]);
-    b = _mm512_fnmadd_pd(_mm512_add_pd(rest, rest), sa[h], b);
-    b = _mm512_fmadd_pd(nr, rest, b);
-    _mm512_storeu_pd(s1 + c + 8 * h, a);
-    _mm512_storeu_pd(s2 + c + 8 * h, b);
+  add_tile16_sums(_mm512_add_ps(fa, ga), _mm512_add_ps(fb, gb), shf, shift + c, r1 - r0, s1 + c, s2 + c);
+}
+
+// Channels [c, c + kWideTileChannels) as 8 vectors side by side (AVX-512 statistics of C >= 128):
+// each row gives 8 independent chains of sums, and every line it touches is used at once, so the
+// tile can take as many rows as the float32 sums allow (for_each_tile8).
+template <typename scalar_t>
+inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                 const double* shift, double* s1, double* s2) {
+  constexpr int V = kWideTileChannels / 16;
+  __m512 shf[V], fa[V], fb[V];
+  for (int v = 0; v < V; ++v) {
+    shf[v] = narrow16(_mm512_loadu_pd(shift + c + 16 * v), _mm512_loadu_pd(shift + c + 16 * v + 8));
+    fa[v] = fb[v] = _mm512_setzero_ps();
   }
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = x + r * C + c;
+    for (int v = 0; v < V; ++v) {
+      const __m512 d = _mm512_sub_ps(load16(row + 16 * v), shf[v]);
+      fa[v] = _mm512_add_ps(fa[v], d);
+      fb[v] = _mm512_fmadd_ps(d, d, fb[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v)
+    add_tile16_sums(fa[v], fb[v], shf[v], shift + c + 16 * v, r1 - r0, s1 + c + 16 * v, s2 + c + 16 * v);
 }
 
 // grad_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
@@ -923,9 +951,10 @@ inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double
 // templates below own the blocking, the parallelism and the block-order merge for both.
 
 // Channels-last rows [r0, r1), channels [c0, c1) (c0 a multiple of 16): tile(c, q0, q1, width) for
-// each tile of 16 or 8 channels over chunks of at most kRowsPerTile rows (AVX2 builds, non-double
-// input). Returns the first channel it did not cover, which the caller finishes with scalar code.
-// Which tile a channel falls in depends on C alone, never on [c0, c1).
+// each tile of kWideTileChannels (the AVX-512 statistics), 16 or 8 channels over chunks of at most
+// kRowsPerTile rows (AVX2 builds, non-double input). Returns the first channel it did not cover,
+// which the caller finishes with scalar code. Which tile a channel falls in depends on C alone,
+// never on [c0, c1) (channel_chunk cuts chunks in whole wide tiles).
 template <typename scalar_t, int64_t kStreams, typename Tile>
 inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int64_t r1, Tile&& tile) {
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -935,7 +964,13 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
     // (C = 1024 floats: every row; C = 64 floats: every 16th).
     const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t period = 4096 / std::gcd<int64_t>(row_bytes, 4096);
-    const int64_t rows = std::clamp<int64_t>(8 * period / kStreams, 1, kRowsPerTile);
+    int64_t rows = std::clamp<int64_t>(8 * period / kStreams, 1, kRowsPerTile);
+#ifdef BN_EXT_AVX512BF16
+    // The statistics' wide tiles use every line of a row they touch at once, so no line waits in
+    // L1 for a later tile and the set limit does not bind: as many rows as the float32 sums take
+    // (the 16-channel tiles of the last channels, if any, share this row count).
+    if (kStreams == 1 && C >= kWideTileChannels) rows = kRowsPerTile;
+#endif
     const int64_t tiled = std::max(c0, std::min(c1, C / 8 * 8));
 #ifdef BN_EXT_AVX512BF16
     const int64_t wide = std::max(c0, std::min(c1, C / 16 * 16));  // 16-channel tiles, then at most one of 8
@@ -944,7 +979,12 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
 #endif
     for (int64_t q0 = r0; q0 < r1; q0 += rows) {
       const int64_t q1 = std::min(r1, q0 + rows);
-      for (int64_t c = c0; c < wide; c += 16) tile(c, q0, q1, 16);
+      int64_t c = c0;
+#ifdef BN_EXT_AVX512BF16
+      if constexpr (kStreams == 1)
+        for (; c + kWideTileChannels <= wide; c += kWideTileChannels) tile(c, q0, q1, kWideTileChannels);
+#endif
+      for (; c < wide; c += 16) tile(c, q0, q1, 16);
       for (int64_t c = wide; c < tiled; c += 8) tile(c, q0, q1, 8);
     }
     return tiled;
@@ -993,6 +1033,7 @@ struct ShiftedSquares {
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<scalar_t, double>) {
 #ifdef BN_EXT_AVX512BF16
+        if (width == kWideTileChannels) return shifted_sums_tile128(x, C, c, q0, q1, shift, a, b);
         if (width == 16) return shifted_sums_tile16(x, C, c, q0, q1, shift, a, b);
 #endif
         shifted_sums_tile8_avx2(x, C, c, q0, q1, shift, a, b);
@@ -1062,7 +1103,10 @@ struct GradSums {
 int64_t channel_chunk(const Geometry& g, int64_t blocks) {
   const int64_t split = std::min(ceil_div(kMinReductionTasksPerThread * at::get_num_threads(), blocks),
                                  g.C / kMinChunkChannels);
-  return split <= 1 ? g.C : ceil_div(ceil_div(g.C, split), 16) * 16;
+  // whole wide tiles where there are any, so that which tile a channel falls in (and so its sums'
+  // float32 rounding) depends on C alone
+  const int64_t unit = g.C >= kWideTileChannels ? kWideTileChannels : 16;
+  return split <= 1 ? g.C : ceil_div(ceil_div(g.C, split), unit) * unit;
 }
 
 // NC(D)HW: the sums of block k of channel c (its flat elements [k * kBlockElems, ...)).
