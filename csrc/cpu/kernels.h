@@ -564,26 +564,57 @@ inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_
     add_tile16_sums(fa[v], fb[v], shf[v], shift + c + 16 * v, r1 - r0, s1 + c + 16 * v, s2 + c + 16 * v);
 }
 
+// Sixteen channels' float32 gradient tile sums (fa of dy, fb of dy * (x - mf), mf the mean rounded
+// to float32) added into their float64 sums with that rounding corrected.
+inline void add_grad_tile16_sums(__m512 fa, __m512 fb, __m512 mf, const double* mean, double* sum_dy,
+                                 double* sum_dy_xmu) {
+  const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
+  const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
+  const __m512d mf_d[2] = {_mm512_cvtps_pd(lower8(mf)), _mm512_cvtps_pd(upper8(mf))};
+  for (int h = 0; h < 2; ++h) {
+    _mm512_storeu_pd(sum_dy + 8 * h, _mm512_add_pd(_mm512_loadu_pd(sum_dy + 8 * h), sa[h]));
+    const __m512d b = _mm512_add_pd(_mm512_loadu_pd(sum_dy_xmu + 8 * h), sb[h]);
+    const __m512d rest = _mm512_sub_pd(_mm512_loadu_pd(mean + 8 * h), mf_d[h]);
+    _mm512_storeu_pd(sum_dy_xmu + 8 * h, _mm512_fnmadd_pd(rest, sa[h], b));
+  }
+}
+
 // grad_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
 template <typename scalar_t>
 inline void grad_sums_tile16(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
-  const __m512d m[2] = {_mm512_loadu_pd(mean + c), _mm512_loadu_pd(mean + c + 8)};
-  const __m512 mf = narrow16(m[0], m[1]);
+  const __m512 mf = narrow16(_mm512_loadu_pd(mean + c), _mm512_loadu_pd(mean + c + 8));
   __m512 fa = _mm512_setzero_ps(), fb = fa;
   for (int64_t r = r0; r < r1; ++r) {
     const __m512 g = load16(dy + r * C + c);
     fa = _mm512_add_ps(fa, g);
     fb = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + r * C + c), mf), fb);
   }
-  const __m512d sa[2] = {_mm512_cvtps_pd(lower8(fa)), _mm512_cvtps_pd(upper8(fa))};
-  const __m512d sb[2] = {_mm512_cvtps_pd(lower8(fb)), _mm512_cvtps_pd(upper8(fb))};
-  const __m512d mf_d[2] = {_mm512_cvtps_pd(lower8(mf)), _mm512_cvtps_pd(upper8(mf))};
-  for (int h = 0; h < 2; ++h) {
-    _mm512_storeu_pd(sum_dy + c + 8 * h, _mm512_add_pd(_mm512_loadu_pd(sum_dy + c + 8 * h), sa[h]));
-    const __m512d b = _mm512_add_pd(_mm512_loadu_pd(sum_dy_xmu + c + 8 * h), sb[h]);
-    _mm512_storeu_pd(sum_dy_xmu + c + 8 * h, _mm512_fnmadd_pd(_mm512_sub_pd(m[h], mf_d[h]), sa[h], b));
+  add_grad_tile16_sums(fa, fb, mf, mean + c, sum_dy + c, sum_dy_xmu + c);
+}
+
+// grad_sums_tile16 for channels [c, c + kWideTileChannels), 8 vectors side by side (as
+// shifted_sums_tile128; a lane's arithmetic is the same as in grad_sums_tile16).
+template <typename scalar_t>
+inline void grad_sums_tile128(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
+  constexpr int V = kWideTileChannels / 16;
+  __m512 mf[V], fa[V], fb[V];
+  for (int v = 0; v < V; ++v) {
+    mf[v] = narrow16(_mm512_loadu_pd(mean + c + 16 * v), _mm512_loadu_pd(mean + c + 16 * v + 8));
+    fa[v] = fb[v] = _mm512_setzero_ps();
   }
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* g = dy + r * C + c;
+    const scalar_t* xr = x + r * C + c;
+    for (int v = 0; v < V; ++v) {
+      const __m512 gv = load16(g + 16 * v);
+      fa[v] = _mm512_add_ps(fa[v], gv);
+      fb[v] = _mm512_fmadd_ps(gv, _mm512_sub_ps(load16(xr + 16 * v), mf[v]), fb[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v)
+    add_grad_tile16_sums(fa[v], fb[v], mf[v], mean + c + 16 * v, sum_dy + c + 16 * v, sum_dy_xmu + c + 16 * v);
 }
 #endif
 
@@ -951,7 +982,7 @@ inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double
 // templates below own the blocking, the parallelism and the block-order merge for both.
 
 // Channels-last rows [r0, r1), channels [c0, c1) (c0 a multiple of 16): tile(c, q0, q1, width) for
-// each tile of kWideTileChannels (the AVX-512 statistics), 16 or 8 channels over chunks of at most
+// each tile of kWideTileChannels (AVX-512 build), 16 or 8 channels over chunks of at most
 // kRowsPerTile rows (AVX2 builds, non-double input). Returns the first channel it did not cover,
 // which the caller finishes with scalar code. Which tile a channel falls in depends on C alone,
 // never on [c0, c1) (channel_chunk cuts chunks in whole wide tiles).
@@ -966,10 +997,10 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
     const int64_t period = 4096 / std::gcd<int64_t>(row_bytes, 4096);
     int64_t rows = std::clamp<int64_t>(8 * period / kStreams, 1, kRowsPerTile);
 #ifdef BN_EXT_AVX512BF16
-    // The statistics' wide tiles use every line of a row they touch at once, so no line waits in
-    // L1 for a later tile and the set limit does not bind: as many rows as the float32 sums take
-    // (the 16-channel tiles of the last channels, if any, share this row count).
-    if (kStreams == 1 && C >= kWideTileChannels) rows = kRowsPerTile;
+    // The wide tiles use every line of a row they touch at once, so no line waits in L1 for a
+    // later tile and the set limit does not bind: as many rows as the float32 sums take (the
+    // 16-channel tiles of the last channels, if any, share this row count).
+    if (C >= kWideTileChannels) rows = kRowsPerTile;
 #endif
     const int64_t tiled = std::max(c0, std::min(c1, C / 8 * 8));
 #ifdef BN_EXT_AVX512BF16
@@ -981,8 +1012,7 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
       const int64_t q1 = std::min(r1, q0 + rows);
       int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
-      if constexpr (kStreams == 1)
-        for (; c + kWideTileChannels <= wide; c += kWideTileChannels) tile(c, q0, q1, kWideTileChannels);
+      for (; c + kWideTileChannels <= wide; c += kWideTileChannels) tile(c, q0, q1, kWideTileChannels);
 #endif
       for (; c < wide; c += 16) tile(c, q0, q1, 16);
       for (int64_t c = wide; c < tiled; c += 8) tile(c, q0, q1, 8);
@@ -1087,6 +1117,7 @@ struct GradSums {
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<scalar_t, double>) {
 #ifdef BN_EXT_AVX512BF16
+        if (width == kWideTileChannels) return grad_sums_tile128(dy, x, C, c, q0, q1, mean, a, b);
         if (width == 16) return grad_sums_tile16(dy, x, C, c, q0, q1, mean, a, b);
 #endif
         grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
