@@ -115,33 +115,37 @@ int64_t rows_per_span(int64_t C) {
   return whole * std::max<int64_t>(1, kSpanValues / (whole * std::max<int64_t>(1, C)));
 }
 
-// fn(offset, width, arrays) over a channels-last tensor, in parallel: spans of rows_per_span(C)
-// rows (width = rows * C values) with the per-channel arrays tiled to the span's width, then the
-// last rows (fewer than a span) one by one with the arrays as given.
+// Spans handed to one call of the elementwise passes, which load each vector's coefficients once
+// for all of them (rows `width` apart: a few sequential streams).
+constexpr int64_t kSpansPerCall = 4;
+
+// fn(offset, width, count, arrays) over a channels-last tensor, in parallel: `count` (at most
+// kSpansPerCall) consecutive spans of rows_per_span(C) rows each (width = rows * C values), the
+// per-channel arrays tiled to the span's width; then the last rows (fewer than a span) one by one
+// with the arrays as given.
 template <typename T, size_t K, typename Fn>
 void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn,
                         Sweep order = Sweep::kForward) {
   const int64_t rows = rows_per_span(g.C);
-  if (rows == 1) {
-    parallel_rows(g, [&](int64_t off) { fn(off, g.C, arrays); }, order);
-    return;
-  }
   const int64_t width = rows * g.C;
   std::array<std::vector<T>, K> tiled;
-  std::array<const T*, K> tiled_ptrs;
-  for (size_t k = 0; k < K; ++k) {
-    tiled[k].resize(width);
-    for (int64_t i = 0; i < width; ++i) tiled[k][i] = arrays[k][i % g.C];
-    tiled_ptrs[k] = tiled[k].data();
+  std::array<const T*, K> spans_arrays = arrays;
+  if (rows > 1) {
+    for (size_t k = 0; k < K; ++k) {
+      tiled[k].resize(width);
+      for (int64_t i = 0; i < width; ++i) tiled[k][i] = arrays[k][i % g.C];
+      spans_arrays[k] = tiled[k].data();
+    }
   }
   const int64_t spans = g.rows() / rows;
   const int64_t grain = std::max<int64_t>(1, kElemGrain / width);
   at::parallel_for(0, spans, grain, [&](int64_t begin, int64_t end) {
     sweep(begin, end, grain, order, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) fn(r * width, width, tiled_ptrs);
+      for (int64_t r = lo; r < hi; r += kSpansPerCall)
+        fn(r * width, width, std::min(kSpansPerCall, hi - r), spans_arrays);
     });
   });
-  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, arrays);
+  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, int64_t{1}, arrays);
 }
 
 // ---- statistics ------------------------------------------------------------------------------
@@ -659,7 +663,7 @@ inline float normalize_one(float x, float hi, float lo, float sc, float sh) { re
 
 // The elementwise loops are written once over a vector width L (Lanes8: AVX2, Lanes16: the
 // AVX-512 build's bodies, run first) and a per-channel coefficient K: Broadcast (one channel's
-// run, NC(D)HW) or PerLane (a channels-last row, one coefficient per channel).
+// run, NC(D)HW) or PerLane (channels-last spans, one coefficient per position).
 struct Lanes8 {
   using vec = __m256;
   static constexpr int64_t width = 8;
@@ -691,6 +695,9 @@ struct Lanes16 {
 };
 #endif
 
+// The row count of an NC(D)HW run: one, known at compile time (the row loops vanish).
+using OneRow = std::integral_constant<int64_t, 1>;
+
 struct Broadcast {
   float v;
   template <typename L>
@@ -704,47 +711,53 @@ struct PerLane {
   float scalar(int64_t i) const { return p[i]; }
 };
 
-// y[i] = ((x[i] - hi) - lo) * sc + sh, or x[i] * sc + sh where the mean is folded into the shift,
-// for whole vectors of L from i on; returns where it stopped.
-template <typename L, typename scalar_t, typename K>
-inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, const K& hi, const K& lo,
-                                 const K& sc, const K& sh, bool folded) {
-  if (folded) {
-    for (; i + L::width <= n; i += L::width)
-      L::store(y + i, L::fmadd(L::load(x + i), sc.template at<L>(i), sh.template at<L>(i)));
-    return i;
-  }
+// y = ((x - hi) - lo) * sc + sh, or x * sc + sh where the mean is folded into the shift, for
+// whole vectors of L from position i on in each of `rows` rows of n values (n apart); each
+// vector's coefficients are taken once for all the rows (a channels-last span's coefficients
+// are loads, two to four per vector, which outnumber the data's own unless rows share them).
+// Returns where it stopped.
+template <typename L, typename scalar_t, typename Rows, typename K>
+inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, Rows rows, const K& hi,
+                                 const K& lo, const K& sc, const K& sh, bool folded) {
   for (; i + L::width <= n; i += L::width) {
-    const typename L::vec v = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
-    L::store(y + i, L::fmadd(v, sc.template at<L>(i), sh.template at<L>(i)));
+    const typename L::vec s = sc.template at<L>(i), t = sh.template at<L>(i);
+    if (folded) {
+      for (int64_t r = 0; r < rows; ++r) L::store(y + r * n + i, L::fmadd(L::load(x + r * n + i), s, t));
+      continue;
+    }
+    const typename L::vec h = hi.template at<L>(i), l = lo.template at<L>(i);
+    for (int64_t r = 0; r < rows; ++r)
+      L::store(y + r * n + i, L::fmadd(L::sub(L::sub(L::load(x + r * n + i), h), l), s, t));
   }
   return i;
 }
 
 // normalize_vectors, then the scalar tail (the same formula, so where vectors end cannot matter).
-template <typename scalar_t, typename K>
-inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& hi, const K& lo, const K& sc,
-                           const K& sh, bool folded) {
+template <typename scalar_t, typename Rows, typename K>
+inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows, const K& hi, const K& lo,
+                           const K& sc, const K& sh, bool folded) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = normalize_vectors<Lanes16>(x, y, i, n, hi, lo, sc, sh, folded);
+  i = normalize_vectors<Lanes16>(x, y, i, n, rows, hi, lo, sc, sh, folded);
 #endif
-  i = normalize_vectors<Lanes8>(x, y, i, n, hi, lo, sc, sh, folded);
-  for (; i < n; ++i)
-    y[i] = static_cast<scalar_t>(
-        normalize_one(static_cast<float>(x[i]), hi.scalar(i), lo.scalar(i), sc.scalar(i), sh.scalar(i)));
+  i = normalize_vectors<Lanes8>(x, y, i, n, rows, hi, lo, sc, sh, folded);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = i; j < n; ++j)
+      y[r * n + j] = static_cast<scalar_t>(
+          normalize_one(static_cast<float>(x[r * n + j]), hi.scalar(j), lo.scalar(j), sc.scalar(j), sh.scalar(j)));
 }
 
 template <typename scalar_t>
 inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh) {
   // hi == lo == 0: the mean folded into the shift (forward_coeffs)
-  normalize_span(x, y, len, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f);
+  normalize_span(x, y, len, OneRow{}, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f);
 }
 
+// Channels-last: `rows` spans of `width` values, one coefficient per position.
 template <typename scalar_t>
-inline void normalize_row_avx2(const scalar_t* x, scalar_t* y, int64_t C, const float* hi, const float* lo,
-                               const float* sc, const float* sh, bool folded) {
-  normalize_span(x, y, C, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded);
+inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, int64_t rows, const float* hi,
+                                const float* lo, const float* sc, const float* sh, bool folded) {
+  normalize_span(x, y, width, rows, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded);
 }
 
 // Channels-last sums streamed row after row: one sequential stream per tensor read, which the
@@ -838,54 +851,64 @@ inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi,
 // dx[i] = kx * ((x[i] - hi) - lo) + (kd * dy[i] + k0) in training (kx * x[i] + ... where the
 // mean is folded into k0), kd * dy[i] in eval, for whole vectors of L from i on; returns where it
 // stopped.
-template <typename L, bool kTraining, typename scalar_t, typename K>
+// dx from dy and x for whole vectors of L from position i on in each of `rows` rows of n values
+// (as normalize_vectors: each vector's coefficients taken once for all the rows).
+template <typename L, bool kTraining, typename scalar_t, typename Rows, typename K>
 inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t i, int64_t n,
-                                  const K& kd, const K& kx, const K& k0, const K& hi, const K& lo, bool folded) {
-  if (kTraining && folded) {
-    for (; i + L::width <= n; i += L::width) {
-      const typename L::vec v = L::fmadd(kd.template at<L>(i), L::load(dy + i), k0.template at<L>(i));
-      L::store(dx + i, L::fmadd(kx.template at<L>(i), L::load(x + i), v));
-    }
-    return i;
-  }
+                                  Rows rows, const K& kd, const K& kx, const K& k0, const K& hi, const K& lo,
+                                  bool folded) {
   for (; i + L::width <= n; i += L::width) {
-    typename L::vec v;
-    if (kTraining) {
-      const typename L::vec xc = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
-      v = L::fmadd(kx.template at<L>(i), xc, L::fmadd(kd.template at<L>(i), L::load(dy + i), k0.template at<L>(i)));
-    } else {
-      v = L::mul(kd.template at<L>(i), L::load(dy + i));
+    const typename L::vec d = kd.template at<L>(i);
+    if (!kTraining) {
+      for (int64_t r = 0; r < rows; ++r) L::store(dx + r * n + i, L::mul(d, L::load(dy + r * n + i)));
+      continue;
     }
-    L::store(dx + i, v);
+    const typename L::vec kxv = kx.template at<L>(i), k0v = k0.template at<L>(i);
+    if (folded) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t j = r * n + i;
+        L::store(dx + j, L::fmadd(kxv, L::load(x + j), L::fmadd(d, L::load(dy + j), k0v)));
+      }
+      continue;
+    }
+    const typename L::vec h = hi.template at<L>(i), l = lo.template at<L>(i);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = r * n + i;
+      const typename L::vec xc = L::sub(L::sub(L::load(x + j), h), l);
+      L::store(dx + j, L::fmadd(kxv, xc, L::fmadd(d, L::load(dy + j), k0v)));
+    }
   }
   return i;
 }
 
-template <bool kTraining, typename scalar_t, typename K>
-inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, const K& kd, const K& kx,
-                            const K& k0, const K& hi, const K& lo, bool folded) {
+template <bool kTraining, typename scalar_t, typename Rows, typename K>
+inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, Rows rows, const K& kd,
+                            const K& kx, const K& k0, const K& hi, const K& lo, bool folded) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded);
+  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded);
 #endif
-  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded);
-  for (; i < n; ++i)
-    dx[i] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[i]), static_cast<float>(x[i]),
-                                                      kd.scalar(i), kx.scalar(i), k0.scalar(i), hi.scalar(i),
-                                                      lo.scalar(i)));
+  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = i; j < n; ++j)
+      dx[r * n + j] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[r * n + j]),
+                                                                static_cast<float>(x[r * n + j]), kd.scalar(j),
+                                                                kx.scalar(j), k0.scalar(j), hi.scalar(j), lo.scalar(j)));
 }
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
                                 float k0, float hi, float lo) {
-  grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
+  grad_input_span<kTraining>(dy, x, dx, len, OneRow{}, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
                              Broadcast{lo}, hi == 0.0f && lo == 0.0f);
 }
 
 template <typename scalar_t, bool kTraining>
-inline void grad_input_row_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const float* kd,
-                                const float* kx, const float* k0, const float* hi, const float* lo, bool folded) {
-  grad_input_span<kTraining>(dy, x, dx, C, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo}, folded);
+inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width, int64_t rows,
+                                 const float* kd, const float* kx, const float* k0, const float* hi, const float* lo,
+                                 bool folded) {
+  grad_input_span<kTraining>(dy, x, dx, width, rows, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo},
+                             folded);
 }
 #endif
 
@@ -1336,8 +1359,8 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = a.folded();
-    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, const auto& k) {
-      normalize_row_avx2(x + off, y + off, width, k[0], k[1], k[2], k[3], folded);
+    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, int64_t n, const auto& k) {
+      normalize_rows_avx2(x + off, y + off, width, n, k[0], k[1], k[2], k[3], folded);
     }, order);
     return;
   }
@@ -1433,9 +1456,9 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = k.folded();
-    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, const auto& c) {
-      grad_input_row_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4],
-                                               folded);
+    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, int64_t n, const auto& c) {
+      grad_input_rows_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, n, c[0], c[1], c[2], c[3], c[4],
+                                                folded);
     }, order);
     return;
   }
