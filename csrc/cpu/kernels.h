@@ -1378,7 +1378,8 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
 // square root and division -> elementwise pass is a chain of latencies the core cannot overlap
 // with the next channel's work (13% of a (4, 2048, 7, 7) bfloat16 training forward waited on the
 // square root). A group holds at most kChannelGroupBytes of the tensors read, so that it is still
-// in L2 when its elementwise pass reads it back; larger channels go one by one.
+// in L1 when its elementwise pass reads it back (64 KiB groups, from L2, ran 0.85-0.91x on
+// 512x28x28 float32); larger channels go one by one.
 constexpr int64_t kMaxChannelGroup = 16;
 constexpr int64_t kChannelGroupBytes = 16 << 10;
 
