@@ -555,6 +555,12 @@ inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t
   add_tile16_sums(_mm512_add_ps(fa, ga), _mm512_add_ps(fb, gb), shf, shift + c, r1 - r0, s1 + c, s2 + c);
 }
 
+// V vectors of 16 per-channel float64 values (shifts or means), each rounded to float32.
+template <int V>
+inline void narrow_lanes(const double* p, __m512* out) {
+  for (int v = 0; v < V; ++v) out[v] = narrow16(_mm512_loadu_pd(p + 16 * v), _mm512_loadu_pd(p + 16 * v + 8));
+}
+
 // Channels [c, c + kWideTileChannels) as 8 vectors side by side (AVX-512 statistics of C >= 128):
 // each row gives 8 independent chains of sums, and every line it touches is used at once, so the
 // tile can take as many rows as the float32 sums allow (for_each_tile8).
@@ -562,11 +568,8 @@ template <typename scalar_t>
 inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                  const double* shift, double* s1, double* s2) {
   constexpr int V = kWideTileChannels / 16;
-  __m512 shf[V], fa[V], fb[V];
-  for (int v = 0; v < V; ++v) {
-    shf[v] = narrow16(_mm512_loadu_pd(shift + c + 16 * v), _mm512_loadu_pd(shift + c + 16 * v + 8));
-    fa[v] = fb[v] = _mm512_setzero_ps();
-  }
+  __m512 shf[V], fa[V] = {}, fb[V] = {};
+  narrow_lanes<V>(shift + c, shf);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = x + r * C + c;
     for (int v = 0; v < V; ++v) {
@@ -614,11 +617,8 @@ template <typename scalar_t>
 inline void grad_sums_tile128(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                               const double* mean, double* sum_dy, double* sum_dy_xmu) {
   constexpr int V = kWideTileChannels / 16;
-  __m512 mf[V], fa[V], fb[V];
-  for (int v = 0; v < V; ++v) {
-    mf[v] = narrow16(_mm512_loadu_pd(mean + c + 16 * v), _mm512_loadu_pd(mean + c + 16 * v + 8));
-    fa[v] = fb[v] = _mm512_setzero_ps();
-  }
+  __m512 mf[V], fa[V] = {}, fb[V] = {};
+  narrow_lanes<V>(mean + c, mf);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* g = dy + r * C + c;
     const scalar_t* xr = x + r * C + c;
