@@ -6,12 +6,13 @@
 // only, never to shared inline code.
 //
 // Statistics: one sweep of shifted sums, sum(x - shift) and sum((x - shift)^2), where `shift` is
-// the mean of the channel's first few elements. The SIMD builds sum short chunks (512 values
-// in the AVX-512 build, 32 in the AVX2 one, or a few channels-last rows) in float32 against the shift rounded to float32 and widen
-// each chunk into the float64 sums, correcting for that rounding; the baseline sums in float64.
-// With the shift near the mean the variance does not cancel (a float32 sum of squares of raw
-// values would), and blocks merge by plain addition. Blocks have shape-only boundaries and are added in block order, so
-// results are bitwise identical for any thread count, and for the fused and unfused paths.
+// the mean of the channel's first few elements. The SIMD builds sum short chunks (512 values in
+// the AVX-512 build, 32 in the AVX2 one, or up to 32 channels-last rows) in float32 against the
+// shift rounded to float32 and widen each chunk into the float64 sums, correcting for that
+// rounding; the baseline sums in float64. With the shift near the mean the variance does not
+// cancel (a float32 sum of squares of raw values would), and blocks merge by plain addition.
+// Blocks have shape-only boundaries and are added in block order, so results are bitwise
+// identical for any thread count, and for the fused and unfused paths.
 //
 // NC(D)HW tensors with enough channels run the training forward and backward per channel: the
 // channel's reduction and then its elementwise pass, which reads the channel back from cache
@@ -511,7 +512,6 @@ inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t 
 }
 
 #ifdef BN_EXT_AVX512BF16
-// shifted_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
 // Sixteen channels' float32 tile sums (fa of x - shf, fb of its squares, over `rows` rows, shf the
 // shift rounded to float32) added into their float64 sums s1/s2 with that rounding corrected.
 inline void add_tile16_sums(__m512 fa, __m512 fb, __m512 shf, const double* shift, int64_t rows, double* s1,
@@ -532,6 +532,7 @@ inline void add_tile16_sums(__m512 fa, __m512 fb, __m512 shf, const double* shif
   }
 }
 
+// shifted_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
 template <typename scalar_t>
 inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                 const double* shift, double* s1, double* s2) {
@@ -561,7 +562,7 @@ inline void narrow_lanes(const double* p, __m512* out) {
   for (int v = 0; v < V; ++v) out[v] = narrow16(_mm512_loadu_pd(p + 16 * v), _mm512_loadu_pd(p + 16 * v + 8));
 }
 
-// Channels [c, c + kWideTileChannels) as 8 vectors side by side (AVX-512 statistics of C >= 128):
+// Channels [c, c + kWideTileChannels) as 8 vectors side by side (AVX-512, C >= 128):
 // each row gives 8 independent chains of sums, and every line it touches is used at once, so the
 // tile can take as many rows as the float32 sums allow (for_each_tile8).
 template <typename scalar_t>
@@ -750,7 +751,8 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows,
 template <typename scalar_t>
 inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh) {
   // hi == lo == 0: the mean folded into the shift (forward_coeffs)
-  normalize_span(x, y, len, OneRow{}, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f);
+  normalize_span(x, y, len, OneRow{}, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh},
+                 hi == 0.0f && lo == 0.0f);
 }
 
 // Channels-last: `rows` spans of `width` values, one coefficient per position.
@@ -848,11 +850,10 @@ inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi,
   return kTraining ? std::fma(kx, (x - hi) - lo, std::fma(kd, dy, k0)) : kd * dy;
 }
 
-// dx[i] = kx * ((x[i] - hi) - lo) + (kd * dy[i] + k0) in training (kx * x[i] + ... where the
-// mean is folded into k0), kd * dy[i] in eval, for whole vectors of L from i on; returns where it
-// stopped.
-// dx from dy and x for whole vectors of L from position i on in each of `rows` rows of n values
-// (as normalize_vectors: each vector's coefficients taken once for all the rows).
+// dx = kx * ((x - hi) - lo) + (kd * dy + k0) in training (kx * x + ... where the mean is folded
+// into k0), kd * dy in eval, for whole vectors of L from position i on in each of `rows` rows of
+// n values (as normalize_vectors: each vector's coefficients taken once for all the rows).
+// Returns where it stopped.
 template <typename L, bool kTraining, typename scalar_t, typename Rows, typename K>
 inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t i, int64_t n,
                                   Rows rows, const K& kd, const K& kx, const K& k0, const K& hi, const K& lo,
@@ -891,9 +892,9 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
   i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = i; j < n; ++j)
-      dx[r * n + j] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[r * n + j]),
-                                                                static_cast<float>(x[r * n + j]), kd.scalar(j),
-                                                                kx.scalar(j), k0.scalar(j), hi.scalar(j), lo.scalar(j)));
+      dx[r * n + j] = static_cast<scalar_t>(
+          grad_one<kTraining>(static_cast<float>(dy[r * n + j]), static_cast<float>(x[r * n + j]), kd.scalar(j),
+                              kx.scalar(j), k0.scalar(j), hi.scalar(j), lo.scalar(j)));
 }
 
 template <typename scalar_t, bool kTraining>
@@ -1091,7 +1092,7 @@ struct ShiftedSquares {
       }
     }
   }
-  // Channels [c0, returned) of rows [r0, r1) in register tiles of 16 or 8 channels.
+  // Channels [c0, returned) of rows [r0, r1) in register tiles of kWideTileChannels (AVX-512), 16 or 8 channels.
   int64_t tile_rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a, double* b) const {
     return for_each_tile8<scalar_t, 1>(C, c0, c1, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -1145,7 +1146,7 @@ struct GradSums {
       }
     }
   }
-  // Channels [c0, returned) of rows [r0, r1) in register tiles of 16 or 8 channels.
+  // Channels [c0, returned) of rows [r0, r1) in register tiles of kWideTileChannels (AVX-512), 16 or 8 channels.
   int64_t tile_rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a, double* b) const {
     return for_each_tile8<scalar_t, 2>(C, c0, c1, r0, r1, [&](int64_t c, int64_t q0, int64_t q1, int width) {
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -1507,14 +1508,15 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
   using opmath_t = at::opmath_type<scalar_t>;
   const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   const int64_t group = channel_group(g, 2 * sizeof(scalar_t));
+  const double inv_count = 1.0 / static_cast<double>(g.rows());  // what backward_coeffs takes per channel
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     std::array<BackwardCoeffs<opmath_t>, kMaxChannelGroup> k;
     for (int64_t c0 = begin; c0 < end; c0 += group) {
       const int64_t c1 = std::min(end, c0 + group);
       for (int64_t c = c0; c < c1; ++c) channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
       for (int64_t c = c0; c < c1; ++c)
-        k[c - c0] = backward_coeffs<opmath_t>(mean[c], var[c], weight[c], sum_dy[c], sum_dy_xmu[c], eps,
-                                              static_cast<double>(g.rows()), /*training=*/true);
+        k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd_from_var(var[c], eps), weight[c],
+                                                          sum_dy[c], sum_dy_xmu[c], inv_count, /*training=*/true);
       for (int64_t c = c0; c < c1; ++c) {
         const auto& kc = k[c - c0];
         for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {

@@ -37,8 +37,8 @@ constexpr int64_t kShiftSamples = 16;
 // Channels-last rows with fewer channels than this, and not a multiple of 8, are walked 8 rows at
 // a time (one row of 8 * C values) by the reductions and the elementwise forward.
 constexpr int64_t kWideRowChannels = 64;
-// Channels of the AVX-512 statistics' wide channels-last tiles (8 vectors of 16), and the unit of
-// the channel chunks of channels-last reductions over at least that many channels.
+// Channels of the AVX-512 build's wide channels-last reduction tiles (8 vectors of 16; statistics
+// and gradient sums), and the unit of the channel chunks of reductions over at least that many.
 constexpr int64_t kWideTileChannels = 128;
 // Channels-last reductions (statistics, gradient sums) stream their rows (instead of tiling them)
 // when they read more than this (about half this machine's L3: beyond it the tiles' many strided
