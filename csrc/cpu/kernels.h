@@ -134,7 +134,7 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
   if (rows > 1) {
     for (size_t k = 0; k < K; ++k) {
       tiled[k].resize(width);
-      for (int64_t i = 0; i < width; ++i) tiled[k][i] = arrays[k][i % g.C];
+      for (int64_t r = 0; r < rows; ++r) std::copy(arrays[k], arrays[k] + g.C, tiled[k].begin() + r * g.C);
       spans_arrays[k] = tiled[k].data();
     }
   }
