@@ -21,46 +21,7 @@ def _per_channel(t, input):
 # ---- batch_norm_train: autograd in C++ (csrc/autograd.cpp), backward by batch_norm_backward -----
 
 
-# ---- batch_norm_elemt (normalise with given statistics: eval mode) --------------------------
-
-
-def _elemt_setup(ctx, inputs, output):
-    input, weight, bias, mean, var, eps = inputs
-    ctx.save_for_backward(input, weight, mean, var)
-    ctx.eps = eps
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _elemt_backward(ctx, grad_out):
-    input, weight, mean, var = ctx.saved_tensors
-    need_x, need_w, need_b, need_mean, need_var, _ = ctx.needs_input_grad
-    mask = [need_x, need_w or need_var, need_b or need_mean]
-    if not any(mask):
-        return None, None, None, None, None, None
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-        grad_out, input, weight, mean, var, ctx.eps, False, mask
-    )
-    grad_mean = grad_var = None
-    if need_mean or need_var:
-        # d/dmean = -w * invstd * sum(dy);  d/dvar = -w/2 * invstd^3 * sum(dy * (x - mean)),
-        # and grad_weight = invstd * sum(dy * (x - mean)).
-        invstd = torch.rsqrt(var.to(grad_weight.dtype) + ctx.eps)
-        w = weight.to(grad_weight.dtype) if weight is not None else torch.ones_like(invstd)
-        if need_mean:
-            grad_mean = (-w * invstd * grad_bias).to(mean.dtype)
-        if need_var:
-            grad_var = (-0.5 * w * invstd * invstd * grad_weight).to(var.dtype)
-    return (
-        grad_input if need_x else None,
-        grad_weight if need_w else None,
-        grad_bias.to(ctx.bias_dtype) if need_b else None,
-        grad_mean,
-        grad_var,
-        None,
-    )
-
-
-torch.library.register_autograd("bn_ext::batch_norm_elemt", _elemt_backward, setup_context=_elemt_setup)
+# ---- batch_norm_elemt (eval): autograd in C++ (csrc/autograd.cpp), backward by batch_norm_backward
 
 
 # ---- batch_norm_stats -----------------------------------------------------------------------

@@ -70,6 +70,61 @@ def test_gradcheck_eval_including_statistics(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_eval_gradients_with_some_arguments_absent_or_frozen(device):
+    """The C++ autograd function of batch_norm_elemt maps gradients to the tensors given (bias
+    without weight, weight without bias), for any subset of the five requiring grad, as torch's
+    own eval batch_norm composed from differentiable ops does."""
+    x, w, b = inputs(device, shape=(4, 3, 5))
+    mean = torch.randn(3, dtype=torch.float64, device=device)
+    var = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    dy = torch.randn_like(x)
+
+    def reference(x, w, b, m, v):
+        shape = (1, -1, 1)
+        y = (x - m.view(shape)) * torch.rsqrt(v.view(shape) + 1e-3)
+        y = y * w.view(shape) if w is not None else y
+        return y + b.view(shape) if b is not None else y
+
+    for given in [(True, True), (False, True), (True, False), (False, False)]:
+        for needs in [(True, False, False, True, False), (False, True, True, False, True),
+                      (False, False, False, False, True), (True, True, True, True, True), (False,) * 5]:
+            grads = []
+            for fn in (lambda *a: ops.batch_norm_elemt(*a, 1e-3), reference):
+                ts = [leaf(t).requires_grad_(n) for t, n in zip((x, w, b, mean, var), needs)]
+                args = [t if keep else None for t, keep in zip(ts, (True, *given, True, True))]
+                y = fn(*args)
+                assert y.requires_grad == any(n and a is not None for n, a in zip(needs, args))
+                if y.requires_grad:
+                    y.backward(dy)
+                grads.append([a.grad if a is not None else None for a in args])
+            for ours, ref in zip(*grads):
+                assert (ours is None) == (ref is None)
+                if ref is not None:
+                    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_graph_where_no_gradient_is_recorded(device):
+    """Under no_grad, or with nothing requiring grad, the training and eval ops return plain
+    tensors (the autograd kernels call the op below autograd), equal to the recorded path's."""
+    x, w, b = inputs(device, shape=(4, 3, 5))
+    m = torch.randn(3, dtype=torch.float64, device=device)
+    v = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    recorded = (ops.batch_norm_train(x, w, b, 1e-3), ops.batch_norm_elemt(x, w, b, m, v, 1e-3))
+    assert recorded[0][0].grad_fn is not None and recorded[1].grad_fn is not None
+    with torch.no_grad():
+        plain = (ops.batch_norm_train(x, w, b, 1e-3), ops.batch_norm_elemt(x, w, b, m, v, 1e-3))
+    frozen = [t.detach() for t in (x, w, b)]
+    unrecorded = (ops.batch_norm_train(*frozen, 1e-3), ops.batch_norm_elemt(*frozen, m, v, 1e-3))
+    for outs in (plain, unrecorded):
+        assert outs[1].grad_fn is None and not outs[1].requires_grad
+        assert all(t.grad_fn is None and not t.requires_grad for t in outs[0])
+        torch.testing.assert_close(outs[1], recorded[1].detach(), rtol=0, atol=0)
+        for a, r in zip(outs[0], recorded[0]):
+            torch.testing.assert_close(a, r.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_stats(device):
     x, _, _ = inputs(device)
     assert torch.autograd.gradcheck(lambda x: ops.batch_norm_stats(x), (x,))
