@@ -78,17 +78,17 @@ def _batch_norm(
         updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
         if updating:
             _check_buffers(input, running_mean, running_var, num_batches_tracked)
-        output, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
+        output, mean, var = _ops.batch_norm_train.default(input, weight, bias, eps)
         if updating:
             count = input.numel() // input.shape[1] if input.shape[1] else 0
-            _ops.batch_norm_update_running_stats(
+            _ops.batch_norm_update_running_stats.default(
                 running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), momentum, count
             )
         return output
     if running_mean is None or running_var is None:
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    return _ops.batch_norm_elemt(input, weight, bias, running_mean, running_var, eps)
+    return _ops.batch_norm_elemt.default(input, weight, bias, running_mean, running_var, eps)
 
 
 def batch_norm(

@@ -135,6 +135,40 @@ def test_lazy_modules(lazy, final, shape):
     assert type(converted[0]) is bn_ext.LazyBatchNorm2d
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_parameters_and_buffers_outside_their_tables(training):
+    """The module reads weight, bias and the running stats from Module's tables where they are
+    there; where they are not (a parametrization makes weight a property; a deleted buffer set
+    as a plain attribute), it finds them as attribute access would, as torch.nn's module does."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 4)
+    mods = []
+    for cls in (torch.nn.BatchNorm2d, bn_ext.BatchNorm2d):
+        torch.manual_seed(1)
+        m = cls(3)
+        with torch.no_grad():
+            m.bias.uniform_(-1, 1)
+            m.running_mean.uniform_(-1, 1)
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+        stats = m.running_var.clone() + 0.5
+        del m.running_var
+        m.running_var = stats  # a plain attribute now, not a buffer
+        mods.append(m.train(training))
+    ys = [m(x) for m in mods]
+    torch.testing.assert_close(ys[1], ys[0])
+    torch.testing.assert_close(mods[1].running_var, mods[0].running_var)
+    torch.testing.assert_close(mods[1].running_mean, mods[0].running_mean)
+    ys[1].sum().backward()
+    ys[0].sum().backward()
+    p0, p1 = (m.parametrizations.weight.original for m in mods)
+    torch.testing.assert_close(p1.grad, p0.grad)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
 def test_build_info_and_single_openmp_runtime():
     info = bn_ext.build_info()
     assert info["torch"] == torch.__version__
