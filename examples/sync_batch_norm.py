@@ -5,6 +5,7 @@
 Each rank holds a different number of samples; the BatchNorm statistics are those of the whole
 batch across ranks. Run without torchrun it trains in one process (no collectives).
 """
+import gc
 import os
 
 import torch
@@ -55,8 +56,12 @@ def main(steps: int = 3) -> None:
         if rank == 0:
             print(f"running stats identical on all {world} ranks: {same}")
         # DDP's reducer holds the group: release it before destroying the group, or its threads
-        # may outlive the group and abort the process at exit (seen with gloo on torch 2.14)
-        del model, opt
+        # may outlive the group and abort the process at exit (seen with gloo on torch 2.14).
+        # DDP sits in reference cycles, so `del` alone leaves it to the collector, which then
+        # ran during interpreter shutdown: a gloo thread freeing its last work item could no
+        # longer take the GIL and aborted the process (about 1 run in 20). Collect it here.
+        del model, opt, bn
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     else:
