@@ -194,6 +194,51 @@ def test_set_num_threads_is_honoured_in_process():
         assert torch.equal(u, v)
 
 
+STREAM_SCRIPT = r"""
+import sys, torch, bn_ext
+torch.manual_seed(0)
+ops = torch.ops.bn_ext
+out = []
+for isa_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    # odd channel counts and planes: rows and runs that start off the streaming stores' alignment
+    for shape, fmt in [((4, 40, 9, 9), None), ((3, 6, 33, 31), None), ((4, 24, 9, 9), torch.channels_last),
+                       ((5, 37, 7, 5), torch.channels_last), ((300, 21), None), ((2, 3, 5, 6, 7), None),
+                       ((64, 2, 40, 40), None)]:
+        x = (torch.randn(shape) * 3 + 1).to(isa_dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        w = torch.rand(shape[1], dtype=torch.float64 if isa_dtype == torch.float64 else torch.float32) + 0.5
+        b = torch.randn_like(w)
+        y, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+        dy = torch.randn_like(x)
+        out += [y, mean, var, ops.batch_norm_elemt(x, w, b, mean, var, 1e-5)]
+        out += list(ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True]))
+        out += list(ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, False, [True, True, True]))
+        sdy, sdx = ops.batch_norm_backward_reduce(dy, x, mean)
+        out.append(ops.batch_norm_backward_elemt(dy, x, w, mean, var, sdy, sdx, 1e-5, x.numel() // shape[1]))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_streaming_stores_write_the_same_values(tmp_path):
+    """Outputs over the last-level cache are written with streaming stores (stream_output):
+    BN_EXT_LLC_BYTES=1 streams every output, on shapes whose rows and runs start off the stores'
+    alignment (they fall back to plain stores there), in every dtype and layout, each elementwise
+    pass. The values must be bitwise those of plain stores."""
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_SCRIPT)
+    results = {}
+    for llc in ("1", str(1 << 40)):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        env["BN_EXT_LLC_BYTES"] = llc
+        path = tmp_path / f"{llc}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
+        results[llc] = torch.load(path)
+    assert len(results["1"]) == len(results[str(1 << 40)]) > 0
+    for a, b in zip(results["1"], results[str(1 << 40)]):
+        assert torch.equal(a, b)
+
+
 ISA_SCRIPT = r"""
 import sys, torch, bn_ext
 torch.manual_seed(0)

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -255,6 +256,34 @@ const Kernels& cpu_kernels() {
 }
 
 const char* cpu_kernels_name() { return cpu_kernels().name; }
+
+// The size of the highest cache level cpu0 reports in sysfs (one instance: the L3 this core
+// shares, not the package total that sysconf gives on some virtual machines, 384 MiB for a
+// 32 MiB L3 here); BN_EXT_LLC_BYTES overrides it, and 32 MiB stands in where neither is there.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (const char* env = std::getenv("BN_EXT_LLC_BYTES")) return static_cast<int64_t>(std::atoll(env));
+    int64_t best = 0;
+    int best_level = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int level = 0;
+      std::string size;
+      if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
+      int64_t value = std::atoll(size.c_str());
+      const char unit = size.back();
+      if (unit == 'K') value <<= 10;
+      if (unit == 'M') value <<= 20;
+      if (level > best_level && value > 0) {
+        best_level = level;
+        best = value;
+      }
+    }
+    return best > 0 ? best : int64_t(32) << 20;
+  }();
+  return bytes;
+}
 
 // How many distinct threads at::parallel_for uses from inside this library (a build check: the
 // OpenMP implementation is a header template, serial unless this library is built with OpenMP).

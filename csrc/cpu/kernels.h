@@ -76,6 +76,14 @@ inline void sweep(int64_t begin, int64_t end, int64_t step, Sweep order, Fn&& bo
   for (int64_t hi = end; hi > begin; hi -= step) body(std::max(begin, hi - step), hi);
 }
 
+// Orders this thread's streaming stores (stream_output) before what follows: run at the end of
+// each parallel task of an elementwise pass, whose output other threads read after the join.
+inline void store_fence() {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  _mm_sfence();
+#endif
+}
+
 // fn(c, offset, len) over every element, NC(D)HW layout, in parallel.
 template <typename Fn>
 void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
@@ -91,6 +99,7 @@ void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
         if (++c == g.C) c = 0;
       }
     });
+    store_fence();
   });
 }
 
@@ -145,6 +154,7 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
       for (int64_t r = lo; r < hi; r += kSpansPerCall)
         fn(r * width, width, std::min(kSpansPerCall, hi - r), spans_arrays);
     });
+    store_fence();
   });
   for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, int64_t{1}, arrays);
 }
@@ -153,6 +163,8 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 constexpr int64_t kRowsPerTile = 32;  // at most, summed in float32 per tile
+
+inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
 
 // Eight elements widened to float32 (the compiler does not vectorise the float -> double widening
 // reductions below on its own, so the AVX2 build spells them out).
@@ -201,6 +213,23 @@ inline void store16(c10::BFloat16* p, __m512 v) {
 }
 inline void store16(c10::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// store16's values written with a streaming store where p is aligned for one (stream_output).
+inline void stream16(float* p, __m512 v) {
+  if (aligned_to(p, 64)) {
+    _mm512_stream_ps(p, v);
+  } else {
+    store16(p, v);
+  }
+}
+inline void stream16(c10::BFloat16* p, __m512 v) {
+  if (!aligned_to(p, 32)) return store16(p, v);
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(h));
+}
+inline void stream16(c10::Half* p, __m512 v) {
+  if (!aligned_to(p, 32)) return store16(p, v);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 inline __m256 lower8(__m512 v) { return _mm512_castps512_ps256(v); }
 inline __m256 upper8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
@@ -657,6 +686,20 @@ inline void store8(c10::BFloat16* p, __m256 v) {
 inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
+// store8's values, float32 with a streaming store where p is aligned for one (stream_output);
+// 16-bit types with plain stores (8 of them are half a line: only the AVX2 build's bodies and the
+// AVX-512 build's 8-wide tails get here).
+inline void stream8(float* p, __m256 v) {
+  if (aligned_to(p, 32)) {
+    _mm256_stream_ps(p, v);
+  } else {
+    store8(p, v);
+  }
+}
+template <typename T>
+inline void stream8(T* p, __m256 v) {
+  store8(p, v);
+}
 
 // The AVX2 build's elementwise formulas use fused multiply-adds, in the vector body and the
 // scalar tail alike, so where a thread's range splits a run cannot change any result.
@@ -672,6 +715,8 @@ struct Lanes8 {
   static vec load(const T* p) { return load8(p); }
   template <typename T>
   static void store(T* p, vec v) { store8(p, v); }
+  template <typename T>
+  static void store_out(T* p, vec v, bool stream) { stream ? stream8(p, v) : store8(p, v); }
   static vec coef(const float* p) { return _mm256_loadu_ps(p); }
   static vec coef(float v) { return _mm256_set1_ps(v); }
   static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
@@ -687,6 +732,8 @@ struct Lanes16 {
   static vec load(const T* p) { return load16(p); }
   template <typename T>
   static void store(T* p, vec v) { store16(p, v); }
+  template <typename T>
+  static void store_out(T* p, vec v, bool stream) { stream ? stream16(p, v) : store16(p, v); }
   static vec coef(const float* p) { return _mm512_loadu_ps(p); }
   static vec coef(float v) { return _mm512_set1_ps(v); }
   static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
@@ -719,16 +766,16 @@ struct PerLane {
 // Returns where it stopped.
 template <typename L, typename scalar_t, typename Rows, typename K>
 inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, Rows rows, const K& hi,
-                                 const K& lo, const K& sc, const K& sh, bool folded) {
+                                 const K& lo, const K& sc, const K& sh, bool folded, bool stream) {
   for (; i + L::width <= n; i += L::width) {
     const typename L::vec s = sc.template at<L>(i), t = sh.template at<L>(i);
     if (folded) {
-      for (int64_t r = 0; r < rows; ++r) L::store(y + r * n + i, L::fmadd(L::load(x + r * n + i), s, t));
+      for (int64_t r = 0; r < rows; ++r) L::store_out(y + r * n + i, L::fmadd(L::load(x + r * n + i), s, t), stream);
       continue;
     }
     const typename L::vec h = hi.template at<L>(i), l = lo.template at<L>(i);
     for (int64_t r = 0; r < rows; ++r)
-      L::store(y + r * n + i, L::fmadd(L::sub(L::sub(L::load(x + r * n + i), h), l), s, t));
+      L::store_out(y + r * n + i, L::fmadd(L::sub(L::sub(L::load(x + r * n + i), h), l), s, t), stream);
   }
   return i;
 }
@@ -736,12 +783,12 @@ inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int6
 // normalize_vectors, then the scalar tail (the same formula, so where vectors end cannot matter).
 template <typename scalar_t, typename Rows, typename K>
 inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows, const K& hi, const K& lo,
-                           const K& sc, const K& sh, bool folded) {
+                           const K& sc, const K& sh, bool folded, bool stream) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = normalize_vectors<Lanes16>(x, y, i, n, rows, hi, lo, sc, sh, folded);
+  i = normalize_vectors<Lanes16>(x, y, i, n, rows, hi, lo, sc, sh, folded, stream);
 #endif
-  i = normalize_vectors<Lanes8>(x, y, i, n, rows, hi, lo, sc, sh, folded);
+  i = normalize_vectors<Lanes8>(x, y, i, n, rows, hi, lo, sc, sh, folded, stream);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = i; j < n; ++j)
       y[r * n + j] = static_cast<scalar_t>(
@@ -749,17 +796,18 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows,
 }
 
 template <typename scalar_t>
-inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh) {
+inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh,
+                               bool stream) {
   // hi == lo == 0: the mean folded into the shift (forward_coeffs)
   normalize_span(x, y, len, OneRow{}, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh},
-                 hi == 0.0f && lo == 0.0f);
+                 hi == 0.0f && lo == 0.0f, stream);
 }
 
 // Channels-last: `rows` spans of `width` values, one coefficient per position.
 template <typename scalar_t>
 inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, int64_t rows, const float* hi,
-                                const float* lo, const float* sc, const float* sh, bool folded) {
-  normalize_span(x, y, width, rows, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded);
+                                const float* lo, const float* sc, const float* sh, bool folded, bool stream) {
+  normalize_span(x, y, width, rows, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
 }
 
 // Channels-last sums streamed row after row: one sequential stream per tensor read, which the
@@ -877,18 +925,18 @@ inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi,
 template <typename L, bool kTraining, typename scalar_t, typename Rows, typename K>
 inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t i, int64_t n,
                                   Rows rows, const K& kd, const K& kx, const K& k0, const K& hi, const K& lo,
-                                  bool folded) {
+                                  bool folded, bool stream) {
   for (; i + L::width <= n; i += L::width) {
     const typename L::vec d = kd.template at<L>(i);
     if (!kTraining) {
-      for (int64_t r = 0; r < rows; ++r) L::store(dx + r * n + i, L::mul(d, L::load(dy + r * n + i)));
+      for (int64_t r = 0; r < rows; ++r) L::store_out(dx + r * n + i, L::mul(d, L::load(dy + r * n + i)), stream);
       continue;
     }
     const typename L::vec kxv = kx.template at<L>(i), k0v = k0.template at<L>(i);
     if (folded) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = r * n + i;
-        L::store(dx + j, L::fmadd(kxv, L::load(x + j), L::fmadd(d, L::load(dy + j), k0v)));
+        L::store_out(dx + j, L::fmadd(kxv, L::load(x + j), L::fmadd(d, L::load(dy + j), k0v)), stream);
       }
       continue;
     }
@@ -896,7 +944,7 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = r * n + i;
       const typename L::vec xc = L::sub(L::sub(L::load(x + j), h), l);
-      L::store(dx + j, L::fmadd(kxv, xc, L::fmadd(d, L::load(dy + j), k0v)));
+      L::store_out(dx + j, L::fmadd(kxv, xc, L::fmadd(d, L::load(dy + j), k0v)), stream);
     }
   }
   return i;
@@ -904,12 +952,12 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
 
 template <bool kTraining, typename scalar_t, typename Rows, typename K>
 inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, Rows rows, const K& kd,
-                            const K& kx, const K& k0, const K& hi, const K& lo, bool folded) {
+                            const K& kx, const K& k0, const K& hi, const K& lo, bool folded, bool stream) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded);
+  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded, stream);
 #endif
-  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded);
+  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded, stream);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = i; j < n; ++j)
       dx[r * n + j] = static_cast<scalar_t>(
@@ -919,17 +967,17 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
-                                float k0, float hi, float lo) {
+                                float k0, float hi, float lo, bool stream) {
   grad_input_span<kTraining>(dy, x, dx, len, OneRow{}, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
-                             Broadcast{lo}, hi == 0.0f && lo == 0.0f);
+                             Broadcast{lo}, hi == 0.0f && lo == 0.0f, stream);
 }
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width, int64_t rows,
                                  const float* kd, const float* kx, const float* k0, const float* hi, const float* lo,
-                                 bool folded) {
+                                 bool folded, bool stream) {
   grad_input_span<kTraining>(dy, x, dx, width, rows, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo},
-                             folded);
+                             folded, stream);
 }
 #endif
 
@@ -1353,10 +1401,10 @@ struct Affine {
 
 template <typename scalar_t, typename opmath_t>
 inline void normalize_run(const scalar_t* __restrict x, scalar_t* __restrict y, int64_t len, opmath_t hi, opmath_t lo,
-                          opmath_t sc, opmath_t sh) {
+                          opmath_t sc, opmath_t sh, bool stream) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    normalize_run_avx2(x, y, len, hi, lo, sc, sh);
+    normalize_run_avx2(x, y, len, hi, lo, sc, sh, stream);
     return;
   }
 #endif
@@ -1365,11 +1413,11 @@ inline void normalize_run(const scalar_t* __restrict x, scalar_t* __restrict y, 
 
 template <typename scalar_t>
 void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Geometry& g,
-                  const Affine<at::opmath_type<scalar_t>>& a, Sweep order = Sweep::kForward) {
+                  const Affine<at::opmath_type<scalar_t>>& a, Sweep order, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
     parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
-      normalize_run(x + off, y + off, len, a.mean_hi[c], a.mean_lo[c], a.scale[c], a.shift[c]);
+      normalize_run(x + off, y + off, len, a.mean_hi[c], a.mean_lo[c], a.scale[c], a.shift[c], stream);
     }, order);
     return;
   }
@@ -1381,7 +1429,7 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = a.folded();
     parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, int64_t n, const auto& k) {
-      normalize_rows_avx2(x + off, y + off, width, n, k[0], k[1], k[2], k[3], folded);
+      normalize_rows_avx2(x + off, y + off, width, n, k[0], k[1], k[2], k[3], folded, stream);
     }, order);
     return;
   }
@@ -1414,7 +1462,7 @@ int64_t channel_group(const Geometry& g, size_t bytes_per_value) {
 template <typename scalar_t>
 void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
                        const std::vector<double>& bias, double eps, std::vector<double>& mean,
-                       std::vector<double>& var) {
+                       std::vector<double>& var, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<double> shift(g.C);  // each task sets its channels' shifts before it sums them
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
@@ -1434,10 +1482,11 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
       for (int64_t c = c0; c < c1; ++c) {
         const auto& kc = k[c - c0];
         for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-          normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift);
+          normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
         });
       }
     }
+    store_fence();
   });
 }
 
@@ -1467,10 +1516,10 @@ struct GradCoeffs {
 
 template <typename scalar_t, typename opmath_t, bool kTraining>
 inline void grad_input_run(const scalar_t* __restrict dy, const scalar_t* __restrict x, scalar_t* __restrict dx,
-                           int64_t len, const BackwardCoeffs<opmath_t>& k) {
+                           int64_t len, const BackwardCoeffs<opmath_t>& k, bool stream) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    grad_input_run_avx2<scalar_t, kTraining>(dy, x, dx, len, k.k_dy, k.k_x, k.k_0, k.mean_hi, k.mean_lo);
+    grad_input_run_avx2<scalar_t, kTraining>(dy, x, dx, len, k.k_dy, k.k_x, k.k_0, k.mean_hi, k.mean_lo, stream);
     return;
   }
 #endif
@@ -1483,12 +1532,12 @@ inline void grad_input_run(const scalar_t* __restrict dy, const scalar_t* __rest
 
 template <typename scalar_t, bool kTraining>
 void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict x, scalar_t* __restrict dx,
-                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& k, Sweep order) {
+                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& k, Sweep order, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
     parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
       const BackwardCoeffs<opmath_t> kc{k.k_dy[c], k.k_x[c], k.k_0[c], k.mean_hi[c], k.mean_lo[c]};
-      grad_input_run<scalar_t, opmath_t, kTraining>(dy + off, x + off, dx + off, len, kc);
+      grad_input_run<scalar_t, opmath_t, kTraining>(dy + off, x + off, dx + off, len, kc, stream);
     }, order);
     return;
   }
@@ -1502,7 +1551,7 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
     const bool folded = k.folded();
     parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, int64_t n, const auto& c) {
       grad_input_rows_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, n, c[0], c[1], c[2], c[3], c[4],
-                                                folded);
+                                                folded, stream);
     }, order);
     return;
   }
@@ -1524,7 +1573,7 @@ template <typename scalar_t>
 void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
                           const std::vector<double>& mean, const std::vector<double>& var,
                           const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,
-                          std::vector<double>& sum_dy_xmu) {
+                          std::vector<double>& sum_dy_xmu, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   const int64_t group = channel_group(g, 2 * sizeof(scalar_t));
@@ -1540,10 +1589,11 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
       for (int64_t c = c0; c < c1; ++c) {
         const auto& kc = k[c - c0];
         for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-          grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc);
+          grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc, stream);
         });
       }
     }
+    store_fence();
   });
 }
 
@@ -1566,7 +1616,8 @@ void elemt(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
            double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_elemt", [&] {
     const Affine<at::opmath_type<scalar_t>> a(mean, var, weight, bias, eps);
-    elemt_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a);
+    const bool stream = stream_output(2 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // x, y
+    elemt_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a, Sweep::kForward, stream);
   });
 }
 
@@ -1574,13 +1625,14 @@ void train(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
            const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_train", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const bool stream = stream_output(2 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // x, y
     if (per_channel(g)) {
-      train_per_channel(xp, y.mutable_data_ptr<scalar_t>(), g, weight, bias, eps, mean, var);
+      train_per_channel(xp, y.mutable_data_ptr<scalar_t>(), g, weight, bias, eps, mean, var, stream);
       return;
     }
     stats_kernel(xp, g, mean, var);
     const Affine<at::opmath_type<scalar_t>> a(mean, var, weight, bias, eps);
-    elemt_kernel(xp, y.mutable_data_ptr<scalar_t>(), g, a, Sweep::kBackward);
+    elemt_kernel(xp, y.mutable_data_ptr<scalar_t>(), g, a, Sweep::kBackward, stream);
   });
 }
 
@@ -1607,12 +1659,14 @@ void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geome
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    // dy, x (in training) and dx
+    const bool stream = stream_output((training ? 3 : 2) * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));
     // In training the gradient sums have just read dy and x (backward_train, or the
     // backward_reduce op before backward_elemt): walk back over what they left in cache.
     if (training) {
-      grad_input_kernel<scalar_t, true>(dyp, xp, dxp, g, k, Sweep::kBackward);
+      grad_input_kernel<scalar_t, true>(dyp, xp, dxp, g, k, Sweep::kBackward, stream);
     } else {
-      grad_input_kernel<scalar_t, false>(dyp, xp, dxp, g, k, Sweep::kForward);
+      grad_input_kernel<scalar_t, false>(dyp, xp, dxp, g, k, Sweep::kForward, stream);
     }
   });
 }
@@ -1624,7 +1678,9 @@ void backward_train(const Tensor& dy, const Tensor& x, const Tensor& dx, const G
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (per_channel(g)) {
-      backward_per_channel(dyp, xp, dx.mutable_data_ptr<scalar_t>(), g, mean, var, weight, eps, sum_dy, sum_dy_xmu);
+      const bool stream = stream_output(3 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // dy, x, dx
+      backward_per_channel(dyp, xp, dx.mutable_data_ptr<scalar_t>(), g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
+                           stream);
       return;
     }
     grad_sums_kernel(dyp, xp, g, mean, sum_dy, sum_dy_xmu);
