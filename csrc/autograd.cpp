@@ -93,6 +93,48 @@ using BackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tenso
                                                       const Tensor&, const Tensor&, double, bool,
                                                       std::array<bool, 3>);
 
+// The parts of the two autograd functions below that are the same. Both save (input, weight or
+// an undefined tensor, mean, var) and eps, and where the gradient edges of weight and bias are:
+// input is edge 0, and each of weight and bias that is given takes the next. Returns the next
+// free edge.
+int64_t save_for_backward(torch::autograd::AutogradContext* ctx, const Tensor& input,
+                          const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, const Tensor& mean,
+                          const Tensor& var, double eps) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  ctx->save_for_backward({input, has_weight ? *weight : Tensor(), mean, var});
+  ctx->saved_data["eps"] = eps;
+  int64_t edge = 1;
+  ctx->saved_data["weight_edge"] = has_weight ? edge++ : int64_t(-1);
+  ctx->saved_data["bias_edge"] = has_bias ? edge++ : int64_t(-1);
+  ctx->saved_data["bias_dtype"] = has_bias ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+  return edge;
+}
+
+// Whether the edge saved under `name` (-1: that tensor was not given) needs a gradient.
+bool needs_grad(torch::autograd::AutogradContext* ctx, const char* name) {
+  const int64_t edge = ctx->saved_data[name].toInt();
+  return edge >= 0 && ctx->needs_input_grad(edge);
+}
+
+// batch_norm_backward over what save_for_backward saved: below autograd, unless the graph of the
+// backward is being built (create_graph), where it must be differentiable itself.
+std::tuple<Tensor, Tensor, Tensor> saved_backward(torch::autograd::AutogradContext* ctx, const Tensor& grad_out,
+                                                  bool training, std::array<bool, 3> mask) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_backward", "").typed<BackwardOp>();
+  const auto saved = ctx->get_saved_variables();
+  const c10::optional<Tensor> weight = saved[1].defined() ? c10::optional<Tensor>(saved[1]) : c10::nullopt;
+  const double eps = ctx->saved_data["eps"].toDouble();
+  if (c10::GradMode::is_enabled()) return op.call(grad_out, saved[0], weight, saved[2], saved[3], eps, training, mask);
+  c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
+  return op.call(grad_out, saved[0], weight, saved[2], saved[3], eps, training, mask);
+}
+
+Tensor saved_bias_grad(torch::autograd::AutogradContext* ctx, const Tensor& grad_bias) {
+  return grad_bias.to(static_cast<c10::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+}
+
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
@@ -105,41 +147,21 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
       std::tie(output, mean, var) = op.call(input, weight, bias, eps);
     }
-    const bool has_weight = weight.has_value() && weight->defined();
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, has_weight ? *weight : Tensor(), mean, var});
-    ctx->saved_data["eps"] = eps;
-    // Gradient edges exist for the tensors given: input, then weight and bias where present.
-    ctx->saved_data["weight_edge"] = has_weight ? int64_t(1) : int64_t(-1);
-    ctx->saved_data["bias_edge"] = has_bias ? int64_t(has_weight ? 2 : 1) : int64_t(-1);
-    ctx->saved_data["bias_dtype"] = has_bias ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    save_for_backward(ctx, input, weight, bias, mean, var, eps);
     ctx->mark_non_differentiable({mean, var});
     return {output, mean, var};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_backward", "").typed<BackwardOp>();
-    const auto saved = ctx->get_saved_variables();
-    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
-    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight_edge >= 0 && ctx->needs_input_grad(weight_edge),
-                                      bias_edge >= 0 && ctx->needs_input_grad(bias_edge)};
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_edge"),
+                                      needs_grad(ctx, "bias_edge")};
     torch::autograd::variable_list out(4);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    const c10::optional<Tensor> weight = saved[1].defined() ? c10::optional<Tensor>(saved[1]) : c10::nullopt;
-    const double eps = ctx->saved_data["eps"].toDouble();
-    std::tuple<Tensor, Tensor, Tensor> g;
-    if (c10::GradMode::is_enabled()) {
-      g = op.call(grads[0], saved[0], weight, saved[2], saved[3], eps, true, mask);  // create_graph: differentiable
-    } else {
-      c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-      g = op.call(grads[0], saved[0], weight, saved[2], saved[3], eps, true, mask);
-    }
+    const auto g = saved_backward(ctx, grads[0], /*training=*/true, mask);
     if (mask[0]) out[0] = std::get<0>(g);
     if (mask[1]) out[1] = std::get<1>(g);
-    if (mask[2]) out[2] = std::get<2>(g).to(static_cast<c10::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    if (mask[2]) out[2] = saved_bias_grad(ctx, std::get<2>(g));
     return out;
   }
 };
@@ -187,58 +209,39 @@ class ElemtFunction : public torch::autograd::Function<ElemtFunction> {
       c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
       output = op.call(input, weight, bias, mean, var, eps);
     }
-    const bool has_weight = weight.has_value() && weight->defined();
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, has_weight ? *weight : Tensor(), mean, var});
-    ctx->saved_data["eps"] = eps;
-    // Gradient edges: input, weight and bias where present, then mean and var.
-    int64_t edge = 1;
-    ctx->saved_data["weight_edge"] = has_weight ? edge++ : int64_t(-1);
-    ctx->saved_data["bias_edge"] = has_bias ? edge++ : int64_t(-1);
-    ctx->saved_data["mean_edge"] = edge;
-    ctx->saved_data["bias_dtype"] = has_bias ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    // mean and var take the edges after weight and bias
+    ctx->saved_data["mean_edge"] = save_for_backward(ctx, input, weight, bias, mean, var, eps);
     return output;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_backward", "").typed<BackwardOp>();
-    const auto saved = ctx->get_saved_variables();
-    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
-    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
     const int64_t mean_edge = ctx->saved_data["mean_edge"].toInt();
     const bool need_x = ctx->needs_input_grad(0);
-    const bool need_w = weight_edge >= 0 && ctx->needs_input_grad(weight_edge);
-    const bool need_b = bias_edge >= 0 && ctx->needs_input_grad(bias_edge);
+    const bool need_w = needs_grad(ctx, "weight_edge");
+    const bool need_b = needs_grad(ctx, "bias_edge");
     const bool need_mean = ctx->needs_input_grad(mean_edge);
     const bool need_var = ctx->needs_input_grad(mean_edge + 1);
     const std::array<bool, 3> mask = {need_x, need_w || need_var, need_b || need_mean};
     torch::autograd::variable_list out(6);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    const Tensor& weight_t = saved[1];
-    const c10::optional<Tensor> weight = weight_t.defined() ? c10::optional<Tensor>(weight_t) : c10::nullopt;
+    const auto g = saved_backward(ctx, grads[0], /*training=*/false, mask);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& weight = saved[1];
     const Tensor& mean = saved[2];
     const Tensor& var = saved[3];
     const double eps = ctx->saved_data["eps"].toDouble();
-    std::tuple<Tensor, Tensor, Tensor> g;
-    if (c10::GradMode::is_enabled()) {
-      g = op.call(grads[0], saved[0], weight, mean, var, eps, false, mask);  // create_graph: differentiable
-    } else {
-      c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-      g = op.call(grads[0], saved[0], weight, mean, var, eps, false, mask);
-    }
     const Tensor& grad_weight = std::get<1>(g);
     const Tensor& grad_bias = std::get<2>(g);
     if (need_mean || need_var) {
       const Tensor invstd = var.to(grad_weight.scalar_type()).add(eps).rsqrt();
-      const Tensor w = weight_t.defined() ? weight_t.to(grad_weight.scalar_type()) : at::ones_like(invstd);
+      const Tensor w = weight.defined() ? weight.to(grad_weight.scalar_type()) : at::ones_like(invstd);
       if (need_mean) out[3] = w.neg().mul(invstd).mul(grad_bias).to(mean.scalar_type());
       if (need_var) out[4] = w.mul(-0.5).mul(invstd).mul(invstd).mul(grad_weight).to(var.scalar_type());
     }
     if (need_x) out[0] = std::get<0>(g);
     if (need_w) out[1] = grad_weight;
-    if (need_b) out[2] = grad_bias.to(static_cast<c10::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    if (need_b) out[2] = saved_bias_grad(ctx, grad_bias);
     return out;
   }
 };
