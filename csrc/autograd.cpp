@@ -119,11 +119,12 @@ bool needs_grad(torch::autograd::AutogradContext* ctx, const char* name) {
 
 // batch_norm_backward over what save_for_backward saved: below autograd, unless the graph of the
 // backward is being built (create_graph), where it must be differentiable itself.
-std::tuple<Tensor, Tensor, Tensor> saved_backward(torch::autograd::AutogradContext* ctx, const Tensor& grad_out,
+// `saved` is ctx->get_saved_variables(), unpacked once by the caller.
+std::tuple<Tensor, Tensor, Tensor> saved_backward(torch::autograd::AutogradContext* ctx,
+                                                  const torch::autograd::variable_list& saved, const Tensor& grad_out,
                                                   bool training, std::array<bool, 3> mask) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_backward", "").typed<BackwardOp>();
-  const auto saved = ctx->get_saved_variables();
   const c10::optional<Tensor> weight = saved[1].defined() ? c10::optional<Tensor>(saved[1]) : c10::nullopt;
   const double eps = ctx->saved_data["eps"].toDouble();
   if (c10::GradMode::is_enabled()) return op.call(grad_out, saved[0], weight, saved[2], saved[3], eps, training, mask);
@@ -158,7 +159,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                       needs_grad(ctx, "bias_edge")};
     torch::autograd::variable_list out(4);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    const auto g = saved_backward(ctx, grads[0], /*training=*/true, mask);
+    const auto g = saved_backward(ctx, ctx->get_saved_variables(), grads[0], /*training=*/true, mask);
     if (mask[0]) out[0] = std::get<0>(g);
     if (mask[1]) out[1] = std::get<1>(g);
     if (mask[2]) out[2] = saved_bias_grad(ctx, std::get<2>(g));
@@ -225,8 +226,8 @@ class ElemtFunction : public torch::autograd::Function<ElemtFunction> {
     const std::array<bool, 3> mask = {need_x, need_w || need_var, need_b || need_mean};
     torch::autograd::variable_list out(6);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    const auto g = saved_backward(ctx, grads[0], /*training=*/false, mask);
     const auto saved = ctx->get_saved_variables();
+    const auto g = saved_backward(ctx, saved, grads[0], /*training=*/false, mask);
     const Tensor& weight = saved[1];
     const Tensor& mean = saved[2];
     const Tensor& var = saved[3];

@@ -1340,7 +1340,7 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
 // at 13 MB, where the tiles win; statistics of a (4, 256, 112, 112) bfloat16 tensor (26 MB)
 // 1.78 -> 0.75 ms, float32 (51 MB) at par.
 bool streamed_rows(const Geometry& g, int64_t tensors, size_t elem_size) {
-  return tensors * g.numel() * static_cast<int64_t>(elem_size) > kStreamedReadBytes && g.C >= kStreamedMinChannels;
+  return tensors_bytes(g, tensors, elem_size) > kStreamedReadBytes && g.C >= kStreamedMinChannels;
 }
 
 template <typename scalar_t>
@@ -1616,7 +1616,7 @@ void elemt(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
            double eps) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_elemt", [&] {
     const Affine<at::opmath_type<scalar_t>> a(mean, var, weight, bias, eps);
-    const bool stream = stream_output(2 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // x, y
+    const bool stream = stream_output(g, 2, sizeof(scalar_t));  // x, y
     elemt_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a, Sweep::kForward, stream);
   });
 }
@@ -1625,7 +1625,7 @@ void train(const Tensor& x, const Tensor& y, const Geometry& g, const std::vecto
            const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_train", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const bool stream = stream_output(2 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // x, y
+    const bool stream = stream_output(g, 2, sizeof(scalar_t));  // x, y
     if (per_channel(g)) {
       train_per_channel(xp, y.mutable_data_ptr<scalar_t>(), g, weight, bias, eps, mean, var, stream);
       return;
@@ -1659,8 +1659,7 @@ void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geome
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    // dy, x (in training) and dx
-    const bool stream = stream_output((training ? 3 : 2) * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));
+    const bool stream = stream_output(g, training ? 3 : 2, sizeof(scalar_t));  // dy, x (in training), dx
     // In training the gradient sums have just read dy and x (backward_train, or the
     // backward_reduce op before backward_elemt): walk back over what they left in cache.
     if (training) {
@@ -1678,7 +1677,7 @@ void backward_train(const Tensor& dy, const Tensor& x, const Tensor& dx, const G
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (per_channel(g)) {
-      const bool stream = stream_output(3 * g.numel() * static_cast<int64_t>(sizeof(scalar_t)));  // dy, x, dx
+      const bool stream = stream_output(g, 3, sizeof(scalar_t));  // dy, x, dx
       backward_per_channel(dyp, xp, dx.mutable_data_ptr<scalar_t>(), g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
                            stream);
       return;

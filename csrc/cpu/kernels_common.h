@@ -55,7 +55,15 @@ constexpr int64_t kStreamedMinChannels = 64;
 // 2.50 -> 2.78, channels-last 0.97 -> 1.06; 4x256x56x56 channels-last 0.92 -> 0.99; 4096x1024
 // 0.93 -> 1.01.
 int64_t last_level_cache_bytes();
-inline bool stream_output(int64_t bytes_touched) { return bytes_touched > last_level_cache_bytes(); }
+
+// The bytes of `tensors` tensors of g's shape, elem_size bytes an element.
+inline int64_t tensors_bytes(const Geometry& g, int64_t tensors, size_t elem_size) {
+  return tensors * g.numel() * static_cast<int64_t>(elem_size);
+}
+// Whether an op that reads and writes `tensors` such tensors streams its output.
+inline bool stream_output(const Geometry& g, int64_t tensors, size_t elem_size) {
+  return tensors_bytes(g, tensors, elem_size) > last_level_cache_bytes();
+}
 
 // NC(D)HW training passes go per channel (reduction, then the elementwise pass from cache) when
 // there are at least this many channels per thread; below, work is split within channels.
