@@ -66,16 +66,6 @@ inline void for_each_run_of_channel(const Geometry& g, int64_t c, int64_t start,
 // forward, each line read would evict the next one needed once the tensors outgrow the cache).
 enum class Sweep { kForward, kBackward };
 
-// body(lo, hi) over [begin, end): at once, or in pieces of `step` from the end down.
-template <typename Fn>
-inline void sweep(int64_t begin, int64_t end, int64_t step, Sweep order, Fn&& body) {
-  if (order == Sweep::kForward) {
-    body(begin, end);
-    return;
-  }
-  for (int64_t hi = end; hi > begin; hi -= step) body(std::max(begin, hi - step), hi);
-}
-
 // Orders this thread's streaming stores (stream_output) before what follows: run at the end of
 // each parallel task of an elementwise pass, whose output other threads read after the join.
 inline void store_fence() {
@@ -84,33 +74,113 @@ inline void store_fence() {
 #endif
 }
 
+// ---- work sharing ------------------------------------------------------------------------------
+// at::parallel_for gives each thread a fixed share, so a pass lasts as long as its slowest share.
+// On a shared machine a thread often starts late (the pool's threads sleep when idle a while: after
+// 1 ms idle, a (4, 64, 112, 112) bfloat16 training forward took 176 us instead of 117) or loses
+// its core for a while to a neighbour, and the other thread then idles at the join.
+// parallel_pieces starts every thread on the share parallel_for would give it, walked piece by
+// piece in the pass's order, and a thread whose share is done takes pieces from the far end of the
+// share with the most left (the end its owner reaches last). Which thread runs a piece never
+// changes a result: every piece writes its own outputs, and reductions add their partials in a
+// fixed order afterwards.
+
+// A thread's share: pieces [first, last), packed in one word so that its owner (taking from one
+// end) and a thief (taking from the other) claim pieces with one compare-and-swap each.
+struct alignas(64) Share {
+  std::atomic<uint64_t> range{0};
+  static uint64_t pack(int64_t first, int64_t last) {
+    return (static_cast<uint64_t>(first) << 32) | static_cast<uint64_t>(last);
+  }
+  int64_t left() const {
+    const uint64_t v = range.load(std::memory_order_relaxed);
+    return static_cast<int64_t>(v & 0xffffffffu) - static_cast<int64_t>(v >> 32);
+  }
+  // Claims the piece at the back (the last) or the front; false when none is left.
+  bool take(bool back, int64_t* piece) {
+    uint64_t v = range.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t first = static_cast<int64_t>(v >> 32), last = static_cast<int64_t>(v & 0xffffffffu);
+      if (first >= last) return false;
+      const uint64_t next = back ? pack(first, last - 1) : pack(first + 1, last);
+      if (range.compare_exchange_weak(v, next, std::memory_order_relaxed)) {
+        *piece = back ? last - 1 : first;
+        return true;
+      }
+    }
+  }
+};
+
+// body(piece) for every piece in [0, pieces), in parallel; each thread's share is walked in
+// `order` (kBackward: its last piece first), and the thread ends with done() (store_fence, for
+// the passes that stream their output).
+template <typename Body, typename Done>
+void parallel_pieces(int64_t pieces, Sweep order, Body&& body, Done&& done) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), pieces);
+  if (threads <= 1 || at::in_parallel_region() || pieces >= (int64_t(1) << 31)) {
+    if (order == Sweep::kForward) {
+      for (int64_t p = 0; p < pieces; ++p) body(p);
+    } else {
+      for (int64_t p = pieces - 1; p >= 0; --p) body(p);
+    }
+    done();
+    return;
+  }
+  std::vector<Share> shares(threads);
+  const int64_t per = ceil_div(pieces, threads);
+  for (int64_t t = 0; t < threads; ++t)
+    shares[t].range.store(Share::pack(std::min(pieces, t * per), std::min(pieces, (t + 1) * per)));
+  const bool owner_back = order == Sweep::kBackward;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    int64_t piece;
+    for (int64_t t = begin; t < end; ++t)
+      while (shares[t].take(owner_back, &piece)) body(piece);
+    for (;;) {
+      int64_t victim = -1, most = 0;
+      for (int64_t t = 0; t < threads; ++t) {
+        const int64_t left = shares[t].left();
+        if (left > most) {
+          most = left;
+          victim = t;
+        }
+      }
+      if (victim < 0) break;
+      if (shares[victim].take(!owner_back, &piece)) body(piece);
+    }
+    done();
+  });
+}
+
+template <typename Body>
+void parallel_pieces(int64_t pieces, Sweep order, Body&& body) {
+  parallel_pieces(pieces, order, std::forward<Body>(body), [] {});
+}
+
 // fn(c, offset, len) over every element, NC(D)HW layout, in parallel.
 template <typename Fn>
 void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
-  at::parallel_for(0, g.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
-    sweep(begin, end, kElemGrain, order, [&](int64_t lo, int64_t hi) {
-      // one division per piece, not per run: planes of a few elements are common (7x7)
-      int64_t plane = lo / g.S;
-      int64_t c = plane % g.C;
-      for (int64_t i = lo; i < hi; ++plane) {
-        const int64_t run_end = std::min(hi, (plane + 1) * g.S);
-        fn(c, i, run_end - i);
-        i = run_end;
-        if (++c == g.C) c = 0;
-      }
-    });
-    store_fence();
-  });
+  const int64_t numel = g.numel();
+  parallel_pieces(ceil_div(numel, kElemGrain), order, [&](int64_t p) {
+    const int64_t lo = p * kElemGrain, hi = std::min(numel, lo + kElemGrain);
+    // one division per piece, not per run: planes of a few elements are common (7x7)
+    int64_t plane = lo / g.S;
+    int64_t c = plane % g.C;
+    for (int64_t i = lo; i < hi; ++plane) {
+      const int64_t run_end = std::min(hi, (plane + 1) * g.S);
+      fn(c, i, run_end - i);
+      i = run_end;
+      if (++c == g.C) c = 0;
+    }
+  }, store_fence);
 }
 
 // fn(offset) for each row of C channels, channels-last layout, in parallel.
 template <typename Fn>
 void parallel_rows(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
   const int64_t grain = std::max<int64_t>(1, kElemGrain / std::max<int64_t>(1, g.C));
-  at::parallel_for(0, g.rows(), grain, [&](int64_t begin, int64_t end) {
-    sweep(begin, end, grain, order, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) fn(r * g.C);
-    });
+  const int64_t rows = g.rows();
+  parallel_pieces(ceil_div(rows, grain), order, [&](int64_t p) {
+    for (int64_t r = p * grain; r < std::min(rows, (p + 1) * grain); ++r) fn(r * g.C);
   });
 }
 
@@ -149,13 +219,11 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
   }
   const int64_t spans = g.rows() / rows;
   const int64_t grain = std::max<int64_t>(1, kElemGrain / width);
-  at::parallel_for(0, spans, grain, [&](int64_t begin, int64_t end) {
-    sweep(begin, end, grain, order, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; r += kSpansPerCall)
-        fn(r * width, width, std::min(kSpansPerCall, hi - r), spans_arrays);
-    });
-    store_fence();
-  });
+  parallel_pieces(ceil_div(spans, grain), order, [&](int64_t p) {
+    const int64_t hi = std::min(spans, (p + 1) * grain);
+    for (int64_t r = p * grain; r < hi; r += kSpansPerCall)
+      fn(r * width, width, std::min(kSpansPerCall, hi - r), spans_arrays);
+  }, store_fence);
   for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, int64_t{1}, arrays);
 }
 
@@ -1275,9 +1343,12 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   std::fill(b.begin(), b.end(), 0.0);
   if (g.layout == Layout::kNCS) {
     const int64_t blocks = ceil_div(g.rows(), kBlockElems);
-    std::vector<double> part(g.C * blocks * 2);
-    at::parallel_for(0, g.C * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task)
+    const int64_t tasks = g.C * blocks;
+    // pieces of whole blocks and about kElemGrain elements: a 7x7 channel's block is 196 values
+    const int64_t per_piece = std::max<int64_t>(1, kElemGrain / std::min(g.rows(), kBlockElems));
+    std::vector<double> part(tasks * 2);
+    parallel_pieces(ceil_div(tasks, per_piece), Sweep::kForward, [&](int64_t p) {
+      for (int64_t task = p * per_piece; task < std::min(tasks, (p + 1) * per_piece); ++task)
         block_sums(sum, g, task / blocks, task % blocks, &part[2 * task], &part[2 * task + 1]);
     });
     for (int64_t c = 0; c < g.C; ++c) {
@@ -1317,13 +1388,11 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   const int64_t chunk = channel_chunk(g, rb.blocks);
   const int64_t chunks = ceil_div(g.C, chunk);
   std::vector<double> part(rb.blocks * g.C * 2, 0.0);
-  at::parallel_for(0, rb.blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / chunks, c0 = task % chunks * chunk;
-      double* pa = part.data() + k * g.C * 2;
-      sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0,
-               std::min(g.C, c0 + chunk), pa, pa + g.C);
-    }
+  parallel_pieces(rb.blocks * chunks, Sweep::kForward, [&](int64_t task) {
+    const int64_t k = task / chunks, c0 = task % chunks * chunk;
+    double* pa = part.data() + k * g.C * 2;
+    sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0, std::min(g.C, c0 + chunk),
+             pa, pa + g.C);
   });
   for (int64_t k = 0; k < rb.blocks; ++k) {  // block order, contiguous reads
     const double* pk = part.data() + k * g.C * 2;
@@ -1468,26 +1537,23 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
   const int64_t group = channel_group(g, sizeof(scalar_t));
-  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(ceil_div(g.C, group), Sweep::kForward, [&](int64_t p) {
     std::array<ForwardCoeffs<opmath_t>, kMaxChannelGroup> k;
-    for (int64_t c0 = begin; c0 < end; c0 += group) {
-      const int64_t c1 = std::min(end, c0 + group);
-      for (int64_t c = c0; c < c1; ++c) {
-        shift[c] = channel_shift(x, g, c);
-        double s1, s2;
-        channel_total(sum, g, c, &s1, &s2);
-        finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-      }
-      for (int64_t c = c0; c < c1; ++c) k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
-      for (int64_t c = c0; c < c1; ++c) {
-        const auto& kc = k[c - c0];
-        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-          normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
-        });
-      }
+    const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+    for (int64_t c = c0; c < c1; ++c) {
+      shift[c] = channel_shift(x, g, c);
+      double s1, s2;
+      channel_total(sum, g, c, &s1, &s2);
+      finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
     }
-    store_fence();
-  });
+    for (int64_t c = c0; c < c1; ++c) k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
+    for (int64_t c = c0; c < c1; ++c) {
+      const auto& kc = k[c - c0];
+      for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+        normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
+      });
+    }
+  }, store_fence);
 }
 
 // ---- backward ----------------------------------------------------------------------------------
@@ -1578,23 +1644,20 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
   const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   const int64_t group = channel_group(g, 2 * sizeof(scalar_t));
   const double inv_count = 1.0 / static_cast<double>(g.rows());  // what backward_coeffs takes per channel
-  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(ceil_div(g.C, group), Sweep::kForward, [&](int64_t p) {
     std::array<BackwardCoeffs<opmath_t>, kMaxChannelGroup> k;
-    for (int64_t c0 = begin; c0 < end; c0 += group) {
-      const int64_t c1 = std::min(end, c0 + group);
-      for (int64_t c = c0; c < c1; ++c) channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
-      for (int64_t c = c0; c < c1; ++c)
-        k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd_from_var(var[c], eps), weight[c],
-                                                          sum_dy[c], sum_dy_xmu[c], inv_count, /*training=*/true);
-      for (int64_t c = c0; c < c1; ++c) {
-        const auto& kc = k[c - c0];
-        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-          grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc, stream);
-        });
-      }
+    const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+    for (int64_t c = c0; c < c1; ++c) channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
+    for (int64_t c = c0; c < c1; ++c)
+      k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
+                                                        sum_dy_xmu[c], inv_count, /*training=*/true);
+    for (int64_t c = c0; c < c1; ++c) {
+      const auto& kc = k[c - c0];
+      for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+        grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc, stream);
+      });
     }
-    store_fence();
-  });
+  }, store_fence);
 }
 
 // The fused per-channel path pays off when channels keep every thread busy.
