@@ -50,10 +50,12 @@ RowBlocks row_blocks(const Geometry& g) {
 // n * S + s), NC(D)HW layout.
 template <typename Fn>
 inline void for_each_run_of_channel(const Geometry& g, int64_t c, int64_t start, int64_t end, Fn&& fn) {
-  int64_t i = start;
-  while (i < end) {
-    const int64_t n = i / g.S;
-    const int64_t s = i - n * g.S;
+  if (start >= end) return;
+  // one division per call, the later runs start their planes (a 64-bit division per run: a
+  // (4, 2048, 7, 7) bfloat16 training forward took 129 us on one thread instead of 109)
+  int64_t n = start / g.S;
+  int64_t s = start - n * g.S;
+  for (int64_t i = start; i < end; ++n, s = 0) {
     const int64_t len = std::min(end - i, g.S - s);
     fn((n * g.C + c) * g.S + s, len);
     i += len;
