@@ -312,10 +312,18 @@ inline __m512 narrow16(__m512d lo, __m512d hi) {
 inline __m512d widen_add(__m512d acc, __m512 v) {
   return _mm512_add_pd(acc, _mm512_add_pd(_mm512_cvtps_pd(lower8(v)), _mm512_cvtps_pd(upper8(v))));
 }
-inline double hsum8(__m512d v) {
-  alignas(64) double t[8];
-  _mm512_store_pd(t, v);
-  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+// The lanes of a and of b, each summed ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)), both in
+// one chain of registers: the per-block finish of many small channels (2048 of 7x7) spent 14% of
+// a training forward storing each vector and adding its lanes back one by one.
+inline void hsum8_pair(__m512d a, __m512d b, double* sa, double* sb) {
+  // lanes a0+a1, b0+b1, a2+a3, b2+b3, a4+a5, b4+b5, a6+a7, b6+b7
+  const __m512d pairs = _mm512_add_pd(_mm512_unpacklo_pd(a, b), _mm512_unpackhi_pd(a, b));
+  // lanes 0, 1: (a0+a1)+(a2+a3), (b0+b1)+(b2+b3); lanes 4, 5: the same of the upper four
+  const __m512d quads = _mm512_add_pd(pairs, _mm512_permutex_pd(pairs, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m128d sums = _mm_add_pd(_mm512_castpd512_pd128(quads),
+                                  _mm256_castpd256_pd128(_mm512_extractf64x4_pd(quads, 1)));
+  *sa = _mm_cvtsd_f64(sums);
+  *sb = _mm_cvtsd_f64(_mm_unpackhi_pd(sums, sums));
 }
 // Values summed in float32 before widening, 16-wide loops: 16 terms per lane of each of the two
 // pairs of chunk sums. Widening costs 10 instructions per chunk; with 64-value chunks that was 40%
@@ -1100,7 +1108,9 @@ inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double
   *s2 = acc.sb;
 #ifdef BN_EXT_AVX512BF16
   const LaneSums t = acc.flushed();
-  add_shifted_sums(hsum8(t.a), hsum8(t.b), t.n, shift, s1, s2);
+  double A, B;
+  hsum8_pair(t.a, t.b, &A, &B);
+  add_shifted_sums(A, B, t.n, shift, s1, s2);
 #else
   (void)shift;
 #endif
@@ -1143,7 +1153,9 @@ inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double
   *sum_dy_xmu = acc.sb;
 #ifdef BN_EXT_AVX512BF16
   const LaneSums t = acc.flushed();
-  add_grad_sums(hsum8(t.a), hsum8(t.b), mean, sum_dy, sum_dy_xmu);
+  double A, B;
+  hsum8_pair(t.a, t.b, &A, &B);
+  add_grad_sums(A, B, mean, sum_dy, sum_dy_xmu);
 #else
   (void)mean;
 #endif
