@@ -276,6 +276,15 @@ inline __m512 load16_first(const c10::BFloat16* p, int64_t n) {
 inline __m512 load16_first(const c10::Half* p, int64_t n) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p));
 }
+// The first n (< 16) lanes of v stored, as store16 would (the AVX-512 build's elementwise tails).
+inline void store16_first(float* p, __m512 v, int64_t n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+inline void store16_first(c10::BFloat16* p, __m512 v, int64_t n) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_mask_storeu_epi16(p, first_lanes(n), reinterpret_cast<const __m256i&>(h));
+}
+inline void store16_first(c10::Half* p, __m512 v, int64_t n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
   const __m256bh h = _mm512_cvtneps_pbh(v);
@@ -829,12 +838,19 @@ struct Broadcast {
   template <typename L>
   typename L::vec at(int64_t) const { return L::coef(v); }
   float scalar(int64_t) const { return v; }
+#ifdef BN_EXT_AVX512BF16
+  __m512 first(int64_t, int64_t) const { return _mm512_set1_ps(v); }
+#endif
 };
 struct PerLane {
   const float* p;
   template <typename L>
   typename L::vec at(int64_t i) const { return L::coef(p + i); }
   float scalar(int64_t i) const { return p[i]; }
+#ifdef BN_EXT_AVX512BF16
+  // the coefficients of positions [i, i + n), n < 16 (zeros in the other lanes)
+  __m512 first(int64_t i, int64_t n) const { return _mm512_maskz_loadu_ps(first_lanes(n), p + i); }
+#endif
 };
 
 // y = ((x - hi) - lo) * sc + sh, or x * sc + sh where the mean is folded into the shift, for
@@ -865,6 +881,15 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows,
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
   i = normalize_vectors<Lanes16>(x, y, i, n, rows, hi, lo, sc, sh, folded, stream);
+  if (i < n) {  // the last values, fewer than 16: one masked vector (7x7 planes end in one value)
+    const int64_t m = n - i;
+    const __m512 h = hi.first(i, m), l = lo.first(i, m), s = sc.first(i, m), t = sh.first(i, m);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = load16_first(x + r * n + i, m);
+      store16_first(y + r * n + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, h), l), s, t), m);
+    }
+  }
+  return;
 #endif
   i = normalize_vectors<Lanes8>(x, y, i, n, rows, hi, lo, sc, sh, folded, stream);
   for (int64_t r = 0; r < rows; ++r)
@@ -1034,6 +1059,20 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
   i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded, stream);
+  if (i < n) {  // the last values, fewer than 16: one masked vector
+    const int64_t m = n - i;
+    const __m512 d = kd.first(i, m);
+    const __m512 kxv = kx.first(i, m), k0v = k0.first(i, m), h = hi.first(i, m), l = lo.first(i, m);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = r * n + i;
+      const __m512 g = load16_first(dy + j, m);
+      const __m512 v = kTraining ? _mm512_fmadd_ps(kxv, _mm512_sub_ps(_mm512_sub_ps(load16_first(x + j, m), h), l),
+                                                   _mm512_fmadd_ps(d, g, k0v))
+                                 : _mm512_mul_ps(d, g);
+      store16_first(dx + j, v, m);
+    }
+  }
+  return;
 #endif
   i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded, stream);
   for (int64_t r = 0; r < rows; ++r)
