@@ -256,7 +256,8 @@ inline double hsum(__m256d a0, __m256d a1, __m256d a2, __m256d a3) {
 
 #ifdef BN_EXT_AVX512BF16
 // The AVX-512 build's 16-wide loads and stores (bfloat16 rounded by vcvtneps2bf16, as store8).
-// The run loops below start with a 16-wide body and finish with the 8-wide one.
+// The reduction loops below start with a 16-wide body and finish with the 8-wide one; the
+// elementwise loops finish with one masked 16-wide vector.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -874,7 +875,8 @@ inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int6
   return i;
 }
 
-// normalize_vectors, then the scalar tail (the same formula, so where vectors end cannot matter).
+// normalize_vectors, then the last values: one masked vector in the AVX-512 build, 8-wide vectors
+// and scalar code in the AVX2 one (the same formula, so where vectors end cannot matter).
 template <typename scalar_t, typename Rows, typename K>
 inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows, const K& hi, const K& lo,
                            const K& sc, const K& sh, bool folded, bool stream) {
@@ -1053,6 +1055,7 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
   return i;
 }
 
+// grad_input_vectors, then the last values, as normalize_span.
 template <bool kTraining, typename scalar_t, typename Rows, typename K>
 inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, Rows rows, const K& kd,
                             const K& kx, const K& k0, const K& hi, const K& lo, bool folded, bool stream) {
