@@ -775,8 +775,8 @@ inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 // store8's values, float32 with a streaming store where p is aligned for one (stream_output);
-// 16-bit types with plain stores (8 of them are half a line: only the AVX2 build's bodies and the
-// AVX-512 build's 8-wide tails get here).
+// 16-bit types with plain stores (8 of them are half a line; only the AVX2 build's elementwise
+// loops store 8 at a time).
 inline void stream8(float* p, __m256 v) {
   if (aligned_to(p, 32)) {
     _mm256_stream_ps(p, v);
@@ -854,6 +854,22 @@ struct PerLane {
 #endif
 };
 
+// The two elementwise formulas over vectors of L, written once for the loops' bodies and the
+// AVX-512 build's masked tails (which must give the bodies' bits: where vectors end cannot matter).
+// y = ((x - hi) - lo) * sc + sh.
+template <typename L>
+inline typename L::vec normalized(typename L::vec x, typename L::vec hi, typename L::vec lo, typename L::vec sc,
+                                  typename L::vec sh) {
+  return L::fmadd(L::sub(L::sub(x, hi), lo), sc, sh);
+}
+// Training's dx = kx * xc + (kd * dy + k0), xc being x less its mean (or x where the mean is
+// folded into k0).
+template <typename L>
+inline typename L::vec centred_grad(typename L::vec kd, typename L::vec dy, typename L::vec kx, typename L::vec xc,
+                                    typename L::vec k0) {
+  return L::fmadd(kx, xc, L::fmadd(kd, dy, k0));
+}
+
 // y = ((x - hi) - lo) * sc + sh, or x * sc + sh where the mean is folded into the shift, for
 // whole vectors of L from position i on in each of `rows` rows of n values (n apart); each
 // vector's coefficients are taken once for all the rows (a channels-last span's coefficients
@@ -870,7 +886,7 @@ inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int6
     }
     const typename L::vec h = hi.template at<L>(i), l = lo.template at<L>(i);
     for (int64_t r = 0; r < rows; ++r)
-      L::store_out(y + r * n + i, L::fmadd(L::sub(L::sub(L::load(x + r * n + i), h), l), s, t), stream);
+      L::store_out(y + r * n + i, normalized<L>(L::load(x + r * n + i), h, l, s, t), stream);
   }
   return i;
 }
@@ -887,8 +903,7 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows,
     const int64_t m = n - i;
     const __m512 h = hi.first(i, m), l = lo.first(i, m), s = sc.first(i, m), t = sh.first(i, m);
     for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = load16_first(x + r * n + i, m);
-      store16_first(y + r * n + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(v, h), l), s, t), m);
+      store16_first(y + r * n + i, normalized<Lanes16>(load16_first(x + r * n + i, m), h, l, s, t), m);
     }
   }
   return;
@@ -1041,7 +1056,7 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
     if (folded) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = r * n + i;
-        L::store_out(dx + j, L::fmadd(kxv, L::load(x + j), L::fmadd(d, L::load(dy + j), k0v)), stream);
+        L::store_out(dx + j, centred_grad<L>(d, L::load(dy + j), kxv, L::load(x + j), k0v), stream);
       }
       continue;
     }
@@ -1049,7 +1064,7 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = r * n + i;
       const typename L::vec xc = L::sub(L::sub(L::load(x + j), h), l);
-      L::store_out(dx + j, L::fmadd(kxv, xc, L::fmadd(d, L::load(dy + j), k0v)), stream);
+      L::store_out(dx + j, centred_grad<L>(d, L::load(dy + j), kxv, xc, k0v), stream);
     }
   }
   return i;
@@ -1069,10 +1084,12 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = r * n + i;
       const __m512 g = load16_first(dy + j, m);
-      const __m512 v = kTraining ? _mm512_fmadd_ps(kxv, _mm512_sub_ps(_mm512_sub_ps(load16_first(x + j, m), h), l),
-                                                   _mm512_fmadd_ps(d, g, k0v))
-                                 : _mm512_mul_ps(d, g);
-      store16_first(dx + j, v, m);
+      if constexpr (kTraining) {
+        const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16_first(x + j, m), h), l);
+        store16_first(dx + j, centred_grad<Lanes16>(d, g, kxv, xc, k0v), m);
+      } else {
+        store16_first(dx + j, _mm512_mul_ps(d, g), m);
+      }
     }
   }
   return;
