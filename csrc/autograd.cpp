@@ -92,6 +92,24 @@ using TrainOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const c10::opt
 using BackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                                                       const Tensor&, const Tensor&, double, bool,
                                                       std::array<bool, 3>);
+using ElemtOp = Tensor(const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&, const Tensor&,
+                       const Tensor&, double);
+
+// The two forward ops called below autograd: by their autograd functions' forward, and for the
+// whole call where no graph is recorded (train_autograd, elemt_autograd).
+std::tuple<Tensor, Tensor, Tensor> train_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
+                                                        const c10::optional<Tensor>& bias, double eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_train", "").typed<TrainOp>();
+  c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
+  return op.call(input, weight, bias, eps);
+}
+
+Tensor elemt_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
+                            const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_elemt", "").typed<ElemtOp>();
+  c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
+  return op.call(input, weight, bias, mean, var, eps);
+}
 
 // The parts of the two autograd functions below that are the same. Both save (input, weight or
 // an undefined tensor, mean, var) and eps, and where the gradient edges of weight and bias are:
@@ -141,13 +159,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
                                                 const c10::optional<Tensor>& weight,
                                                 const c10::optional<Tensor>& bias, double eps) {
-    static auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_train", "").typed<TrainOp>();
     Tensor output, mean, var;
-    {
-      c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-      std::tie(output, mean, var) = op.call(input, weight, bias, eps);
-    }
+    std::tie(output, mean, var) = train_below_autograd(input, weight, bias, eps);
     save_for_backward(ctx, input, weight, bias, mean, var, eps);
     ctx->mark_non_differentiable({mean, var});
     return {output, mean, var};
@@ -182,18 +195,10 @@ bool records_graph(std::initializer_list<const Tensor*> tensors,
 
 std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
                                                   const c10::optional<Tensor>& bias, double eps) {
-  if (!records_graph({&input}, {&weight, &bias})) {
-    static auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_train", "").typed<TrainOp>();
-    c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-    return op.call(input, weight, bias, eps);
-  }
+  if (!records_graph({&input}, {&weight, &bias})) return train_below_autograd(input, weight, bias, eps);
   auto out = TrainFunction::apply(input, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
-
-using ElemtOp = Tensor(const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&, const Tensor&,
-                       const Tensor&, double);
 
 // batch_norm_elemt (eval: normalise with given statistics), differentiable in all five tensors.
 // Its backward is batch_norm_backward with training=False, plus the two statistics' terms:
@@ -204,12 +209,7 @@ class ElemtFunction : public torch::autograd::Function<ElemtFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
                         const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, const Tensor& mean,
                         const Tensor& var, double eps) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_elemt", "").typed<ElemtOp>();
-    Tensor output;
-    {
-      c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-      output = op.call(input, weight, bias, mean, var, eps);
-    }
+    const Tensor output = elemt_below_autograd(input, weight, bias, mean, var, eps);
     // mean and var take the edges after weight and bias
     ctx->saved_data["mean_edge"] = save_for_backward(ctx, input, weight, bias, mean, var, eps);
     return output;
@@ -249,11 +249,8 @@ class ElemtFunction : public torch::autograd::Function<ElemtFunction> {
 
 Tensor elemt_autograd(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                       const Tensor& mean, const Tensor& var, double eps) {
-  if (!records_graph({&input, &mean, &var}, {&weight, &bias})) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_elemt", "").typed<ElemtOp>();
-    c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-    return op.call(input, weight, bias, mean, var, eps);
-  }
+  if (!records_graph({&input, &mean, &var}, {&weight, &bias}))
+    return elemt_below_autograd(input, weight, bias, mean, var, eps);
   return ElemtFunction::apply(input, weight, bias, mean, var, eps);
 }
 
