@@ -1,7 +1,16 @@
+import os
+
 import pytest
 import torch
 
 import bn_ext  # noqa: F401  (registers the ops)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
+
+
+def repo_env():
+    """This process's environment for a child Python that must import this checkout's bn_ext."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device visible")

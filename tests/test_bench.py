@@ -2,16 +2,14 @@
 its numbers. Nothing here asserts a speed: timings on a shared machine are not test material."""
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-import bn_ext
 from bn_ext.bench.__main__ import MODES, geomean, interleaved_times
+from conftest import repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
 
 
 def test_interleaved_times_take_turns_and_pool_per_function():
@@ -30,7 +28,7 @@ def test_geomean():
 
 
 def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    env = repo_env()
     cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3",
            "--dtype", "float32,bfloat16", "--repeats", "2", "--warmup", "1", "--rounds", "2",
            "--out", str(tmp_path), "--tag", "t"]
@@ -61,7 +59,7 @@ def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
 
 def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
     # benchmarks/bench-cpu.* hold a whole suite; a run with --shapes/--mode must write elsewhere
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    env = repo_env()
     cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3",
            "--mode", "eval_fwd", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -1,5 +1,4 @@
 """bn_ext against a float64 reference: accuracy, stability with large means, determinism."""
-import os
 import subprocess
 import sys
 
@@ -8,10 +7,9 @@ import torch
 
 import bn_ext
 import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, repo_env
 
 ops = torch.ops.bn_ext
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(bn_ext.__file__)))
 
 
 def rand(shape, device, dtype=torch.float64, mean=0.0, std=1.0):
@@ -177,7 +175,7 @@ def test_bitwise_deterministic_across_thread_counts(tmp_path):
     results = {}
     for threads, tag in ((1, "a"), (2, "b"), (2, "c"), (5, "d")):
         path = tmp_path / f"{tag}.pt"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        env = repo_env()
         subprocess.run([sys.executable, str(script), str(threads), str(path)], check=True, env=env)
         results[tag] = torch.load(path)
     for a, b, c, d in zip(results["a"], results["b"], results["c"], results["d"]):
@@ -227,7 +225,7 @@ torch.save(out, sys.argv[1])
 
 
 def test_streaming_stores_write_the_same_values(tmp_path):
-    """Outputs over the last-level cache are written with streaming stores (stream_output):
+    """Outputs of ops whose tensors fill the last-level cache are written with streaming stores (stream_output):
     BN_EXT_LLC_BYTES=1 streams every output, on shapes whose rows and runs start off the stores'
     alignment (they fall back to plain stores there), in every dtype and layout, each elementwise
     pass. The values must be bitwise those of plain stores."""
@@ -235,7 +233,7 @@ def test_streaming_stores_write_the_same_values(tmp_path):
     script.write_text(STREAM_SCRIPT)
     results = {}
     for llc in ("1", str(1 << 40)):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        env = repo_env()
         env["BN_EXT_LLC_BYTES"] = llc
         path = tmp_path / f"{llc}.pt"
         subprocess.run([sys.executable, str(script), str(path)], check=True, env=env)
@@ -272,7 +270,7 @@ def test_baseline_and_simd_kernels_agree(tmp_path):
     script.write_text(ISA_SCRIPT)
     results = {}
     for isa in ("default", "avx2", None):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        env = repo_env()
         env.pop("BN_EXT_CPU_ISA", None)
         if isa:
             env["BN_EXT_CPU_ISA"] = isa
