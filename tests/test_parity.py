@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import bn_ext
+import reference as ref
 from conftest import DEVICES, TOL, TORCH_HAS_BIAS_KW
 
 TORCH_CLS = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
@@ -76,6 +77,31 @@ def assert_close(ours, theirs, dtype, what, scale=1.0):
     torch.testing.assert_close(ours, theirs, **tol, msg=lambda m: f"{what}: {m}")
 
 
+def param_grads_float64(module, x, dy):
+    """grad_weight and grad_bias in float64 for this step's x and dy (batch or running stats, as
+    the module normalised with)."""
+    if module.training or module.running_mean is None:
+        _, dweight, dbias = ref.backward_training(x, dy, module.weight.detach(), module.eps)
+        return dweight, dbias
+    xhat = ref.forward(x, module.running_mean, module.running_var, None, None, module.eps)
+    dims = ref.reduce_dims(x)
+    return (dy.double() * xhat).sum(dims), dy.double().sum(dims)
+
+
+def assert_close_or_closer(ours, theirs, exact, dtype, what, scale):
+    """ours within tolerance of PyTorch's, or, where it is not, nearer the float64 value than
+    PyTorch's. In float16, PyTorch's channels-last grad_weight can be off by more than the
+    tolerance: (3, 64, 5, 7), one channel's 0.0954 (float64) came out -0.0428, ours -0.0954."""
+    tol = TOL[dtype]
+    o, t = ours.double(), theirs.double()
+    close = (o - t).abs() <= scale * (tol["atol"] + tol["rtol"] * t.abs())
+    nearer = (o - exact).abs() <= (t - exact).abs()
+    bad = ~(close | nearer)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements differ from torch's and are further "
+                           f"from float64: ours {o[bad].tolist()[:4]}, torch {t[bad].tolist()[:4]}, "
+                           f"float64 {exact[bad].tolist()[:4]}")
+
+
 def step(theirs, ours, x, dtype, what, param_dtype):
     xt = x.detach().clone().requires_grad_()
     xo = x.detach().clone().requires_grad_()
@@ -95,9 +121,16 @@ def step(theirs, ours, x, dtype, what, param_dtype):
         # sums of low-precision products: PyTorch itself rounds these to the input's precision
         pd = dtype if dtype in (torch.bfloat16, torch.float16) else (param_dtype or torch.float32)
         # weight/bias grads are sums over N*S elements: allow for the sum's rounding
-        assert_close(ours.weight.grad, theirs.weight.grad, pd, f"{what} grad_weight", scale=max(4, x[:, 0].numel() ** 0.5))
-        if theirs.bias is not None:
-            assert_close(ours.bias.grad, theirs.bias.grad, pd, f"{what} grad_bias", scale=max(4, x[:, 0].numel() ** 0.5))
+        scale = max(4, x[:, 0].numel() ** 0.5)
+        if dtype in (torch.bfloat16, torch.float16):
+            dweight, dbias = param_grads_float64(theirs, x, dy)
+            assert_close_or_closer(ours.weight.grad, theirs.weight.grad, dweight, pd, f"{what} grad_weight", scale)
+            if theirs.bias is not None:
+                assert_close_or_closer(ours.bias.grad, theirs.bias.grad, dbias, pd, f"{what} grad_bias", scale)
+        else:
+            assert_close(ours.weight.grad, theirs.weight.grad, pd, f"{what} grad_weight", scale=scale)
+            if theirs.bias is not None:
+                assert_close(ours.bias.grad, theirs.bias.grad, pd, f"{what} grad_bias", scale=scale)
     for name in ("running_mean", "running_var"):
         a, b = getattr(ours, name), getattr(theirs, name)
         assert (a is None) == (b is None)
@@ -131,12 +164,13 @@ def test_parity_shapes_layouts(kind, shape, layout, dtype, device):
     run_parity(kind, shape, layout, dtype, device, param_dtype=dtype)
 
 
-LOW_SHAPES = [(1, (16, 6)), (1, (4, 5, 9)), (2, (4, 3, 6, 5)), (3, (2, 3, 3, 4, 5))]
+# the last: channels-last rows of 64 channels, summed two at a time (in_order_tiles in kernels.h)
+LOW_SHAPES = [(1, (16, 6)), (1, (4, 5, 9)), (2, (4, 3, 6, 5)), (3, (2, 3, 3, 4, 5)), (2, (3, 64, 5, 7))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind,shape", LOW_SHAPES, ids=[f"{k}d" for k, _ in LOW_SHAPES])
+@pytest.mark.parametrize("kind,shape", LOW_SHAPES, ids=[f"{k}d-{'x'.join(map(str, s))}" for k, s in LOW_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mixed", [True, False], ids=["float32-params", "same-dtype-params"])
 def test_parity_low_precision(kind, shape, layout, dtype, mixed, device):
