@@ -31,6 +31,13 @@ LAYOUT_CASES = [
     ((5, 12, 7, 3), torch.channels_last),
     ((6, 3), None),
     ((61, 3), None),
+    # channels-last rows of 64 channels, summed two at a time as one row of 128 (in_order_tiles),
+    # with a row left over, and over several row blocks; rows of 32 and 16 channels
+    ((3, 64, 5, 7), torch.channels_last),
+    ((4, 64, 33, 35), torch.channels_last),
+    ((5, 64, 3, 3, 3), torch.channels_last_3d),
+    ((5, 32, 3, 3, 3), torch.channels_last_3d),
+    ((7, 16, 5, 3), torch.channels_last),
     # many channels over few rows: the channels-last reductions split the channels across tasks
     ((4, 1030, 3, 5), torch.channels_last),
     ((2, 1032, 4, 4), torch.channels_last),
@@ -68,13 +75,14 @@ def test_train_forward_backward_vs_float64(shape, fmt, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
-def test_low_precision_error_no_worse_than_torch(dtype, fmt, device):
+@pytest.mark.parametrize("shape", [(8, 6, 10, 12), (3, 64, 9, 11)])
+def test_low_precision_error_no_worse_than_torch(dtype, fmt, shape, device):
     """In bf16/fp16 both we and PyTorch round; our error against float64 stays within PyTorch's."""
-    x = rand((8, 6, 10, 12), device, dtype, mean=1.0, std=2.0)
+    x = rand(shape, device, dtype, mean=1.0, std=2.0)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    w = rand((6,), device, torch.float32, 1.0, 0.3)
-    b = rand((6,), device, torch.float32)
+    w = rand((shape[1],), device, torch.float32, 1.0, 0.3)
+    b = rand((shape[1],), device, torch.float32)
     rmean, rvar = ref.batch_stats(x)
     expected = ref.forward(x, rmean, rvar, w, b, 1e-5)
     ours = bn_ext.functional.batch_norm(x, None, None, w, b, training=True)

@@ -1270,6 +1270,7 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
 // (sum(x - shift), sum((x - shift)^2)) per channel.
 template <typename scalar_t>
 struct ShiftedSquares {
+  using scalar_type = scalar_t;
   const scalar_t* x;
   const double* shift;
   int64_t C;
@@ -1320,6 +1321,7 @@ struct ShiftedSquares {
 // (sum(dy), sum(dy * (x - mean))) per channel.
 template <typename scalar_t>
 struct GradSums {
+  using scalar_type = scalar_t;
   const scalar_t* dy;
   const scalar_t* x;
   const double* mean;
@@ -1370,6 +1372,21 @@ struct GradSums {
     });
   }
 };
+
+// Whether the AVX-512 build sums channels-last rows of C channels in memory order, in wide tiles
+// (kWideTileChannels) of whole rows: C = 128, or 64 summed two rows at a time as one row of 128
+// (channel_sums). 16-channel tiles over rows of 64 channels read every fourth line (float32),
+// rows of 32 every other one; from memory (6.4-19 MB, cache flushed) the statistics of 64 and
+// 128 channels took 1.4-1.6x the time of a sum of x in order, 1.8-2.9x in 16-channel tiles or
+// streamed; 32 channels ran about the same either way, so they keep the 16-channel tiles.
+template <typename scalar_t>
+constexpr bool in_order_tiles(int64_t C) {
+#ifdef BN_EXT_AVX512BF16
+  return !std::is_same_v<scalar_t, double> && C >= 64 && kWideTileChannels % C == 0;
+#else
+  return false;
+#endif
+}
 
 // Channels-last reductions: channels per task. With few row blocks for the threads (many channels,
 // few rows: 2048 channels of 7x7) the channels split too, into chunks of whole 16-channel tiles
@@ -1433,14 +1450,18 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
     return;
   }
   // Channels-last: a block is a run of rows, accumulated for every channel at once.
-  if (g.C % 8 != 0 && g.C < kWideRowChannels && g.rows() >= 8) {
-    // Rows of a few channels are too short for the 8-channel tiles: sum 8 rows at a time as one
-    // row of 8 * C positions (per-channel values tiled), then fold position p into channel p % C.
-    const int64_t width = 8 * g.C;
+  // Rows of a few channels are too short for the 8-channel tiles: sum k rows at a time as one row
+  // of k * C positions (per-channel values tiled), then fold position p into channel p % C. Rows
+  // of 64 channels go two at a time where that makes one wide tile per row (in_order_tiles).
+  int64_t rows_at_once = g.C % 8 != 0 && g.C < kWideRowChannels ? 8 : 1;
+  if (in_order_tiles<typename Summand::scalar_type>(g.C) && g.C < kWideTileChannels)
+    rows_at_once = kWideTileChannels / g.C;
+  if (rows_at_once > 1 && g.rows() >= rows_at_once) {
+    const int64_t width = rows_at_once * g.C;
     std::vector<double> tiled(width);
     for (int64_t i = 0; i < width; ++i) tiled[i] = sum.per_channel()[i % g.C];
     Geometry wide = g;
-    wide.N = g.rows() / 8;
+    wide.N = g.rows() / rows_at_once;
     wide.S = 1;
     wide.C = width;
     std::vector<double> wa(width), wb(width);
@@ -1449,8 +1470,8 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
       a[i % g.C] += wa[i];
       b[i % g.C] += wb[i];
     }
-    std::vector<double> ta(g.C, 0.0), tb(g.C, 0.0);  // the last rows, fewer than 8
-    sum.rows(wide.N * 8, g.rows(), 0, g.C, ta.data(), tb.data());
+    std::vector<double> ta(g.C, 0.0), tb(g.C, 0.0);  // the last rows, fewer than rows_at_once
+    sum.rows(wide.N * rows_at_once, g.rows(), 0, g.C, ta.data(), tb.data());
     for (int64_t c = 0; c < g.C; ++c) {
       a[c] += ta[c];
       b[c] += tb[c];
@@ -1480,16 +1501,21 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
 // them: when it reads from memory rather than cache, and rows are wide enough for the per-row loop
 // to pay. Measured on a 32 MiB-L3 machine: gradient sums 2.4x faster streamed at 34 MB read, 0.6x
 // at 13 MB, where the tiles win; statistics of a (4, 256, 112, 112) bfloat16 tensor (26 MB)
-// 1.78 -> 0.75 ms, float32 (51 MB) at par.
-bool streamed_rows(const Geometry& g, int64_t tensors, size_t elem_size) {
-  return tensors_bytes(g, tensors, elem_size) > kStreamedReadBytes && g.C >= kStreamedMinChannels;
+// 1.78 -> 0.75 ms, float32 (51 MB) at par. Tiles that read in order (in_order_tiles) never
+// stream. From memory, float32, against sums of x (and dy) in order: (9, 128, 64, 64) statistics
+// 2.9x streamed, 1.5x in wide tiles; gradient sums 1.27-1.33x and 0.90x; (4, 64, 112, 112)
+// gradient sums 1.06-1.23x and 0.93-0.98x.
+template <typename scalar_t>
+bool streamed_rows(const Geometry& g, int64_t tensors) {
+  return tensors_bytes(g, tensors, sizeof(scalar_t)) > kStreamedReadBytes && g.C >= kStreamedMinChannels &&
+         !in_order_tiles<scalar_t>(g.C);
 }
 
 template <typename scalar_t>
 void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
   const std::vector<double> shift = channel_shifts(x, g);
   std::vector<double> s1(g.C), s2(g.C);
-  const bool streamed = g.layout == Layout::kNSC && streamed_rows(g, 1, sizeof(scalar_t));
+  const bool streamed = g.layout == Layout::kNSC && streamed_rows<scalar_t>(g, 1);
   channel_sums(ShiftedSquares<scalar_t>{x, shift.data(), g.C, streamed}, g, s1, s2);
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
   for (int64_t c = 0; c < g.C; ++c)
@@ -1634,7 +1660,7 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
 template <typename scalar_t>
 void grad_sums_kernel(const scalar_t* dy, const scalar_t* x, const Geometry& g, const std::vector<double>& mean,
                       std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
-  const bool streamed = g.layout == Layout::kNSC && streamed_rows(g, 2, sizeof(scalar_t));
+  const bool streamed = g.layout == Layout::kNSC && streamed_rows<scalar_t>(g, 2);
   channel_sums(GradSums<scalar_t>{dy, x, mean.data(), g.C, streamed}, g, sum_dy, sum_dy_xmu);
 }
 
