@@ -38,6 +38,9 @@ LAYOUT_CASES = [
     ((5, 64, 3, 3, 3), torch.channels_last_3d),
     ((5, 32, 3, 3, 3), torch.channels_last_3d),
     ((7, 16, 5, 3), torch.channels_last),
+    # channels-last rows streamed (over 4 MiB read: kStreamedReadBytes) as four streams per block,
+    # blocks of rows not a multiple of four, two channels past the last vector
+    ((2, 266, 45, 47), torch.channels_last),
     # many channels over few rows: the channels-last reductions split the channels across tasks
     ((4, 1030, 3, 5), torch.channels_last),
     ((2, 1032, 4, 4), torch.channels_last),
@@ -160,7 +163,7 @@ ops = torch.ops.bn_ext
 out = []
 for shape, fmt in [((8, 3, 64, 64), None), ((8, 3, 64, 64), torch.channels_last), ((4096, 96), None), ((4, 5, 7, 9, 11), None),
                    ((4, 2070, 3, 5), torch.channels_last), ((16, 64, 20, 20), None), ((16, 64, 20, 20), torch.channels_last),
-                   ((4, 2048, 7, 7), None)]:
+                   ((4, 2048, 7, 7), None), ((2, 266, 45, 47), torch.channels_last)]:
     x = torch.randn(shape) * 3 + 1
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)

@@ -930,28 +930,41 @@ inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, i
   normalize_span(x, y, width, rows, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
 }
 
-// Channels-last sums streamed row after row: one sequential stream per tensor read, which the
-// prefetchers follow (the tiles walk many rows at once, one stream per row). Per-channel float32
-// partial sums stay in L1 and are flushed into the float64 sums every kStreamRows rows.
-// Channels [c0, n), both multiples of 8: rows(r, k, fa, fb) adds rows [r, r + k) (k <= kRowsAtOnce)
-// into the partials (their channels [c0, n)), flush(rows, fa, fb) adds them, over `rows` rows,
-// into the caller's sums.
+// Channels-last sums streamed row after row: each block of rows is read as kRowsAtOnce sequential
+// streams per tensor, one per quarter of the block, which the prefetchers follow (the tiles walk
+// many rows at once, a few hundred bytes of each). Per-channel float32 partial sums stay in L1 and
+// are flushed into the float64 sums every kStreamRows rows.
+// Channels [c0, n), both multiples of 8: rows(r, k, step, fa, fb) adds rows r, r + step, ...
+// (k of them, k <= kRowsAtOnce) into the partials (their channels [c0, n)), flush(rows, fa, fb)
+// adds them, over `rows` rows, into the caller's sums.
 constexpr int64_t kStreamRows = 32;
-// Rows a streamed step adds at once: each vector of partials is loaded and stored once for them,
-// not once a row (one row at a time, the partials' loads and stores outnumbered the data's and
-// bound the loop to L1: 5 loads and 2 stores per 16 gradient values). The partials still take
-// the rows one after another, so the sums are the same, bit for bit.
+// Rows a streamed step adds at once, one from each stream: each vector of partials is loaded and
+// stored once for them, not once a row (one row at a time, the partials' loads and stores
+// outnumbered the data's and bound the loop to L1: 5 loads and 2 stores per 16 gradient values).
+// Taking them from distant parts of the block keeps each stream in order: four consecutive rows
+// at a time (four short runs, C values apart, then a jump), a standalone loop over 6.4 MB of
+// 512 or 1024 channels, one thread, cache flushed, took 1.5-1.6x as long.
 constexpr int64_t kRowsAtOnce = 4;
 
 template <typename Rows, typename Flush>
 inline void rows_streamed(int64_t c0, int64_t n, int64_t r0, int64_t r1, Rows&& rows, Flush&& flush) {
   std::vector<float> fa(n), fb(n);
-  for (int64_t q0 = r0; q0 < r1; q0 += kStreamRows) {
-    const int64_t q1 = std::min(r1, q0 + kStreamRows);
+  auto clear = [&] {
     std::fill(fa.begin() + c0, fa.end(), 0.0f);
     std::fill(fb.begin() + c0, fb.end(), 0.0f);
-    for (int64_t r = q0; r < q1; r += kRowsAtOnce) rows(r, std::min(kRowsAtOnce, q1 - r), fa.data(), fb.data());
-    flush(q1 - q0, fa.data(), fb.data());
+  };
+  const int64_t q = (r1 - r0) / kRowsAtOnce;  // rows per stream
+  constexpr int64_t kStepsPerFlush = kStreamRows / kRowsAtOnce;
+  for (int64_t i0 = 0; i0 < q; i0 += kStepsPerFlush) {
+    const int64_t i1 = std::min(q, i0 + kStepsPerFlush);
+    clear();
+    for (int64_t i = i0; i < i1; ++i) rows(r0 + i, kRowsAtOnce, q, fa.data(), fb.data());
+    flush(kRowsAtOnce * (i1 - i0), fa.data(), fb.data());
+  }
+  if (r0 + kRowsAtOnce * q < r1) {  // the last rows, fewer than kRowsAtOnce
+    clear();
+    for (int64_t r = r0 + kRowsAtOnce * q; r < r1; ++r) rows(r, 1, 1, fa.data(), fb.data());
+    flush(r1 - r0 - kRowsAtOnce * q, fa.data(), fb.data());
   }
 }
 
@@ -986,12 +999,12 @@ template <typename scalar_t>
 inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c0, int64_t n,
                                     int64_t r0, int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
   const std::vector<float> mf = rounded_to_float(mean, c0, n);
-  rows_streamed(c0, n, r0, r1, [&](int64_t r, int64_t k, float* fa, float* fb) {
+  rows_streamed(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
     int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
-    c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, C, k, c, n, mf.data(), fa, fb);
+    c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
 #endif
-    grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, C, k, c, n, mf.data(), fa, fb);
+    grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
   }, [&](int64_t, const float* fa, const float* fb) {
     for (int64_t c = c0; c < n; ++c) add_grad_sums(fa[c], fb[c], mean[c], &sum_dy[c], &sum_dy_xmu[c]);
   });
@@ -1021,12 +1034,12 @@ template <typename scalar_t>
 inline void shifted_sums_rows_streamed(const scalar_t* x, int64_t C, int64_t c0, int64_t n, int64_t r0, int64_t r1,
                                        const double* shift, double* s1, double* s2) {
   const std::vector<float> sf = rounded_to_float(shift, c0, n);
-  rows_streamed(c0, n, r0, r1, [&](int64_t r, int64_t k, float* fa, float* fb) {
+  rows_streamed(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
     int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
-    c = shifted_sums_row_vectors<Lanes16>(x + r * C, C, k, c, n, sf.data(), fa, fb);
+    c = shifted_sums_row_vectors<Lanes16>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);
 #endif
-    shifted_sums_row_vectors<Lanes8>(x + r * C, C, k, c, n, sf.data(), fa, fb);
+    shifted_sums_row_vectors<Lanes8>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);
   }, [&](int64_t rows, const float* fa, const float* fb) {
     for (int64_t c = c0; c < n; ++c)
       add_shifted_sums(fa[c], fb[c], static_cast<double>(rows), shift[c], &s1[c], &s2[c]);
@@ -1497,14 +1510,19 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   }
 }
 
-// Whether a channels-last reduction reading `tensors` tensors streams its rows rather than tiling
-// them: when it reads from memory rather than cache, and rows are wide enough for the per-row loop
-// to pay. Measured on a 32 MiB-L3 machine: gradient sums 2.4x faster streamed at 34 MB read, 0.6x
-// at 13 MB, where the tiles win; statistics of a (4, 256, 112, 112) bfloat16 tensor (26 MB)
-// 1.78 -> 0.75 ms, float32 (51 MB) at par. Tiles that read in order (in_order_tiles) never
-// stream. From memory, float32, against sums of x (and dy) in order: (9, 128, 64, 64) statistics
-// 2.9x streamed, 1.5x in wide tiles; gradient sums 1.27-1.33x and 0.90x; (4, 64, 112, 112)
-// gradient sums 1.06-1.23x and 0.93-0.98x.
+// Whether a channels-last reduction reading `tensors` tensors streams its rows (rows_streamed)
+// rather than tiling them: when it reads more than the L2s hold, and rows are wide enough for the
+// per-row loop to pay. The tiles read a few hundred bytes of each row at a time, which from memory
+// ran at 0.5-0.75x the speed of reading the same bytes in order (a standalone loop, 6.4 MB, one
+// thread, cache flushed); the streamed rows read each tensor as four in-order streams. Op times,
+// float32, tiles -> streamed, against sums of the same tensors in order (cache flushed) or in
+// microseconds (from L3): (4, 512, 28, 28) statistics 1.91-1.96x -> 1.77-1.84x, 67 -> 56 us;
+// gradient sums 1.11-1.16x -> 1.04-1.09x; (4, 1024, 14, 14) gradient sums 1.27-1.33x ->
+// 1.11-1.12x; (4096, 1024) statistics 1.53-1.63x -> 1.38-1.45x. At 3.2 MB read and less the tiles
+// won: (16, 256, 14, 14) statistics 1.85x against 2.07-2.12x, gradient sums 47 against 54 us.
+// Tiles that read in order (in_order_tiles) never stream: (9, 128, 64, 64) statistics took 1.5x
+// a sum in wide tiles, 2.9x streamed (four consecutive rows at a time, as the streamed loop read
+// them then).
 template <typename scalar_t>
 bool streamed_rows(const Geometry& g, int64_t tensors) {
   return tensors_bytes(g, tensors, sizeof(scalar_t)) > kStreamedReadBytes && g.C >= kStreamedMinChannels &&

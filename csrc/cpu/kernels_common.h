@@ -42,9 +42,10 @@ constexpr int64_t kWideRowChannels = 64;
 // and gradient sums), and the unit of the channel chunks of reductions over at least that many.
 constexpr int64_t kWideTileChannels = 128;
 // Channels-last reductions (statistics, gradient sums) stream their rows (instead of tiling them)
-// when they read more than this (about half this machine's L3: beyond it the tiles' many strided
-// streams starve the prefetchers) and rows are wide enough for the per-row loop to pay.
-constexpr int64_t kStreamedReadBytes = int64_t(16) << 20;
+// when they read more than this (twice this machine's L2s: beyond the L2, tiles that read a few
+// hundred bytes of each row at a time run slower than in-order streams; streamed_rows in
+// kernels.h) and rows are wide enough for the per-row loop to pay.
+constexpr int64_t kStreamedReadBytes = int64_t(4) << 20;
 constexpr int64_t kStreamedMinChannels = 64;
 // The elementwise passes write their output with non-temporal (streaming) stores when what the
 // op reads and writes together fills the last-level cache or more: the output could not stay
