@@ -197,14 +197,14 @@ int64_t rows_per_span(int64_t C) {
   return whole * std::max<int64_t>(1, kSpanValues / (whole * std::max<int64_t>(1, C)));
 }
 
-// Spans handed to one call of the elementwise passes, which load each vector's coefficients once
-// for all of them (rows `width` apart: a few sequential streams).
-constexpr int64_t kSpansPerCall = 4;
-
-// fn(offset, width, count, arrays) over a channels-last tensor, in parallel: `count` (at most
-// kSpansPerCall) consecutive spans of rows_per_span(C) rows each (width = rows * C values), the
-// per-channel arrays tiled to the span's width; then the last rows (fewer than a span) one by one
-// with the arrays as given.
+// fn(offset, width, arrays) over a channels-last tensor, in parallel: each span of rows_per_span(C)
+// rows (width = rows * C values) in memory order, with the per-channel arrays tiled to the span's
+// width; then the last rows (fewer than a span) one by one with the arrays as given. One span per
+// call: handing a call four spans (rows `width` apart), which loaded each vector's coefficients
+// once for the four, ran slower. (4, 256, 56, 56) channels-last, four spans -> one: float32
+// elementwise forward from L3 2.0-2.35x -> 1.10-1.12x a copy's time, input gradient 2.8-3.1x ->
+// 2.4-2.55x; from memory, backward 1.00x -> 0.92-0.94x PyTorch's time; bfloat16 from memory
+// backward 0.84-1.03x -> 0.60-0.71x, from L3 elementwise forward 1.50-1.68x -> 1.66-1.92x a copy.
 template <typename T, size_t K, typename Fn>
 void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn,
                         Sweep order = Sweep::kForward) {
@@ -223,10 +223,9 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
   const int64_t grain = std::max<int64_t>(1, kElemGrain / width);
   parallel_pieces(ceil_div(spans, grain), order, [&](int64_t p) {
     const int64_t hi = std::min(spans, (p + 1) * grain);
-    for (int64_t r = p * grain; r < hi; r += kSpansPerCall)
-      fn(r * width, width, std::min(kSpansPerCall, hi - r), spans_arrays);
+    for (int64_t r = p * grain; r < hi; ++r) fn(r * width, width, spans_arrays);
   }, store_fence);
-  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, int64_t{1}, arrays);
+  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, arrays);
 }
 
 // ---- statistics ------------------------------------------------------------------------------
@@ -831,9 +830,6 @@ struct Lanes16 {
 };
 #endif
 
-// The row count of an NC(D)HW run: one, known at compile time (the row loops vanish).
-using OneRow = std::integral_constant<int64_t, 1>;
-
 struct Broadcast {
   float v;
   template <typename L>
@@ -871,63 +867,55 @@ inline typename L::vec centred_grad(typename L::vec kd, typename L::vec dy, type
 }
 
 // y = ((x - hi) - lo) * sc + sh, or x * sc + sh where the mean is folded into the shift, for
-// whole vectors of L from position i on in each of `rows` rows of n values (n apart); each
-// vector's coefficients are taken once for all the rows (a channels-last span's coefficients
-// are loads, two to four per vector, which outnumber the data's own unless rows share them).
-// Returns where it stopped.
-template <typename L, typename scalar_t, typename Rows, typename K>
-inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, Rows rows, const K& hi,
-                                 const K& lo, const K& sc, const K& sh, bool folded, bool stream) {
+// whole vectors of L of the n values from position i on. Returns where it stopped.
+template <typename L, typename scalar_t, typename K>
+inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, const K& hi, const K& lo,
+                                 const K& sc, const K& sh, bool folded, bool stream) {
   for (; i + L::width <= n; i += L::width) {
     const typename L::vec s = sc.template at<L>(i), t = sh.template at<L>(i);
     if (folded) {
-      for (int64_t r = 0; r < rows; ++r) L::store_out(y + r * n + i, L::fmadd(L::load(x + r * n + i), s, t), stream);
+      L::store_out(y + i, L::fmadd(L::load(x + i), s, t), stream);
       continue;
     }
-    const typename L::vec h = hi.template at<L>(i), l = lo.template at<L>(i);
-    for (int64_t r = 0; r < rows; ++r)
-      L::store_out(y + r * n + i, normalized<L>(L::load(x + r * n + i), h, l, s, t), stream);
+    L::store_out(y + i, normalized<L>(L::load(x + i), hi.template at<L>(i), lo.template at<L>(i), s, t), stream);
   }
   return i;
 }
 
 // normalize_vectors, then the last values: one masked vector in the AVX-512 build, 8-wide vectors
 // and scalar code in the AVX2 one (the same formula, so where vectors end cannot matter).
-template <typename scalar_t, typename Rows, typename K>
-inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, Rows rows, const K& hi, const K& lo,
-                           const K& sc, const K& sh, bool folded, bool stream) {
+template <typename scalar_t, typename K>
+inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& hi, const K& lo, const K& sc,
+                           const K& sh, bool folded, bool stream) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = normalize_vectors<Lanes16>(x, y, i, n, rows, hi, lo, sc, sh, folded, stream);
+  i = normalize_vectors<Lanes16>(x, y, i, n, hi, lo, sc, sh, folded, stream);
   if (i < n) {  // the last values, fewer than 16: one masked vector (7x7 planes end in one value)
     const int64_t m = n - i;
-    const __m512 h = hi.first(i, m), l = lo.first(i, m), s = sc.first(i, m), t = sh.first(i, m);
-    for (int64_t r = 0; r < rows; ++r) {
-      store16_first(y + r * n + i, normalized<Lanes16>(load16_first(x + r * n + i, m), h, l, s, t), m);
-    }
+    store16_first(y + i, normalized<Lanes16>(load16_first(x + i, m), hi.first(i, m), lo.first(i, m), sc.first(i, m),
+                                             sh.first(i, m)), m);
   }
   return;
 #endif
-  i = normalize_vectors<Lanes8>(x, y, i, n, rows, hi, lo, sc, sh, folded, stream);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = i; j < n; ++j)
-      y[r * n + j] = static_cast<scalar_t>(
-          normalize_one(static_cast<float>(x[r * n + j]), hi.scalar(j), lo.scalar(j), sc.scalar(j), sh.scalar(j)));
+  i = normalize_vectors<Lanes8>(x, y, i, n, hi, lo, sc, sh, folded, stream);
+  for (int64_t j = i; j < n; ++j)
+    y[j] = static_cast<scalar_t>(
+        normalize_one(static_cast<float>(x[j]), hi.scalar(j), lo.scalar(j), sc.scalar(j), sh.scalar(j)));
 }
 
 template <typename scalar_t>
 inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh,
                                bool stream) {
   // hi == lo == 0: the mean folded into the shift (forward_coeffs)
-  normalize_span(x, y, len, OneRow{}, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh},
-                 hi == 0.0f && lo == 0.0f, stream);
+  normalize_span(x, y, len, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f,
+                 stream);
 }
 
-// Channels-last: `rows` spans of `width` values, one coefficient per position.
+// Channels-last: a span of `width` values, one coefficient per position.
 template <typename scalar_t>
-inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, int64_t rows, const float* hi,
-                                const float* lo, const float* sc, const float* sh, bool folded, bool stream) {
-  normalize_span(x, y, width, rows, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
+inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, const float* hi, const float* lo,
+                                const float* sc, const float* sh, bool folded, bool stream) {
+  normalize_span(x, y, width, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
 }
 
 // Channels-last sums streamed row after row: each block of rows is read as kRowsAtOnce sequential
@@ -1052,82 +1040,68 @@ inline float grad_one(float dy, float x, float kd, float kx, float k0, float hi,
 }
 
 // dx = kx * ((x - hi) - lo) + (kd * dy + k0) in training (kx * x + ... where the mean is folded
-// into k0), kd * dy in eval, for whole vectors of L from position i on in each of `rows` rows of
-// n values (as normalize_vectors: each vector's coefficients taken once for all the rows).
-// Returns where it stopped.
-template <typename L, bool kTraining, typename scalar_t, typename Rows, typename K>
+// into k0), kd * dy in eval, for whole vectors of L of the n values from position i on. Returns
+// where it stopped.
+template <typename L, bool kTraining, typename scalar_t, typename K>
 inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t i, int64_t n,
-                                  Rows rows, const K& kd, const K& kx, const K& k0, const K& hi, const K& lo,
-                                  bool folded, bool stream) {
+                                  const K& kd, const K& kx, const K& k0, const K& hi, const K& lo, bool folded,
+                                  bool stream) {
   for (; i + L::width <= n; i += L::width) {
     const typename L::vec d = kd.template at<L>(i);
     if (!kTraining) {
-      for (int64_t r = 0; r < rows; ++r) L::store_out(dx + r * n + i, L::mul(d, L::load(dy + r * n + i)), stream);
+      L::store_out(dx + i, L::mul(d, L::load(dy + i)), stream);
       continue;
     }
     const typename L::vec kxv = kx.template at<L>(i), k0v = k0.template at<L>(i);
     if (folded) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t j = r * n + i;
-        L::store_out(dx + j, centred_grad<L>(d, L::load(dy + j), kxv, L::load(x + j), k0v), stream);
-      }
+      L::store_out(dx + i, centred_grad<L>(d, L::load(dy + i), kxv, L::load(x + i), k0v), stream);
       continue;
     }
-    const typename L::vec h = hi.template at<L>(i), l = lo.template at<L>(i);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t j = r * n + i;
-      const typename L::vec xc = L::sub(L::sub(L::load(x + j), h), l);
-      L::store_out(dx + j, centred_grad<L>(d, L::load(dy + j), kxv, xc, k0v), stream);
-    }
+    const typename L::vec xc = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
+    L::store_out(dx + i, centred_grad<L>(d, L::load(dy + i), kxv, xc, k0v), stream);
   }
   return i;
 }
 
 // grad_input_vectors, then the last values, as normalize_span.
-template <bool kTraining, typename scalar_t, typename Rows, typename K>
-inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, Rows rows, const K& kd,
-                            const K& kx, const K& k0, const K& hi, const K& lo, bool folded, bool stream) {
+template <bool kTraining, typename scalar_t, typename K>
+inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, const K& kd, const K& kx,
+                            const K& k0, const K& hi, const K& lo, bool folded, bool stream) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
-  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded, stream);
+  i = grad_input_vectors<Lanes16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
   if (i < n) {  // the last values, fewer than 16: one masked vector
     const int64_t m = n - i;
-    const __m512 d = kd.first(i, m);
-    const __m512 kxv = kx.first(i, m), k0v = k0.first(i, m), h = hi.first(i, m), l = lo.first(i, m);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t j = r * n + i;
-      const __m512 g = load16_first(dy + j, m);
-      if constexpr (kTraining) {
-        const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16_first(x + j, m), h), l);
-        store16_first(dx + j, centred_grad<Lanes16>(d, g, kxv, xc, k0v), m);
-      } else {
-        store16_first(dx + j, _mm512_mul_ps(d, g), m);
-      }
+    const __m512 d = kd.first(i, m), g = load16_first(dy + i, m);
+    if constexpr (kTraining) {
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16_first(x + i, m), hi.first(i, m)), lo.first(i, m));
+      store16_first(dx + i, centred_grad<Lanes16>(d, g, kx.first(i, m), xc, k0.first(i, m)), m);
+    } else {
+      store16_first(dx + i, _mm512_mul_ps(d, g), m);
     }
   }
   return;
 #endif
-  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, rows, kd, kx, k0, hi, lo, folded, stream);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = i; j < n; ++j)
-      dx[r * n + j] = static_cast<scalar_t>(
-          grad_one<kTraining>(static_cast<float>(dy[r * n + j]), static_cast<float>(x[r * n + j]), kd.scalar(j),
-                              kx.scalar(j), k0.scalar(j), hi.scalar(j), lo.scalar(j)));
+  i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
+  for (int64_t j = i; j < n; ++j)
+    dx[j] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[j]), static_cast<float>(x[j]),
+                                                      kd.scalar(j), kx.scalar(j), k0.scalar(j), hi.scalar(j),
+                                                      lo.scalar(j)));
 }
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
                                 float k0, float hi, float lo, bool stream) {
-  grad_input_span<kTraining>(dy, x, dx, len, OneRow{}, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
+  grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
                              Broadcast{lo}, hi == 0.0f && lo == 0.0f, stream);
 }
 
 template <typename scalar_t, bool kTraining>
-inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width, int64_t rows,
+inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
                                  const float* kd, const float* kx, const float* k0, const float* hi, const float* lo,
                                  bool folded, bool stream) {
-  grad_input_span<kTraining>(dy, x, dx, width, rows, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo},
-                             folded, stream);
+  grad_input_span<kTraining>(dy, x, dx, width, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo}, folded,
+                             stream);
 }
 #endif
 
@@ -1614,8 +1588,8 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = a.folded();
-    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, int64_t n, const auto& k) {
-      normalize_rows_avx2(x + off, y + off, width, n, k[0], k[1], k[2], k[3], folded, stream);
+    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, const auto& k) {
+      normalize_rows_avx2(x + off, y + off, width, k[0], k[1], k[2], k[3], folded, stream);
     }, order);
     return;
   }
@@ -1732,9 +1706,9 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = k.folded();
-    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, int64_t n, const auto& c) {
-      grad_input_rows_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, n, c[0], c[1], c[2], c[3], c[4],
-                                                folded, stream);
+    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, const auto& c) {
+      grad_input_rows_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4], folded,
+                                                stream);
     }, order);
     return;
   }
