@@ -300,8 +300,9 @@ def test_baseline_and_simd_kernels_agree(tmp_path):
 @pytest.mark.parametrize("mean_value", [2.0, 1000.0])
 def test_channels_last_reductions_streamed_from_memory(dtype, mean_value):
     """Channels-last statistics and gradient sums over tensors too large for cache stream their
-    rows (more than 16 MiB read): against the float64 reference, C = 84 (16-wide, 8-wide and
-    scalar channels), with a mean near the spread and one far from it."""
+    rows (more than 4 MiB read: kStreamedReadBytes), as four streams per block of rows: against the
+    float64 reference, C = 84 (16-wide, 8-wide and scalar channels), with a mean near the spread
+    and one far from it. The tensors are larger than this machine's L3."""
     n = 60000 if dtype == torch.float32 else 120000
     x = rand((n, 84), "cpu", dtype, mean=mean_value, std=3.0)
     dy = rand((n, 84), "cpu", dtype)
