@@ -963,18 +963,18 @@ inline std::vector<float> rounded_to_float(const double* v, int64_t c0, int64_t 
   return f;
 }
 
-// Rows [0, k) (C apart) of sum(dy) and sum(dy * (x - mean_f)) into fa/fb, channels [c, n) in
-// vectors of L.
+// Rows [0, k) (`stride` values apart) of sum(dy) and sum(dy * (x - mean_f)) into fa/fb, channels
+// [c, n) in vectors of L.
 template <typename L, typename scalar_t>
-inline int64_t grad_sums_row_vectors(const scalar_t* g, const scalar_t* xr, int64_t C, int64_t k, int64_t c,
+inline int64_t grad_sums_row_vectors(const scalar_t* g, const scalar_t* xr, int64_t stride, int64_t k, int64_t c,
                                      int64_t n, const float* mf, float* fa, float* fb) {
   for (; c + L::width <= n; c += L::width) {
     typename L::vec a = L::coef(fa + c), b = L::coef(fb + c);
     const typename L::vec m = L::coef(mf + c);
     for (int64_t r = 0; r < k; ++r) {
-      const typename L::vec gv = L::load(g + r * C + c);
+      const typename L::vec gv = L::load(g + r * stride + c);
       a = L::add(a, gv);
-      b = L::fmadd(gv, L::sub(L::load(xr + r * C + c), m), b);
+      b = L::fmadd(gv, L::sub(L::load(xr + r * stride + c), m), b);
     }
     L::store(fa + c, a);
     L::store(fb + c, b);
@@ -998,16 +998,16 @@ inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64
   });
 }
 
-// Rows [0, k) (C apart) of sum(x - shift_f) and sum((x - shift_f)^2) into fa/fb, channels [c, n)
-// in vectors of L.
+// Rows [0, k) (`stride` values apart) of sum(x - shift_f) and sum((x - shift_f)^2) into fa/fb,
+// channels [c, n) in vectors of L.
 template <typename L, typename scalar_t>
-inline int64_t shifted_sums_row_vectors(const scalar_t* xr, int64_t C, int64_t k, int64_t c, int64_t n,
+inline int64_t shifted_sums_row_vectors(const scalar_t* xr, int64_t stride, int64_t k, int64_t c, int64_t n,
                                         const float* sf, float* fa, float* fb) {
   for (; c + L::width <= n; c += L::width) {
     typename L::vec a = L::coef(fa + c), b = L::coef(fb + c);
     const typename L::vec s = L::coef(sf + c);
     for (int64_t r = 0; r < k; ++r) {
-      const typename L::vec d = L::sub(L::load(xr + r * C + c), s);
+      const typename L::vec d = L::sub(L::load(xr + r * stride + c), s);
       a = L::add(a, d);
       b = L::fmadd(d, d, b);
     }
