@@ -852,11 +852,16 @@ struct PerLane {
 
 // The two elementwise formulas over vectors of L, written once for the loops' bodies and the
 // AVX-512 build's masked tails (which must give the bodies' bits: where vectors end cannot matter).
+// x less its mean, the mean as a float32 pair hi + lo: (x - hi) - lo.
+template <typename L>
+inline typename L::vec centred(typename L::vec x, typename L::vec hi, typename L::vec lo) {
+  return L::sub(L::sub(x, hi), lo);
+}
 // y = ((x - hi) - lo) * sc + sh.
 template <typename L>
 inline typename L::vec normalized(typename L::vec x, typename L::vec hi, typename L::vec lo, typename L::vec sc,
                                   typename L::vec sh) {
-  return L::fmadd(L::sub(L::sub(x, hi), lo), sc, sh);
+  return L::fmadd(centred<L>(x, hi, lo), sc, sh);
 }
 // Training's dx = kx * xc + (kd * dy + k0), xc being x less its mean (or x where the mean is
 // folded into k0).
@@ -1057,7 +1062,7 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
       L::store_out(dx + i, centred_grad<L>(d, L::load(dy + i), kxv, L::load(x + i), k0v), stream);
       continue;
     }
-    const typename L::vec xc = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
+    const typename L::vec xc = centred<L>(L::load(x + i), hi.template at<L>(i), lo.template at<L>(i));
     L::store_out(dx + i, centred_grad<L>(d, L::load(dy + i), kxv, xc, k0v), stream);
   }
   return i;
@@ -1074,7 +1079,7 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
     const int64_t m = n - i;
     const __m512 d = kd.first(i, m), g = load16_first(dy + i, m);
     if constexpr (kTraining) {
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16_first(x + i, m), hi.first(i, m)), lo.first(i, m));
+      const __m512 xc = centred<Lanes16>(load16_first(x + i, m), hi.first(i, m), lo.first(i, m));
       store16_first(dx + i, centred_grad<Lanes16>(d, g, kx.first(i, m), xc, k0.first(i, m)), m);
     } else {
       store16_first(dx + i, _mm512_mul_ps(d, g), m);
