@@ -155,6 +155,32 @@ def test_stats_and_elemt_ops_compose_to_train(device):
     torch.testing.assert_close(gw, sum_dy_xmu * torch.rsqrt(var + 1e-5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 9, 41, 37), (16, 64, 20, 20), (2, 12, 17, 13, 19), (4, 24, 9, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_per_channel_training_matches_one_channel_at_a_time(shape, dtype):
+    """NC(D)HW training forward and backward over many channels run per channel (the reduction,
+    then the elementwise pass from cache; channels of 16 KiB or more pipelined, each thread
+    summing one channel while it writes the one before, in one loop). Each channel's outputs must
+    be bitwise those of the same op on that channel alone, which splits one channel's work
+    between the threads and never pipelines. Odd planes put runs off the vector width."""
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    w = torch.rand(shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.5
+    b = torch.randn_like(w)
+    dy = torch.randn_like(x)
+    y, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+    gi, gw, gb = ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])
+    for c in range(shape[1]):
+        one = slice(c, c + 1)
+        xc, dyc = x[:, one].contiguous(), dy[:, one].contiguous()
+        yc, mc, vc = ops.batch_norm_train(xc, w[one], b[one], 1e-5)
+        gic, gwc, gbc = ops.batch_norm_backward(dyc, xc, w[one], mean[one], var[one], 1e-5, True, [True, True, True])
+        for name, whole, alone in [("y", y[:, one], yc), ("mean", mean[one], mc), ("var", var[one], vc),
+                                   ("grad_input", gi[:, one], gic), ("grad_weight", gw[one], gwc),
+                                   ("grad_bias", gb[one], gbc)]:
+            assert torch.equal(whole, alone), f"channel {c}: {name} differs"
+
+
 DETERMINISM_SCRIPT = r"""
 import sys, torch, bn_ext
 torch.set_num_threads(int(sys.argv[1]))
@@ -218,7 +244,7 @@ for isa_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     # odd channel counts and planes: rows and runs that start off the streaming stores' alignment
     for shape, fmt in [((4, 40, 9, 9), None), ((3, 6, 33, 31), None), ((4, 24, 9, 9), torch.channels_last),
                        ((5, 37, 7, 5), torch.channels_last), ((300, 21), None), ((2, 3, 5, 6, 7), None),
-                       ((64, 2, 40, 40), None)]:
+                       ((64, 2, 40, 40), None), ((3, 9, 41, 37), None)]:
         x = (torch.randn(shape) * 3 + 1).to(isa_dtype)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
