@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from bn_ext.bench.__main__ import MODES, geomean, interleaved_times
+import bn_ext
+from bn_ext.bench.__main__ import MODES, geomean, interleaved_times, two_reads_case, two_reads_fns
+from bn_ext.bench.cases import Case
 from conftest import repo_env
 
 
@@ -50,6 +53,7 @@ def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
         assert r["parity"] == "ok"
         assert r["speedup"] == pytest.approx(r["torch_ms"] / r["bn_ext_ms"])
         assert r["tensor_MB"] == pytest.approx(4 * 1024 * 14 * 14 * (4 if r["dtype"] == "float32" else 2) / 1e6)
+        assert r["two_reads_ms"] is None and r["two_reads_fraction_of_copy"] is None  # 3.2 MB: below the target's 8
     with open(tmp_path / "bench-t.csv") as f:
         lines = f.read().splitlines()
     assert lines[0].startswith("# {")  # the machine, as JSON
@@ -65,3 +69,34 @@ def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.glob("bench-*.csv")) == ["bench-cpu-partial.csv"]
+
+
+def test_two_reads_reference_is_timed_for_the_bandwidth_target_cases_only():
+    big = Case("resnet50.bn1", (4, 64, 112, 112), "contiguous")  # 12.8 MB in float32, 6.4 MB in bfloat16
+    assert two_reads_case(big, "float32", "train_fwd", "cpu")
+    assert not two_reads_case(big, "bfloat16", "train_fwd", "cpu")
+    assert not two_reads_case(big, "float32", "eval_fwd", "cpu")
+    assert not two_reads_case(big, "float32", "train_fwd_bwd", "cpu")
+    assert not two_reads_case(big, "float32", "train_fwd", "cuda")
+    # the reference's two calls: a read of x, and our elementwise pass with the module's parameters
+    module = bn_ext.BatchNorm2d(3)
+    x = torch.randn(2, 3, 5, 5)
+    read, elementwise = two_reads_fns(module, x)
+    assert torch.allclose(read(), x.sum())
+    module.eval()
+    torch.testing.assert_close(elementwise(), module(x))
+
+
+def test_bench_cli_reports_the_two_reads_reference(tmp_path):
+    env = repo_env()
+    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "bn1d.4096x1024",
+           "--dtype", "bfloat16", "--mode", "train_fwd", "--repeats", "2", "--warmup", "1", "--rounds", "1",
+           "--out", str(tmp_path), "--tag", "t"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "two reads" in run.stdout
+    with open(tmp_path / "bench-t.json") as f:
+        (row,) = json.load(f)["results"]
+    assert row["tensor_MB"] >= 8 and row["two_reads_ms"] > 0
+    copy_s = 2 * row["tensor_MB"] * 1e6 / (row["copy_GBps"] * 1e9)  # the copy's time, from its bandwidth
+    assert row["two_reads_fraction_of_copy"] == pytest.approx(copy_s / (row["two_reads_ms"] / 1e3))
