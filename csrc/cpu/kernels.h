@@ -1715,7 +1715,9 @@ int64_t channel_group(const Geometry& g, size_t bytes_per_value) {
 // taking turns call by call, three runs): training forward float32 (4, 64, 112, 112) 0.71-0.81x
 // the time, (4, 256, 56, 56) 0.78-0.82x, (2, 32, 32, 32, 32) 0.74-0.92x, bfloat16 0.80-0.96x;
 // forward+backward 0.84-0.94x for most; (4, 512, 28, 28) forward 1.00x; (32, 256, 128) bfloat16
-// forward+backward (128-value runs) 1.01-1.04x.
+// forward+backward (128-value runs) 1.01-1.04x. The halves do not hide behind each other: with
+// either half taken out of the loop, (2, 32, 32, 32, 32) float32 forward took 102 us (normalising)
+// and 65 us (summing) against 165 us whole, and (4, 64, 112, 112) 181 and 111 against 306.
 struct PendingChannel {
   int64_t c = -1;
 };
