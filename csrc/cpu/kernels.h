@@ -471,6 +471,23 @@ template <typename scalar_t>
 inline __m512 load16_n(const scalar_t* p, int64_t n) {
   return n == 16 ? load16(p) : load16_first(p, n);
 }
+
+// One vector's terms (its first n lanes) added into a pair of float32 chunk sums, the bodies of
+// chunked_lanes for the statistics (x - shf and its square) and the gradient sums (dy and
+// dy * (x - mean_f)); the pipelined passes run the same bodies (shifted_sums_normalize_run,
+// grad_sums_grad_input_run), so their sums have the plain loops' bits.
+template <typename scalar_t>
+inline void add_shifted16(const scalar_t* p, int64_t n, __m512 shf, __m512& fa, __m512& fb) {
+  const __m512 d = _mm512_maskz_sub_ps(first_lanes(n), load16_n(p, n), shf);
+  fa = _mm512_add_ps(fa, d);
+  fb = _mm512_fmadd_ps(d, d, fb);
+}
+template <typename scalar_t>
+inline void add_grad16(const scalar_t* dy, const scalar_t* x, int64_t n, __m512 zm, __m512& fa, __m512& fb) {
+  const __m512 g = load16_n(dy, n);
+  fa = _mm512_add_ps(fa, g);
+  fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x, n), zm), fb);
+}
 #endif
 
 template <typename scalar_t>
@@ -478,11 +495,8 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
 #ifdef BN_EXT_AVX512BF16
   // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
-  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    const __m512 d = _mm512_maskz_sub_ps(first_lanes(n), load16_n(p + j, n), shf);
-    fa = _mm512_add_ps(fa, d);
-    fb = _mm512_fmadd_ps(d, d, fb);
-  });
+  chunked_lanes(len, acc,
+                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_shifted16(p + j, n, shf, fa, fb); });
   return;
 #endif
   double* s1 = &acc.sa;
@@ -549,11 +563,8 @@ inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t le
 #ifdef BN_EXT_AVX512BF16
   // dy and dy * (x - mean_f) in float32 chunks; finish_grad corrects for the rounding of the mean
   const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
-  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    const __m512 g = load16_n(dy + j, n);
-    fa = _mm512_add_ps(fa, g);
-    fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x + j, n), zm), fb);
-  });
+  chunked_lanes(len, acc,
+                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_grad16(dy + j, x + j, n, zm, fa, fb); });
   return;
 #endif
   double* sum_dy = &acc.sa;
@@ -931,29 +942,22 @@ inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, floa
 
 #ifdef BN_EXT_AVX512BF16
 // The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
-// as shifted_sums_run_avx2 adds them (the same vectors into the same chunk sums, so the same
+// added as shifted_sums_run_avx2 adds them (add_shifted16 into the same chunk sums, so the same
 // bits), and in the same loop the run at the same (n, s) of the channel before it, whose
-// statistics are done, normalised as normalize_run_avx2 does it. The run summed comes from
-// memory while the one normalised comes from cache and its output goes out: both directions of
-// memory traffic at once, where a reduction and then an elementwise pass take turns.
+// statistics are done, normalised a vector at a time by normalize_span (normalize_run_avx2's).
+// The run summed comes from memory while the one normalised comes from cache and its output goes
+// out: both directions of memory traffic at once, where a reduction and then an elementwise pass
+// take turns.
 template <typename scalar_t>
 inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double shift, LaneSums& acc,
                                        const scalar_t* xp, scalar_t* yp, float hi, float lo, float sc, float sh,
                                        bool stream) {
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
-  const __m512 vhi = _mm512_set1_ps(hi), vlo = _mm512_set1_ps(lo), vsc = _mm512_set1_ps(sc), vsh = _mm512_set1_ps(sh);
   const bool folded = hi == 0.0f && lo == 0.0f;
   chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    const __m512 d = _mm512_maskz_sub_ps(first_lanes(n), load16_n(x + j, n), shf);
-    fa = _mm512_add_ps(fa, d);
-    fb = _mm512_fmadd_ps(d, d, fb);
-    if (n < 16) {
-      store16_first(yp + j, normalized<Lanes16>(load16_first(xp + j, n), vhi, vlo, vsc, vsh), n);
-    } else if (folded) {
-      Lanes16::store_out(yp + j, _mm512_fmadd_ps(load16(xp + j), vsc, vsh), stream);
-    } else {
-      Lanes16::store_out(yp + j, normalized<Lanes16>(load16(xp + j), vhi, vlo, vsc, vsh), stream);
-    }
+    add_shifted16(x + j, n, shf, fa, fb);
+    // n <= 16 values: one vector, or the masked last one
+    normalize_span(xp + j, yp + j, n, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, stream);
   });
 }
 #endif
@@ -1153,30 +1157,20 @@ inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t
 
 #ifdef BN_EXT_AVX512BF16
 // The pipelined training backward's loop (backward_pipelined), as shifted_sums_normalize_run:
-// one run of a channel's gradient sums, as grad_sums_run_avx2 adds them, and in the same loop
-// the input gradient of the run at the same (n, s) of the channel before it, as
-// grad_input_run_avx2 computes it (the training formula).
+// one run of a channel's gradient sums, added as grad_sums_run_avx2 adds them (add_grad16), and
+// in the same loop the input gradient of the run at the same (n, s) of the channel before it, a
+// vector at a time by grad_input_span (grad_input_run_avx2's, the training formula).
 template <typename scalar_t>
 inline void grad_sums_grad_input_run(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc,
                                      const scalar_t* dyp, const scalar_t* xp, scalar_t* dxp,
                                      const BackwardCoeffs<float>& k, bool stream) {
   const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
-  const __m512 kd = _mm512_set1_ps(k.k_dy), kx = _mm512_set1_ps(k.k_x), k0 = _mm512_set1_ps(k.k_0);
-  const __m512 hi = _mm512_set1_ps(k.mean_hi), lo = _mm512_set1_ps(k.mean_lo);
   const bool folded = k.mean_hi == 0.0f && k.mean_lo == 0.0f;
   chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    const __m512 g = load16_n(dy + j, n);
-    fa = _mm512_add_ps(fa, g);
-    fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x + j, n), zm), fb);
-    if (n < 16) {
-      const __m512 xc = centred<Lanes16>(load16_first(xp + j, n), hi, lo);
-      store16_first(dxp + j, centred_grad<Lanes16>(kd, load16_first(dyp + j, n), kx, xc, k0), n);
-    } else if (folded) {
-      Lanes16::store_out(dxp + j, centred_grad<Lanes16>(kd, load16(dyp + j), kx, load16(xp + j), k0), stream);
-    } else {
-      const __m512 xc = centred<Lanes16>(load16(xp + j), hi, lo);
-      Lanes16::store_out(dxp + j, centred_grad<Lanes16>(kd, load16(dyp + j), kx, xc, k0), stream);
-    }
+    add_grad16(dy + j, x + j, n, zm, fa, fb);
+    // n <= 16 values: one vector, or the masked last one
+    grad_input_span<true>(dyp + j, xp + j, dxp + j, n, Broadcast{k.k_dy}, Broadcast{k.k_x}, Broadcast{k.k_0},
+                          Broadcast{k.mean_hi}, Broadcast{k.mean_lo}, folded, stream);
   });
 }
 #endif
