@@ -32,8 +32,21 @@ $(BUILT): $(DEPS) $(SOURCES)
 
 build: $(BUILT)
 
+# The tests whose results depend on the CPU kernel build run again under each build below the
+# one this CPU picks (BN_EXT_CPU_ISA caps it), so every build is checked whatever CPU runs CI.
+ISA_TESTS ?= tests/test_numerics.py tests/test_parity.py
+ISA_BUILD = $(PY) -c 'import bn_ext; print(bn_ext.build_info()["cpu_kernels"])'
+
 test: $(BUILT)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@native=$$($(ISA_BUILD)); \
+	for isa in avx2 default; do \
+	  got=$$(BN_EXT_CPU_ISA=$$isa $(ISA_BUILD)); \
+	  if [ "$$got" = "$$isa" ] && [ "$$got" != "$$native" ]; then \
+	    echo "== CPU kernels: $$isa (this CPU picks $$native)"; \
+	    BN_EXT_CPU_ISA=$$isa $(PY) -m pytest -q $(ISA_TESTS) || exit 1; \
+	  fi; \
+	done
 
 bench: $(BUILT)
 	$(PY) -m bn_ext.bench $(BENCH_ARGS)

@@ -84,7 +84,11 @@ def extension():
     # -fopenmp: at::parallel_for's OpenMP implementation is a header template, compiled into our
     # own objects, and without the flag its `#pragma omp parallel` is dropped (serial loops).
     # The library then needs libgomp.so.1, and the loader reuses the one torch already loaded.
-    cxx = opt + ["-fvisibility=hidden"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    # -ffp-contract=off: the compiler may otherwise fuse a * b + c into an FMA in one loop and not in
+    # its twin (AVX2 build: float64 input gradients 1 ulp apart between the per-channel and split
+    # paths). FMAs the kernels want are written out (std::fma, intrinsics), so results are the same
+    # bits whichever path and build computes them.
+    cxx = opt + ["-fvisibility=hidden", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
     # The C++ runtime must not be mixed. The GPU machine's g++ is a wrapper whose -B search path
     # finds a static libstdc++ (even for an explicit -lstdc++), so the extension got its own
     # copy; that copy's exported symbols then resolved partly to the process's libstdc++.so.6
