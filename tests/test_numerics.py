@@ -1,4 +1,5 @@
 """bn_ext against a float64 reference: accuracy, stability with large means, determinism."""
+import copy
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 
 import bn_ext
 import reference as ref
-from conftest import DEVICES, repo_env
+from conftest import DEVICES, TOL, repo_env
 
 ops = torch.ops.bn_ext
 
@@ -351,3 +352,56 @@ def test_channels_last_reductions_streamed_from_memory(dtype, mean_value):
     tol = dict(rtol=1e-5, atol=1e-2)
     torch.testing.assert_close(sum_dy.double(), dyd.sum(0), **tol)
     torch.testing.assert_close(sum_dy_xmu.double(), (dyd * (xd - mean.double())).sum(0), **tol)
+
+
+NONFINITE_SHAPES = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last), ((2, 8, 40, 40), None),
+                    ((2, 40, 9, 9), torch.channels_last), ((64, 24), None), ((3, 6, 4, 5, 3), None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape, fmt", NONFINITE_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_nan_and_inf_reach_outputs_and_running_stats_as_in_torch(shape, fmt, dtype):
+    """A NaN anywhere in channel 1, +Inf first in channel 2 (where the shift is sampled), -Inf
+    last in channel 0: torch.nn's running_mean gets NaN / +-Inf and running_var NaN in those
+    channels, and every output of them is NaN. The others stay finite."""
+    x = torch.randn(shape).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    spatial = x.shape[2:]
+
+    def at(n, c, k):  # the k-th value (in NC(D)HW order) of sample n, channel c
+        return (n, c) + tuple(divmod_all(k % max(1, x[0, 0].numel()), spatial))
+
+    x[at(1, 1, 3)] = float("nan")
+    x[at(0, 2, 0)] = float("inf")
+    x[at(-1, 0, -1)] = float("-inf")
+    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[x.dim()]
+    theirs = cls(shape[1]).to(dtype)
+    ours = bn_ext.convert_model(copy.deepcopy(theirs))
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert torch.equal(y_ours.isnan(), y_theirs.isnan())
+    for name in ("running_mean", "running_var"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), f"{name}: {a} vs {b}"
+        assert torch.equal(a[:3].nan_to_num(0, 1, -1), b[:3].nan_to_num(0, 1, -1)), name
+    torch.testing.assert_close(ours.running_mean[3:], theirs.running_mean[3:], **TOL[dtype])
+
+
+def divmod_all(k, sizes):
+    """The multi-index of flat index k in a tensor of `sizes` (row-major)."""
+    index = []
+    for size in reversed(sizes):
+        k, r = divmod(k, size)
+        index.append(r)
+    return reversed(index)
+
+
+def test_values_near_the_float32_maximum_keep_finite_statistics():
+    """bfloat16 values near 3e38: torch.nn's float32 sums overflow (running_mean +Inf, output all
+    NaN); bn_ext's float64 sums give the finite mean. The variance (about 1e74) is past float32 in
+    both, so running_var is +Inf in both."""
+    x = (torch.randn(4, 3, 5, 5) * 1e37 + 3e38).bfloat16()
+    ours = bn_ext.BatchNorm2d(3).bfloat16()
+    ours(x)
+    torch.testing.assert_close(ours.running_mean.float(), 0.1 * x.double().mean((0, 2, 3)).float(), rtol=1e-2, atol=0)
+    assert torch.isinf(ours.running_var).all()

@@ -354,6 +354,10 @@ constexpr int64_t kChunk16 = 512;
 #endif
 #endif  // BN_EXT_AVX2_INTRINSICS
 
+// A shift must be finite: an Inf or NaN among the sampled values would turn every shifted value
+// into NaN, where PyTorch's sums give the mean +-Inf. With no shift the sums carry them through.
+inline double finite_or_zero(double shift) { return std::isfinite(shift) ? shift : 0.0; }
+
 // Per-channel shift: the mean of the channel's first (up to) kShiftSamples elements.
 // Channel c's, NC(D)HW layout.
 template <typename scalar_t>
@@ -363,17 +367,20 @@ double channel_shift(const scalar_t* x, const Geometry& g, int64_t c) {
 #ifdef BN_EXT_AVX512BF16
   // planes of 16 or more: one vector and a tree sum in float32 (any value near the mean serves as
   // the shift; a chain of 16 dependent float64 additions per channel cost 9% of a (4, 2048, 7, 7)
-  // bfloat16 training forward)
+  // bfloat16 training forward). Values near the float32 maximum overflow that sum: those take
+  // the float64 loop below, as the other builds do.
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (n == kShiftSamples && g.S >= kShiftSamples)
-      return static_cast<double>(_mm512_reduce_add_ps(load16(x + c * g.S))) / static_cast<double>(n);
+    if (n == kShiftSamples && g.S >= kShiftSamples) {
+      const float s = _mm512_reduce_add_ps(load16(x + c * g.S));
+      if (std::isfinite(s)) return static_cast<double>(s) / static_cast<double>(n);
+    }
   }
 #endif
   double s = 0;
   for_each_run_of_channel(g, c, 0, n, [&](int64_t off, int64_t len) {
     for (int64_t i = 0; i < len; ++i) s += static_cast<double>(x[off + i]);
   });
-  return s / static_cast<double>(n);
+  return finite_or_zero(s / static_cast<double>(n));
 }
 
 // Every channel's, either layout.
@@ -388,7 +395,7 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
   }
   for (int64_t r = 0; r < n; ++r)  // row by row: the first n rows are contiguous
     for (int64_t c = 0; c < g.C; ++c) shift[c] += static_cast<double>(x[r * g.C + c]);
-  for (double& v : shift) v /= static_cast<double>(n);
+  for (double& v : shift) v = finite_or_zero(v / static_cast<double>(n));
   return shift;
 }
 
@@ -1244,7 +1251,8 @@ inline void finish_channel(double shift, double s1, double s2, double count, dou
   }
   const double d = s1 * inv_count;
   *mean = shift + d;
-  *var = std::max(0.0, s2 * inv_count - d * d);
+  // clamps rounding below zero; NaN (a NaN or Inf in the channel) passes, as in PyTorch
+  *var = std::max(s2 * inv_count - d * d, 0.0);
 }
 
 // sum(dy) and sum(dy * (x - mean)) over one run.
