@@ -30,6 +30,17 @@ def _check_channel_tensor(t, name, channels):
     torch._check(t.shape[0] == channels, lambda: f"{name}: expected {channels} elements, got {t.shape[0]}")
 
 
+def _check_devices(op, like, **tensors):
+    """Every tensor argument on `like`'s device. A parameter or buffer left on the meta device would
+    otherwise send a call with real inputs to these fake kernels (meta outranks every backend in
+    dispatch), which return uninitialised outputs and write nothing."""
+    for name, t in tensors.items():
+        if t is not None and t.device != like.device:
+            raise RuntimeError(
+                f"bn_ext.{op}: {name}: expected a tensor on {like.device} (the input's device), got one on {t.device}"
+            )
+
+
 def _stats_like(input):
     c = _channels(input)
     return input.new_empty((c,), dtype=stat_dtype(input.dtype))
@@ -44,6 +55,7 @@ def _stats(input, dtype=None):
 
 @torch.library.register_fake("bn_ext::batch_norm_elemt")
 def _elemt(input, weight, bias, mean, var, eps):
+    _check_devices("batch_norm_elemt", input, weight=weight, bias=bias, mean=mean, var=var)
     c = _channels(input)
     for t, name in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (var, "var")):
         _check_channel_tensor(t, name, c)
@@ -52,6 +64,7 @@ def _elemt(input, weight, bias, mean, var, eps):
 
 @torch.library.register_fake("bn_ext::batch_norm_train")
 def _train(input, weight, bias, eps):
+    _check_devices("batch_norm_train", input, weight=weight, bias=bias)
     c = _channels(input)
     _check_channel_tensor(weight, "weight", c)
     _check_channel_tensor(bias, "bias", c)
@@ -60,12 +73,15 @@ def _train(input, weight, bias, eps):
 
 @torch.library.register_fake("bn_ext::batch_norm_backward_reduce")
 def _backward_reduce(grad_out, input, mean):
+    _check_devices("batch_norm_backward_reduce", input, grad_out=grad_out, mean=mean)
     _check_channel_tensor(mean, "mean", _channels(input))
     return _stats_like(input), _stats_like(input)
 
 
 @torch.library.register_fake("bn_ext::batch_norm_backward_elemt")
 def _backward_elemt(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, count):
+    _check_devices("batch_norm_backward_elemt", input, grad_out=grad_out, weight=weight, mean=mean, var=var,
+                   sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     c = _channels(input)
     for t, name in ((weight, "weight"), (mean, "mean"), (var, "var"), (sum_dy, "sum_dy"), (sum_dy_xmu, "sum_dy_xmu")):
         _check_channel_tensor(t, name, c)
@@ -74,6 +90,7 @@ def _backward_elemt(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps,
 
 @torch.library.register_fake("bn_ext::batch_norm_backward")
 def _backward(grad_out, input, weight, mean, var, eps, training, output_mask):
+    _check_devices("batch_norm_backward", input, grad_out=grad_out, weight=weight, mean=mean, var=var)
     c = _channels(input)
     _check_channel_tensor(weight, "weight", c)
     param_dtype = weight.dtype if weight is not None else stat_dtype(input.dtype)
@@ -85,6 +102,8 @@ def _backward(grad_out, input, weight, mean, var, eps, training, output_mask):
 
 @torch.library.register_fake("bn_ext::batch_norm_update_running_stats")
 def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
+    _check_devices("batch_norm_update_running_stats", mean, running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked, var=var)
     c = mean.shape[0]
     _check_channel_tensor(running_mean, "running_mean", c)
     _check_channel_tensor(running_var, "running_var", c)
@@ -93,6 +112,8 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
 
 @torch.library.register_fake("bn_ext::batch_norm_gather_stats")
 def _gather_stats(stats, running_mean, running_var, num_batches_tracked, momentum):
+    _check_devices("batch_norm_gather_stats", stats, running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked)
     torch._check(stats.dim() == 2, lambda: f"stats: expected a 2-D tensor of per-rank rows, got size {tuple(stats.shape)}")
     c = (stats.shape[1] - 1) // 2
     _check_channel_tensor(running_mean, "running_mean", c)
