@@ -5,6 +5,7 @@ OP_NAMES = (
     "batch_norm_stats",
     "batch_norm_elemt",
     "batch_norm_train",
+    "batch_norm_train_update",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
     "batch_norm_backward",
@@ -68,6 +69,16 @@ def _train(input, weight, bias, eps):
     c = _channels(input)
     _check_channel_tensor(weight, "weight", c)
     _check_channel_tensor(bias, "bias", c)
+    return torch.empty_like(input), _stats_like(input), _stats_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_train_update")
+def _train_update(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    _check_devices("batch_norm_train_update", input, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, num_batches_tracked=num_batches_tracked)
+    c = _channels(input)
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
+        _check_channel_tensor(t, name, c)
     return torch.empty_like(input), _stats_like(input), _stats_like(input)
 
 

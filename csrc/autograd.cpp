@@ -7,6 +7,8 @@
 //   the Python autograd kernel it replaces, which ran even under no_grad).
 // - Neither builds an autograd node where no graph is recorded (grad mode off or no operand
 //   requiring grad): the op is called straight below autograd.
+// - batch_norm_train_update, the module's training forward: batch_norm_train's autograd function
+//   with the running-stat update inside its forward, before the save.
 // - The ops that have no derivative: the running-stat updates (they write buffers) and the two
 //   halves of the backward (used inside backward formulas). They skip the autograd and
 //   in-place/view layers, then do those layers' one job for a mutating op: bump the version
@@ -200,6 +202,67 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input, const c10
   return {out[0], out[1], out[2]};
 }
 
+using TrainUpdateOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const c10::optional<Tensor>&,
+                                                          const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+                                                          const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+                                                          c10::optional<double>, double);
+
+std::tuple<Tensor, Tensor, Tensor> train_update_below_autograd(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& num_batches_tracked, c10::optional<double> momentum, double eps) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_train_update", "").typed<TrainUpdateOp>();
+  std::tuple<Tensor, Tensor, Tensor> out;
+  {
+    c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
+    out = op.call(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  }
+  bump_versions({&running_mean, &running_var, &num_batches_tracked});
+  return out;
+}
+
+// batch_norm_train_update: TrainFunction's forward with the running-stat update before the save,
+// and its backward (the buffers take no gradient).
+class TrainUpdateFunction : public torch::autograd::Function<TrainUpdateFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
+                                                const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias,
+                                                const c10::optional<Tensor>& running_mean,
+                                                const c10::optional<Tensor>& running_var,
+                                                const c10::optional<Tensor>& num_batches_tracked,
+                                                c10::optional<double> momentum, double eps) {
+    Tensor output, mean, var;
+    std::tie(output, mean, var) = train_update_below_autograd(input, weight, bias, running_mean, running_var,
+                                                              num_batches_tracked, momentum, eps);
+    save_for_backward(ctx, input, weight, bias, mean, var, eps);
+    ctx->mark_non_differentiable({mean, var});
+    return {output, mean, var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto out = TrainFunction::backward(ctx, std::move(grads));
+    out.resize(8);
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> train_update_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
+                                                         const c10::optional<Tensor>& bias,
+                                                         const c10::optional<Tensor>& running_mean,
+                                                         const c10::optional<Tensor>& running_var,
+                                                         const c10::optional<Tensor>& num_batches_tracked,
+                                                         c10::optional<double> momentum, double eps) {
+  if (!records_graph({&input}, {&weight, &bias}))
+    return train_update_below_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                       momentum, eps);
+  auto out = TrainUpdateFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                        momentum, eps);
+  return {out[0], out[1], out[2]};
+}
+
 // batch_norm_elemt (eval: normalise with given statistics), differentiable in all five tensors.
 // Its backward is batch_norm_backward with training=False, plus the two statistics' terms:
 // d/dmean = -w * invstd * sum(dy) and d/dvar = -w/2 * invstd^3 * sum(dy * (x - mean)), where
@@ -258,6 +321,7 @@ Tensor elemt_autograd(const Tensor& input, const c10::optional<Tensor>& weight, 
 
 TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) {
   m.impl("batch_norm_train", &train_autograd);
+  m.impl("batch_norm_train_update", &train_update_autograd);
   m.impl("batch_norm_elemt", &elemt_autograd);
   m.impl("batch_norm_update_running_stats", &update_running_stats_autograd);
   m.impl("batch_norm_gather_stats", &gather_stats_autograd);

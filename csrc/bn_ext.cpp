@@ -16,6 +16,14 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor output, Tensor mean, Tensor var)");
+  // batch_norm_train, then batch_norm_update_running_stats with its statistics over the input's
+  // count, as one op: the module's training forward. The running stats have moved by the time
+  // autograd saves the op's tensors, as in torch.nn, so an activation checkpoint that stops its
+  // recomputation at that save still updates them. Kernel: csrc/composite.cpp.
+  m.def(
+      "batch_norm_train_update(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> (Tensor output, Tensor mean, Tensor var)");
   // Per-channel sum(dy) and sum(dy * (x - mean)).
   m.def(
       "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) "

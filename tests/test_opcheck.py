@@ -43,6 +43,13 @@ def samples(device):
                 ("batch_norm_elemt", (x, None, None, mean, var, 1e-5), {}),
                 ("batch_norm_train", (x, w, b, 1e-5), {}),
                 ("batch_norm_train", (x, None, None, 1e-3), {}),
+                (
+                    "batch_norm_train_update",
+                    (x, w, b, torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
+                     torch.tensor(2, device=device), 0.1, 1e-5),
+                    {},
+                ),
+                ("batch_norm_train_update", (x, None, None, None, None, torch.tensor(0, device=device), None, 1e-5), {}),
                 ("batch_norm_backward_reduce", (dy, x, mean), {}),
                 ("batch_norm_backward_elemt", (dy, x, w, mean, var, mean * 3, var - 1, 1e-5, count), {}),
                 ("batch_norm_backward", (dy, x, w, mean, var, 1e-5, True, [True, True, True]), {}),
@@ -69,6 +76,8 @@ def samples(device):
     var = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     out += [
         ("batch_norm_train", (x, w, b, 1e-5), {}),
+        ("batch_norm_train_update", (x, w, b, torch.zeros(4, dtype=torch.float64, device=device),
+                                     torch.ones(4, dtype=torch.float64, device=device), None, 0.1, 1e-5), {}),
         ("batch_norm_elemt", (x, w, b, mean, var, 1e-5), {}),
         ("batch_norm_stats", (x,), {}),
         ("batch_norm_backward", (torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True),
