@@ -1,8 +1,8 @@
 """Autograd for the bn_ext ops.
 
-First-order gradients run our kernels (batch_norm_backward). Second order is a composite of
-differentiable torch ops: batch_norm_backward's own backward re-derives the first-order formula
-with torch ops and differentiates it. Higher orders than two are not supported.
+First-order gradients run our kernels (batch_norm_backward). Higher orders go through a composite
+of differentiable torch ops: batch_norm_backward's own backward re-derives the first-order formula
+with torch ops and differentiates it, keeping the graph when a further order is asked for.
 """
 import torch
 
@@ -92,25 +92,37 @@ def _backward_setup(ctx, inputs, output):
 def _backward_backward(ctx, gg_input, gg_weight, gg_bias):
     saved = ctx.saved_tensors
     need = ctx.needs_input_grad[:5]
-    if not any(need):
+    wrt = [i for i, (t, n) in enumerate(zip(saved, need)) if n and t is not None and t.is_floating_point()]
+    picked = [k for k, (gg, m) in enumerate(zip((gg_input, gg_weight, gg_bias), ctx.output_mask)) if m and gg is not None]
+    if not wrt or not picked:
         return (None,) * 8
-    with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
-            for t, n in zip(saved, need)
-        ]
-        outs = composite_backward(*leaves, ctx.eps, ctx.training)
-        pairs = [
-            (o, gg)
-            for o, gg, m in zip(outs, (gg_input, gg_weight, gg_bias), ctx.output_mask)
-            if m and gg is not None and o.requires_grad
-        ]
-        wrt = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], wrt, [gg.to(o.dtype) for o, gg in pairs], allow_unused=True
-        ) if pairs and wrt else []
-    it = iter(grads)
-    result = [next(it) if t is not None and t.requires_grad else None for t in leaves]
+    gg = (gg_input, gg_weight, gg_bias)
+
+    def selected_outputs(*primals):
+        args = list(saved)
+        for i, p in zip(wrt, primals):
+            args[i] = p
+        outs = composite_backward(*args, ctx.eps, ctx.training)
+        return tuple(outs[k] for k in picked)
+
+    if torch.is_grad_enabled():
+        # The graph of this backward is built too (a third or higher order). torch.func.vjp takes
+        # the partial derivatives in the saved tensors (grad_out is itself a function of input, a
+        # path the outer graph already carries) and keeps them differentiable in those tensors.
+        outs, vjp_fn = torch.func.vjp(selected_outputs, *[saved[i] for i in wrt])
+        grads = vjp_fn(tuple(gg[k].to(o.dtype) for k, o in zip(picked, outs)))
+    else:
+        with torch.enable_grad():
+            leaves = [saved[i].detach().requires_grad_() for i in wrt]
+            outs = selected_outputs(*leaves)
+            # An output that depends on no such tensor (eval mode, no weight) adds nothing.
+            used = [(o, gg[k].to(o.dtype)) for k, o in zip(picked, outs) if o.requires_grad]
+            grads = torch.autograd.grad(
+                [o for o, _ in used], leaves, [g for _, g in used], allow_unused=True
+            ) if used else [None] * len(leaves)
+    result = [None] * 5
+    for i, g in zip(wrt, grads):
+        result[i] = g
     return (*result, None, None, None)
 
 
