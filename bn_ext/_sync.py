@@ -73,6 +73,16 @@ def gather_batch_stats(input: Tensor, running_mean, running_var, num_batches_tra
     count = input.numel() // channels
     row = torch.cat([mean.new_full((1,), count), mean, var])
     table = all_gather_rows(row, group, group_size, "all-gather of batch statistics")
+    if count <= 1 and not torch.compiler.is_compiling():
+        # The group may hold one value per channel in all. Only ranks holding at most one value can
+        # tell, and every rank is one of them when it does: each reads the counts back (a host sync
+        # on this rare path only) and raises before any buffer moves.
+        total = int(table[:, 0].sum().item())
+        if total <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got "
+                f"{total} across the {group_size} ranks of the process group (input size {tuple(input.shape)} on this rank)"
+            )
     return _ops.batch_norm_gather_stats(table, running_mean, running_var, num_batches_tracked, momentum)
 
 

@@ -272,6 +272,25 @@ def mismatched_features(rank, world, store_file):
     dist.destroy_process_group()
 
 
+def one_value_per_channel(rank, world, store_file):
+    """The group holds one value per channel in all (N=1 at 1x1 on rank 0, N=0 on rank 1): every
+    rank raises torch.nn's error, and no buffer or counter moves."""
+    _init(rank, world, store_file, timeout_s=20)
+    sync = bn_ext.SyncBatchNorm(3)
+    before = [t.clone() for t in sync.buffers()]
+    try:
+        sync(torch.randn(1 - rank, 3, 1, 1))
+    except ValueError as e:
+        assert "Expected more than 1 value per channel" in str(e), str(e)
+    else:
+        raise AssertionError(f"rank {rank}: one value per channel across the group went undetected")
+    for t, b in zip(sync.buffers(), before):
+        assert torch.equal(t, b), f"rank {rank}: a buffer moved"
+    sync(torch.randn(1, 3, 1, 2))  # two values in all: trains, and every rank agrees
+    assert sync.num_batches_tracked.item() == 1 and torch.isfinite(sync.running_var).all()
+    dist.destroy_process_group()
+
+
 def rank_raises(rank, world, store_file, timeout_s):
     """Rank 1 raises before the second step's collective (bad input) and stays alive; rank 0 gets
     a clear error within the process group's timeout instead of hanging, with its state untouched."""

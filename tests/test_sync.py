@@ -67,6 +67,11 @@ def test_torch_compile_fullgraph(tmp_path, backend):
 
 
 @requires_gloo
+def test_one_value_per_channel_across_the_group_raises_on_every_rank(tmp_path):
+    spawn(sync_workers.one_value_per_channel, 2, tmp_path)
+
+
+@requires_gloo
 def test_mismatched_num_features_raises_on_every_rank(tmp_path):
     spawn(sync_workers.mismatched_features, 2, tmp_path)
 
