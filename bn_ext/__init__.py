@@ -2,7 +2,7 @@
 import torch  # noqa: F401  (the library below links against torch's)
 
 from . import _C  # noqa: F401  loads the library, which registers the bn_ext ops
-from . import _autograd, _fake  # noqa: F401  fake kernels and autograd for those ops
+from . import _autograd, _fake, _vmap  # noqa: F401  fake kernels, autograd and vmap rules for those ops
 from ._build import build_info
 from .convert import convert_model
 from .functional import batch_norm
@@ -18,6 +18,8 @@ from .modules import (
 )
 
 ops = torch.ops.bn_ext
+
+_vmap.install()
 
 __version__ = "0.1.0"
 

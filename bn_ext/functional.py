@@ -1,9 +1,10 @@
 """bn_ext.functional.batch_norm: torch.nn.functional.batch_norm's signature and behaviour."""
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import _composite
 
 _ops = torch.ops.bn_ext
 
@@ -22,11 +23,11 @@ def _check_args(training: bool, momentum, eps: float) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if not training and not eps >= 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if momentum is not None and isinstance(momentum, float) and math.isnan(momentum):
+    if momentum is not None and momentum != momentum:  # nan (math.isnan fails on a SymFloat under torch.compile)
         raise ValueError("batch_norm momentum must be a number or None, but got nan")
 
 
-def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked) -> None:
+def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked, momentum=0.1) -> None:
     """The buffers the update will write, checked before any kernel runs (the op checks them
     too; raising here keeps the module path off the op's error path and skips a wasted pass)."""
     channels = input.shape[1]
@@ -53,6 +54,30 @@ def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked
                 f"batch_norm: num_batches_tracked: expected a tensor on {input.device}, "
                 f"got one on {num_batches_tracked.device}"
             )
+        # The cumulative average divides by the count after this batch. The CPU op checks it; on
+        # other devices this reads the counter back (torch.nn's momentum=None path does too).
+        if momentum is None and num_batches_tracked.device.type not in ("cpu", "meta") \
+                and not torch.compiler.is_compiling() and int(num_batches_tracked) < 0:
+            raise RuntimeError(
+                "batch_norm: num_batches_tracked: expected a non-negative count with momentum=None "
+                f"(cumulative average), got {int(num_batches_tracked)}"
+            )
+
+
+def _check_running_pair(running_mean, running_var) -> None:
+    """torch.nn.functional.batch_norm's rules for the running statistics: both or neither, and
+    not tensors that require grad (they are buffers, written in place)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "batch_norm: running_mean and running_var must either both be None or neither be None, got "
+            + ("running_mean only" if running_var is None else "running_var only")
+        )
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"batch_norm: {name}: expected a tensor that does not require grad (running statistics are "
+                "buffers, not differentiable inputs)"
+            )
 
 
 def _batch_norm(
@@ -73,22 +98,26 @@ def _batch_norm(
     if input.dim() < 2:
         raise ValueError(f"batch_norm: input: expected at least 2 dimensions (N, C, ...), got {input.dim()}-D input")
     _check_args(training, momentum, eps)
+    _check_running_pair(running_mean, running_var)
     if training:
         _verify_batch_size(input.size())
         updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
         if updating:
-            _check_buffers(input, running_mean, running_var, num_batches_tracked)
-        output, mean, var = _ops.batch_norm_train.default(input, weight, bias, eps)
-        if updating:
-            count = input.numel() // input.shape[1] if input.shape[1] else 0
-            _ops.batch_norm_update_running_stats.default(
-                running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), momentum, count
-            )
-        return output
-    if running_mean is None or running_var is None:
+            _check_buffers(input, running_mean, running_var, num_batches_tracked, momentum)
+    elif running_mean is None or running_var is None:
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    return _ops.batch_norm_elemt.default(input, weight, bias, running_mean, running_var, eps)
+    if _composite.needed():
+        return _composite.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+        )
+    if not training:
+        return _ops.batch_norm_elemt.default(input, weight, bias, running_mean, running_var, eps)
+    if updating:
+        return _ops.batch_norm_train_update.default(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+        )[0]
+    return _ops.batch_norm_train.default(input, weight, bias, eps)[0]
 
 
 def batch_norm(
@@ -108,4 +137,6 @@ def batch_norm(
     by ``momentum`` (running_var towards the unbiased variance); otherwise the running statistics
     normalise it.
     """
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm: training: expected a bool, got {type(training).__name__}")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
 
-from . import _sync
+from . import _composite, _sync
 from .functional import _batch_norm, _check_args, _check_buffers, _ops
 
 _elemt = _ops.batch_norm_elemt.default
@@ -63,6 +63,42 @@ class _BatchNorm(_torch_bn._BatchNorm):
         return running_mean, running_var, nbt, momentum
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._forward(input)
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """forward for TorchScript: the same ops, called from a scripted module (in C++ too, where
+        the bn_ext library is loaded)."""
+        self._check_input_dim(input)
+        if input.size(1) != self.num_features:
+            raise RuntimeError(
+                "input: expected " + str(self.num_features) + " channels (num_features) in dim 1, got input of size "
+                + str(input.size())
+            )
+        running_mean = self.running_mean
+        running_var = self.running_var
+        if not self.training and running_mean is not None and running_var is not None:
+            return torch.ops.bn_ext.batch_norm_elemt(input, self.weight, self.bias, running_mean, running_var, self.eps)
+        if self.training:
+            size = input.size()
+            values = size[0]
+            for s in size[2:]:
+                values *= s
+            if values == 1:
+                raise ValueError("Expected more than 1 value per channel when training, got input size " + str(size))
+        if self.training and self.track_running_stats:
+            return torch.ops.bn_ext.batch_norm_train_update(
+                input, self.weight, self.bias, running_mean, running_var, self.num_batches_tracked, self.momentum,
+                self.eps,
+            )[0]
+        return torch.ops.bn_ext.batch_norm_train(input, self.weight, self.bias, self.eps)[0]
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor) -> Tensor:
+        if _composite.onnx_exporting():
+            # torch.nn's forward, which the exporters turn into ONNX BatchNormalization
+            return _torch_bn._BatchNorm.forward(self, input)
         self._check_input_dim(input)
         self._check_channels(input)
         params = self._parameters
@@ -73,7 +109,8 @@ class _BatchNorm(_torch_bn._BatchNorm):
             # 2.4 us and the table reads of _member included).
             buffers = self._buffers
             running_mean, running_var = _member(self, buffers, "running_mean"), _member(self, buffers, "running_var")
-            if running_mean is not None and running_var is not None:
+            if (running_mean is not None and running_var is not None and not running_mean.requires_grad
+                    and not running_var.requires_grad and not _composite.needed()):
                 _check_args(False, self.momentum, self.eps)
                 return _elemt(input, weight, bias, running_mean, running_var, self.eps)
         # Batch statistics in training, and in eval when there are no running statistics.
@@ -82,57 +119,39 @@ class _BatchNorm(_torch_bn._BatchNorm):
         return _batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps, nbt)
 
 
-def _check_dims(input: Tensor, allowed, what: str) -> None:
-    if input.dim() not in allowed:
-        raise ValueError(f"expected {what} input (got {input.dim()}D input)")
+# Each class is also a subclass of its torch.nn namesake, so code that finds BatchNorm layers by
+# isinstance (freezing them, excluding them from weight decay) finds ours too. _BatchNorm comes
+# first in each: its forward runs; torch.nn's class gives _check_input_dim and its messages.
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, _torch_bn.BatchNorm1d):
     """BatchNorm over (N, C) or (N, C, L) input; see torch.nn.BatchNorm1d."""
 
-    def _check_input_dim(self, input):
-        _check_dims(input, (2, 3), "2D or 3D")
 
-
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, _torch_bn.BatchNorm2d):
     """BatchNorm over (N, C, H, W) input; see torch.nn.BatchNorm2d."""
 
-    def _check_input_dim(self, input):
-        _check_dims(input, (4,), "4D")
 
-
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, _torch_bn.BatchNorm3d):
     """BatchNorm over (N, C, D, H, W) input; see torch.nn.BatchNorm3d."""
 
-    def _check_input_dim(self, input):
-        _check_dims(input, (5,), "5D")
 
-
-class LazyBatchNorm1d(_torch_bn._LazyNormBase, _BatchNorm):
+class LazyBatchNorm1d(_torch_bn.LazyBatchNorm1d, _BatchNorm):
     """BatchNorm1d whose num_features is inferred from the first input."""
 
     cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
-    def _check_input_dim(self, input):
-        _check_dims(input, (2, 3), "2D or 3D")
 
-
-class LazyBatchNorm2d(_torch_bn._LazyNormBase, _BatchNorm):
+class LazyBatchNorm2d(_torch_bn.LazyBatchNorm2d, _BatchNorm):
     """BatchNorm2d whose num_features is inferred from the first input."""
 
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
-    def _check_input_dim(self, input):
-        _check_dims(input, (4,), "4D")
 
-
-class LazyBatchNorm3d(_torch_bn._LazyNormBase, _BatchNorm):
+class LazyBatchNorm3d(_torch_bn.LazyBatchNorm3d, _BatchNorm):
     """BatchNorm3d whose num_features is inferred from the first input."""
 
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
-
-    def _check_input_dim(self, input):
-        _check_dims(input, (5,), "5D")
 
 
 class SyncBatchNorm(_BatchNorm):

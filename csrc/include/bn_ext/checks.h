@@ -185,6 +185,14 @@ inline void check_counter_and_momentum(const c10::optional<at::Tensor>& num_batc
   }
   TORCH_CHECK(momentum.has_value() || has_nbt, op,
               ": momentum: None (cumulative average) needs num_batches_tracked, got None for both");
+  // The cumulative average divides by the count after this batch: a negative count would write
+  // Inf or NaN into the running stats. Read where it is free (CPU); bn_ext/functional.py checks
+  // the other devices' counters.
+  if (!momentum.has_value() && num_batches_tracked->is_cpu()) {
+    const int64_t n = num_batches_tracked->item<int64_t>();
+    TORCH_CHECK(n >= 0, op, ": num_batches_tracked: expected a non-negative count with momentum=None (cumulative "
+                "average), got ", n);
+  }
   if (momentum.has_value())
     TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
 }
