@@ -6,6 +6,7 @@ from . import _autograd, _fake, _vmap  # noqa: F401  fake kernels, autograd and 
 from ._build import build_info
 from .convert import convert_model
 from .functional import batch_norm
+from . import _toolchain
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -20,6 +21,7 @@ from .modules import (
 ops = torch.ops.bn_ext
 
 _vmap.install()
+_toolchain.install()
 
 __version__ = "0.1.0"
 
