@@ -101,8 +101,10 @@ def _convert_subclass(module, to):
         if original is not None:
             module.__class__ = original
         return module
-    if isinstance(module, modules._BatchNorm) or not isinstance(module, _TORCH_BN):
+    if isinstance(module, modules._BatchNorm):
         return module
+    if not isinstance(module, _TORCH_BN):
+        return None  # a subclass of SyncBatchNorm or of _BatchNorm itself: not carried
     form = _subclass_form(type(module))
     if form is None:
         return None
@@ -158,7 +160,7 @@ def convert_model(module: torch.nn.Module, to: str = "bn_ext", *, process_group=
     if left:
         warnings.warn(
             f"convert_model: left {len(left)} BatchNorm layer(s) on torch.nn's kernels: their class overrides "
-            "forward, which bn_ext cannot carry: " + ", ".join(left),
+            "forward or derives from a class bn_ext does not convert: " + ", ".join(left),
             stacklevel=2,
         )
     return converted

@@ -173,11 +173,17 @@ class _OwnForward(nn.BatchNorm2d):
         return super().forward(x) * 2
 
 
+class _SyncSubclass(nn.SyncBatchNorm):
+    pass
+
+
 def test_convert_model_converts_subclasses_and_warns_about_the_rest():
     model = nn.Sequential(_PlainSubclass(3), nn.Sequential(_OwnForward(3)))
     reference = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"1\.0 \(.*_OwnForward\)"):
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layer.*1\.0 \(.*_OwnForward\)"):
         bn_ext.convert_model(model)
+    with pytest.warns(UserWarning, match=r"sync \(.*_SyncSubclass\)"):
+        bn_ext.convert_model(nn.ModuleDict({"sync": _SyncSubclass(3)}))
     assert isinstance(model[0], bn_ext._BatchNorm) and isinstance(model[0], _PlainSubclass)
     assert model[0].extra_method() == "kept"
     assert type(model[1][0]) is _OwnForward
