@@ -115,13 +115,10 @@ def extension():
     )
 
 
+# Name, version and the rest of the metadata: pyproject.toml.
 setup(
-    name="bn_ext",
-    version="0.1.0",
-    description="Hand-written CPU and CUDA BatchNorm kernels for PyTorch",
     packages=find_packages(include=["bn_ext", "bn_ext.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
     zip_safe=False,
 )
