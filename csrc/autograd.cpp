@@ -22,6 +22,8 @@
 
 #include <initializer_list>
 
+#include "bn_ext/ops.h"
+
 namespace bn_ext {
 namespace {
 
@@ -39,14 +41,10 @@ void bump_versions(std::initializer_list<const c10::optional<Tensor>*> written) 
 void update_running_stats_autograd(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
                                    const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
                                    const Tensor& var, c10::optional<double> momentum, c10::SymInt count) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bn_ext::batch_norm_update_running_stats", "")
-                       .typed<void(const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-                                   const c10::optional<Tensor>&, const Tensor&, const Tensor&, c10::optional<double>,
-                                   c10::SymInt)>();
   {
     c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-    op.call(running_mean, running_var, num_batches_tracked, mean, var, momentum, std::move(count));
+    ops::update_running_stats_op().call(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                                        std::move(count));
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked});
 }
@@ -56,61 +54,39 @@ std::tuple<Tensor, Tensor, Tensor> gather_stats_autograd(const Tensor& stats,
                                                         const c10::optional<Tensor>& running_var,
                                                         const c10::optional<Tensor>& num_batches_tracked,
                                                         c10::optional<double> momentum) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bn_ext::batch_norm_gather_stats", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const c10::optional<Tensor>&,
-                                                                 const c10::optional<Tensor>&,
-                                                                 const c10::optional<Tensor>&, c10::optional<double>)>();
   std::tuple<Tensor, Tensor, Tensor> out;
   {
     c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-    out = op.call(stats, running_mean, running_var, num_batches_tracked, momentum);
+    out = ops::gather_stats_op().call(stats, running_mean, running_var, num_batches_tracked, momentum);
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked});
   return out;
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bn_ext::batch_norm_backward_reduce", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
   c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-  return op.call(grad_out, input, mean);
+  return ops::backward_reduce_op().call(grad_out, input, mean);
 }
 
 Tensor backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, const c10::optional<Tensor>& weight,
                                const Tensor& mean, const Tensor& var, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
                                double eps, c10::SymInt count) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bn_ext::batch_norm_backward_elemt", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&, const Tensor&,
-                                     const Tensor&, const Tensor&, const Tensor&, double, c10::SymInt)>();
   c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-  return op.call(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, std::move(count));
+  return ops::backward_elemt_op().call(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, std::move(count));
 }
-
-using TrainOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const c10::optional<Tensor>&,
-                                                    const c10::optional<Tensor>&, double);
-using BackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                                      const Tensor&, const Tensor&, double, bool,
-                                                      std::array<bool, 3>);
-using ElemtOp = Tensor(const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&, const Tensor&,
-                       const Tensor&, double);
 
 // The two forward ops called below autograd: by their autograd functions' forward, and for the
 // whole call where no graph is recorded (train_autograd, elemt_autograd).
 std::tuple<Tensor, Tensor, Tensor> train_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
                                                         const c10::optional<Tensor>& bias, double eps) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_train", "").typed<TrainOp>();
   c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-  return op.call(input, weight, bias, eps);
+  return ops::train_op().call(input, weight, bias, eps);
 }
 
 Tensor elemt_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
                             const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_elemt", "").typed<ElemtOp>();
   c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-  return op.call(input, weight, bias, mean, var, eps);
+  return ops::elemt_op().call(input, weight, bias, mean, var, eps);
 }
 
 // The parts of the two autograd functions below that are the same. Both save (input, weight or
@@ -143,8 +119,7 @@ bool needs_grad(torch::autograd::AutogradContext* ctx, const char* name) {
 std::tuple<Tensor, Tensor, Tensor> saved_backward(torch::autograd::AutogradContext* ctx,
                                                   const torch::autograd::variable_list& saved, const Tensor& grad_out,
                                                   bool training, std::array<bool, 3> mask) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_backward", "").typed<BackwardOp>();
+  const auto& op = ops::backward_op();
   const c10::optional<Tensor> weight = saved[1].defined() ? c10::optional<Tensor>(saved[1]) : c10::nullopt;
   const double eps = ctx->saved_data["eps"].toDouble();
   if (c10::GradMode::is_enabled()) return op.call(grad_out, saved[0], weight, saved[2], saved[3], eps, training, mask);
@@ -202,21 +177,15 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input, const c10
   return {out[0], out[1], out[2]};
 }
 
-using TrainUpdateOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const c10::optional<Tensor>&,
-                                                          const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-                                                          const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-                                                          c10::optional<double>, double);
-
 std::tuple<Tensor, Tensor, Tensor> train_update_below_autograd(
     const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     const c10::optional<Tensor>& num_batches_tracked, c10::optional<double> momentum, double eps) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("bn_ext::batch_norm_train_update", "").typed<TrainUpdateOp>();
   std::tuple<Tensor, Tensor, Tensor> out;
   {
     c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-    out = op.call(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+    out = ops::train_update_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                      eps);
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked});
   return out;

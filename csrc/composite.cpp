@@ -1,6 +1,7 @@
 // Ops made of other bn_ext ops, one kernel for every backend.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "bn_ext/ops.h"
 
 namespace bn_ext {
 namespace {
@@ -13,19 +14,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_update(const Tensor& input, 
                                                            const c10::optional<Tensor>& running_var,
                                                            const c10::optional<Tensor>& num_batches_tracked,
                                                            c10::optional<double> momentum, double eps) {
-  static auto train = c10::Dispatcher::singleton()
-                          .findSchemaOrThrow("bn_ext::batch_norm_train", "")
-                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const c10::optional<Tensor>&,
-                                                                    const c10::optional<Tensor>&, double)>();
-  static auto update = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("bn_ext::batch_norm_update_running_stats", "")
-                           .typed<void(const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-                                       const c10::optional<Tensor>&, const Tensor&, const Tensor&,
-                                       c10::optional<double>, c10::SymInt)>();
-  auto out = train.call(input, weight, bias, eps);
+  auto out = ops::batch_norm_train(input, weight, bias, eps);
   const int64_t channels = input.dim() >= 2 ? input.size(1) : 0;
   const int64_t count = channels > 0 ? input.numel() / channels : 0;
-  update.call(running_mean, running_var, num_batches_tracked, std::get<1>(out), std::get<2>(out), momentum, count);
+  ops::batch_norm_update_running_stats(running_mean, running_var, num_batches_tracked, std::get<1>(out),
+                                       std::get<2>(out), momentum, count);
   return out;
 }
 

@@ -1,7 +1,8 @@
 // C++ check of the CMake build: the bn_ext operators are registered by loading libbn_ext and
 // agree with ATen's batch norm (float64, NCHW and channels-last, a running-stat update).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
+
+#include "bn_ext/ops.h"
 
 #include <cstdio>
 #include <tuple>
@@ -24,23 +25,14 @@ void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, const ch
 
 int main() {
   torch::manual_seed(0);
-  auto train = c10::Dispatcher::singleton()
-                   .findSchemaOrThrow("bn_ext::batch_norm_train", "")
-                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                       const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double)>();
-  auto update = c10::Dispatcher::singleton()
-                    .findSchemaOrThrow("bn_ext::batch_norm_update_running_stats", "")
-                    .typed<void(const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                                c10::optional<double>, c10::SymInt)>();
   for (const bool channels_last : {false, true}) {
     at::Tensor x = torch::randn({4, 5, 7, 9}, torch::kDouble) * 2 + 3;
     if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor w = torch::rand({5}, torch::kDouble) + 0.5, b = torch::randn({5}, torch::kDouble);
-    auto [y, mean, var] = train.call(x, w, b, 1e-5);
+    auto [y, mean, var] = bn_ext::ops::batch_norm_train(x, w, b, 1e-5);
     const at::Tensor rm0 = torch::zeros({5}, torch::kDouble), rv0 = torch::ones({5}, torch::kDouble);
     at::Tensor rm = rm0.clone(), rv = rv0.clone(), nbt = torch::zeros({}, torch::kLong);
-    update.call(rm, rv, nbt, mean, var, 0.1, x.numel() / 5);
+    bn_ext::ops::batch_norm_update_running_stats(rm, rv, nbt, mean, var, 0.1, x.numel() / 5);
     at::Tensor erm = rm0.clone(), erv = rv0.clone();
     const at::Tensor expected = at::batch_norm(x, w, b, erm, erv, /*training=*/true, 0.1, 1e-5, false);
     const char* layout = channels_last ? "channels_last" : "contiguous";
