@@ -1,7 +1,7 @@
 // The CPU ops: argument checks, layout preparation, and calls into the kernel loops
 // (kernels.h), parallelised with at::parallel_for (torch's own OpenMP pool, so
-// torch.set_num_threads applies and no second OpenMP runtime is loaded). The loops come in a
-// baseline and an AVX2+FMA build; cpu_kernels() picks one for this CPU.
+// torch.set_num_threads applies and no second OpenMP runtime is loaded). The loops come in three
+// builds (baseline, AVX2+FMA, AVX-512); cpu_kernels() picks one for this CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

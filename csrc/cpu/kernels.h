@@ -213,11 +213,8 @@ int64_t rows_per_span(int64_t C) {
 // fn(offset, width, arrays) over a channels-last tensor, in parallel: each span of rows_per_span(C)
 // rows (width = rows * C values) in memory order, with the per-channel arrays tiled to the span's
 // width; then the last rows (fewer than a span) one by one with the arrays as given. One span per
-// call: handing a call four spans (rows `width` apart), which loaded each vector's coefficients
-// once for the four, ran slower. (4, 256, 56, 56) channels-last, four spans -> one: float32
-// elementwise forward from L3 2.0-2.35x -> 1.10-1.12x a copy's time, input gradient 2.8-3.1x ->
-// 2.4-2.55x; from memory, backward 1.00x -> 0.92-0.94x PyTorch's time; bfloat16 from memory
-// backward 0.84-1.03x -> 0.60-0.71x, from L3 elementwise forward 1.50-1.68x -> 1.66-1.92x a copy.
+// call, in memory order: four spans a call (rows `width` apart), sharing each vector's
+// coefficient loads, read out of order and ran slower (docs/design.md, "Measurements").
 template <typename T, size_t K, typename Fn>
 void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn,
                         Sweep order = Sweep::kForward) {
@@ -348,8 +345,8 @@ inline void hsum8_pair(__m512d a, __m512d b, double* sa, double* sb) {
   *sb = _mm_cvtsd_f64(_mm_unpackhi_pd(sums, sums));
 }
 // Values summed in float32 before widening, 16-wide loops: 16 terms per lane of each of the two
-// pairs of chunk sums. Widening costs 10 instructions per chunk; with 64-value chunks that was 40%
-// of a bfloat16 sweep (19.8 -> 30 G values/s per core on Zen 5 going from 64 to 512).
+// pairs of chunk sums. Widening costs 10 instructions per chunk, so chunks are long enough for it
+// to stay a small share of the sweep (docs/design.md, "Measurements").
 constexpr int64_t kChunk16 = 512;
 #endif
 #endif  // BN_EXT_AVX2_INTRINSICS
@@ -1576,16 +1573,9 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
 // Whether a channels-last reduction reading `tensors` tensors streams its rows (rows_streamed)
 // rather than tiling them: when it reads more than the L2s hold, and rows are wide enough for the
 // per-row loop to pay. The tiles read a few hundred bytes of each row at a time, which from memory
-// ran at 0.5-0.75x the speed of reading the same bytes in order (a standalone loop, 6.4 MB, one
-// thread, cache flushed); the streamed rows read each tensor as four in-order streams. Op times,
-// float32, tiles -> streamed, against sums of the same tensors in order (cache flushed) or in
-// microseconds (from L3): (4, 512, 28, 28) statistics 1.91-1.96x -> 1.77-1.84x, 67 -> 56 us;
-// gradient sums 1.11-1.16x -> 1.04-1.09x; (4, 1024, 14, 14) gradient sums 1.27-1.33x ->
-// 1.11-1.12x; (4096, 1024) statistics 1.53-1.63x -> 1.38-1.45x. At 3.2 MB read and less the tiles
-// won: (16, 256, 14, 14) statistics 1.85x against 2.07-2.12x, gradient sums 47 against 54 us.
-// Tiles that read in order (in_order_tiles) never stream: (9, 128, 64, 64) statistics took 1.5x
-// a sum in wide tiles, 2.9x streamed (four consecutive rows at a time, as the streamed loop read
-// them then).
+// runs well below the speed of reading the same bytes in order; the streamed rows read each
+// tensor as four in-order streams. Below the threshold the tiles win, and tiles that read in
+// order (in_order_tiles) never stream (docs/design.md, "Measurements").
 template <typename scalar_t>
 bool streamed_rows(const Geometry& g, int64_t tensors) {
   return tensors_bytes(g, tensors, sizeof(scalar_t)) > kStreamedReadBytes && g.C >= kStreamedMinChannels &&
@@ -1713,13 +1703,8 @@ int64_t channel_group(const Geometry& g, size_t bytes_per_value) {
 // elementwise pass) a thread either reads from memory or reads from cache and writes, never both
 // at once. body(prev, c) sums channel c (prev: the thread's channel before, or -1 where c is its
 // first), alone(c) runs c's elementwise pass. Results have the unpipelined path's bits: the loops
-// sum the same vectors into the same chunks. Measured (2 threads, one process, pipelined and not
-// taking turns call by call, three runs): training forward float32 (4, 64, 112, 112) 0.71-0.81x
-// the time, (4, 256, 56, 56) 0.78-0.82x, (2, 32, 32, 32, 32) 0.74-0.92x, bfloat16 0.80-0.96x;
-// forward+backward 0.84-0.94x for most; (4, 512, 28, 28) forward 1.00x; (32, 256, 128) bfloat16
-// forward+backward (128-value runs) 1.01-1.04x. The halves do not hide behind each other: with
-// either half taken out of the loop, (2, 32, 32, 32, 32) float32 forward took 102 us (normalising)
-// and 65 us (summing) against 165 us whole, and (4, 64, 112, 112) 181 and 111 against 306.
+// sum the same vectors into the same chunks. Gains and their limits: docs/design.md,
+// "Measurements".
 struct PendingChannel {
   int64_t c = -1;
 };

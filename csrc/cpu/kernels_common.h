@@ -52,14 +52,9 @@ constexpr int64_t kStreamedMinChannels = 64;
 // op reads and writes together fills the last-level cache or more: the output could not stay
 // cached through the op anyway (the cache holds other data too), and streaming skips reading
 // each output line in before writing it (a third of an elementwise pass's traffic). Below that
-// size the output stays in cache for the next layer to read, and plain stores win (streamed, a
-// (4, 64, 112, 112) float32 training forward alone in a loop, x and y in L3, ran 0.7x).
-// Measured on 2 cores of a 32 MiB-L3 Zen 5, float32 forward+backward ratios to torch.nn with
-// this policy off -> on: 4x64x112x112 NCHW 2.50 -> 2.78, channels-last 0.97 -> 1.06;
-// 4x256x56x56 channels-last 0.92 -> 0.99; 4096x1024 0.93 -> 1.01. That last one's x and y are
-// exactly the 32 MiB L3, and its training forward streamed only once the test became `>=`
-// rather than `>`: training forward 1.02-1.12x -> 1.22-1.48x, forward+backward 1.02-1.11x ->
-// 1.10-1.32x (three runs, both settings taking turns call by call in one process).
+// size the output stays in cache for the next layer to read, and plain stores win. `>=`, not `>`:
+// tensors that exactly fill the cache cannot keep the output either (docs/design.md,
+// "Measurements").
 int64_t last_level_cache_bytes();
 
 // The bytes of `tensors` tensors of g's shape, elem_size bytes an element.

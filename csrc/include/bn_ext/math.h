@@ -1,5 +1,6 @@
 // Per-channel math shared by the CPU and CUDA kernels. Everything here is tested on the
-// CPU through the ops (tests/test_math.py exercises the merge and blend paths).
+// CPU through the ops (the merge by tests/test_sync.py's gather_stats tests, the running-stat
+// blend by tests/test_modules.py and tests/test_parity.py).
 #pragma once
 
 #include <cmath>
