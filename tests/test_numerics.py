@@ -1,5 +1,6 @@
 """bn_ext against a float64 reference: accuracy, stability with large means, determinism."""
 import copy
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import torch
 import bn_ext
 import reference as ref
 from conftest import DEVICES, TOL, repo_env
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 
 ops = torch.ops.bn_ext
 
@@ -192,25 +195,6 @@ def _check_channels_alone(shape, dtype):
             assert torch.equal(whole, alone), f"channel {c}: {name} differs"
 
 
-DETERMINISM_SCRIPT = r"""
-import sys, torch, bn_ext
-torch.set_num_threads(int(sys.argv[1]))
-torch.manual_seed(0)
-ops = torch.ops.bn_ext
-out = []
-for shape, fmt in [((8, 3, 64, 64), None), ((8, 3, 64, 64), torch.channels_last), ((4096, 96), None), ((4, 5, 7, 9, 11), None),
-                   ((4, 2070, 3, 5), torch.channels_last), ((16, 64, 20, 20), None), ((16, 64, 20, 20), torch.channels_last),
-                   ((4, 2048, 7, 7), None), ((2, 266, 45, 47), torch.channels_last)]:
-    x = torch.randn(shape) * 3 + 1
-    if fmt is not None:
-        x = x.contiguous(memory_format=fmt)
-    w = torch.rand(shape[1]) + 0.5
-    y, mean, var = ops.batch_norm_train(x, w, None, 1e-5)
-    dy = torch.randn_like(x)
-    gi, gw, gb = ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])
-    out += [y, mean, var, gi, gw, gb]
-torch.save(out, sys.argv[2])
-"""
 
 
 def test_bitwise_deterministic_across_thread_counts(tmp_path):
@@ -218,58 +202,40 @@ def test_bitwise_deterministic_across_thread_counts(tmp_path):
     pieces from each other's shares when theirs are done (parallel_pieces in kernels.h), so the
     split changes run to run; 5 threads on this machine's 2 cores are preempted often, and pieces
     change hands in every pass."""
-    script = tmp_path / "run.py"
-    script.write_text(DETERMINISM_SCRIPT)
+    script = os.path.join(SCRIPTS, "determinism.py")
     results = {}
     for threads, tag in ((1, "a"), (2, "b"), (2, "c"), (5, "d")):
         path = tmp_path / f"{tag}.pt"
         env = repo_env()
         subprocess.run([sys.executable, str(script), str(threads), str(path)], check=True, env=env)
         results[tag] = torch.load(path)
+    assert len({len(r) for r in results.values()}) == 1 and len(results["a"]) > 0
     for a, b, c, d in zip(results["a"], results["b"], results["c"], results["d"]):
         assert torch.equal(a, b), "1 thread vs 2 threads differ"
         assert torch.equal(b, c), "two runs with 2 threads differ"
         assert torch.equal(a, d), "1 thread vs 5 threads differ"
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
 def test_set_num_threads_is_honoured_in_process():
+    """torch.set_num_threads changes how many threads our parallel loops use (they run on torch's
+    own pool), and the results do not change with it."""
     x = torch.randn(16, 8, 32, 32)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         a = ops.batch_norm_train(x, None, None, 1e-5)
+        assert bn_ext._C._parallel_threads_used() == 1
         torch.set_num_threads(2)
         b = ops.batch_norm_train(x, None, None, 1e-5)
+        assert bn_ext._C._parallel_threads_used() == 2
     finally:
         torch.set_num_threads(old)
+    assert len(a) == len(b) == 3
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 
 
-STREAM_SCRIPT = r"""
-import sys, torch, bn_ext
-torch.manual_seed(0)
-ops = torch.ops.bn_ext
-out = []
-for isa_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    # odd channel counts and planes: rows and runs that start off the streaming stores' alignment
-    for shape, fmt in [((4, 40, 9, 9), None), ((3, 6, 33, 31), None), ((4, 24, 9, 9), torch.channels_last),
-                       ((5, 37, 7, 5), torch.channels_last), ((300, 21), None), ((2, 3, 5, 6, 7), None),
-                       ((64, 2, 40, 40), None), ((3, 9, 41, 37), None)]:
-        x = (torch.randn(shape) * 3 + 1).to(isa_dtype)
-        if fmt is not None:
-            x = x.contiguous(memory_format=fmt)
-        w = torch.rand(shape[1], dtype=torch.float64 if isa_dtype == torch.float64 else torch.float32) + 0.5
-        b = torch.randn_like(w)
-        y, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
-        dy = torch.randn_like(x)
-        out += [y, mean, var, ops.batch_norm_elemt(x, w, b, mean, var, 1e-5)]
-        out += list(ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True]))
-        out += list(ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, False, [True, True, True]))
-        sdy, sdx = ops.batch_norm_backward_reduce(dy, x, mean)
-        out.append(ops.batch_norm_backward_elemt(dy, x, w, mean, var, sdy, sdx, 1e-5, x.numel() // shape[1]))
-torch.save(out, sys.argv[1])
-"""
 
 
 def test_streaming_stores_write_the_same_values(tmp_path):
@@ -277,8 +243,7 @@ def test_streaming_stores_write_the_same_values(tmp_path):
     BN_EXT_LLC_BYTES=1 streams every output, on shapes whose rows and runs start off the stores'
     alignment (they fall back to plain stores there), in every dtype and layout, each elementwise
     pass. The values must be bitwise those of plain stores."""
-    script = tmp_path / "stream.py"
-    script.write_text(STREAM_SCRIPT)
+    script = os.path.join(SCRIPTS, "streaming_stores.py")
     results = {}
     for llc in ("1", str(1 << 40)):
         env = repo_env()
@@ -291,31 +256,12 @@ def test_streaming_stores_write_the_same_values(tmp_path):
         assert torch.equal(a, b)
 
 
-ISA_SCRIPT = r"""
-import sys, torch, bn_ext
-torch.manual_seed(0)
-ops = torch.ops.bn_ext
-out = [bn_ext.build_info()["cpu_kernels"]]
-for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    for shape, fmt in [((4, 40, 9, 9), None), ((4, 6, 33, 31), None), ((4, 24, 9, 9), torch.channels_last), ((300, 21), None)]:
-        x = (torch.randn(shape) * 3 + 1).to(dtype)
-        if fmt is not None:
-            x = x.contiguous(memory_format=fmt)
-        w = torch.rand(shape[1]) + 0.5
-        if dtype == torch.float64:
-            w = w.double()
-        y, mean, var = ops.batch_norm_train(x, w, None, 1e-5)
-        dy = torch.randn_like(x)
-        out += [y, mean, var, *ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, True, [True, True, True])]
-torch.save(out, sys.argv[1])
-"""
 
 
 def test_baseline_and_simd_kernels_agree(tmp_path):
     """The baseline build of the CPU loops (BN_EXT_CPU_ISA=default), the AVX2 one (=avx2, where the
     CPU has it) and the one this CPU picks by itself."""
-    script = tmp_path / "isa.py"
-    script.write_text(ISA_SCRIPT)
+    script = os.path.join(SCRIPTS, "cpu_kernels.py")
     results = {}
     for isa in ("default", "avx2", None):
         env = repo_env()
@@ -328,6 +274,7 @@ def test_baseline_and_simd_kernels_agree(tmp_path):
     assert results["default"][0] == "default"
     assert results["avx2"][0] in ("default", "avx2")  # a cap, never a raise
     for other in ("avx2", None):
+        assert len(results[other]) == len(results["default"]) > 1
         for a, b in zip(results["default"][1:], results[other][1:]):
             tol = 1e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-5
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -86,13 +86,34 @@ def samples(device):
     return out
 
 
+def describe(sample):
+    """A test id naming the sample: op, then each argument (tensors by dtype, shape and layout;
+    '~' for one that requires grad), so that a failure names what it ran on."""
+    name, args, _ = sample
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            layout = "cl" if a.dim() >= 4 and not a.is_contiguous() and a.is_contiguous(
+                memory_format=torch.channels_last if a.dim() == 4 else torch.channels_last_3d) else ""
+            shape = "x".join(map(str, a.shape)) or "scalar"
+            parts.append(f"{str(a.dtype)[6:]}[{shape}{layout}]{'~' if a.requires_grad else ''}")
+        else:
+            parts.append(str(a))
+    return name + "(" + ",".join(parts) + ")"
+
+
+# Each distinct sample once (the per-channel ops' samples repeat across the input layouts).
+SAMPLE_IDS = {}
+for _index, _sample in enumerate(samples("cpu")):
+    SAMPLE_IDS.setdefault(describe(_sample), _index)
+
+
 def test_every_op_has_samples():
     assert {name for name, _, _ in samples("cpu")} == set(OP_NAMES)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op_name", OP_NAMES)
-def test_opcheck(op_name, device):
-    for name, args, kwargs in samples(device):
-        if name == op_name:
-            torch.library.opcheck(getattr(ops, name).default, args, kwargs)
+@pytest.mark.parametrize("index", list(SAMPLE_IDS.values()), ids=list(SAMPLE_IDS))
+def test_opcheck(index, device):
+    name, args, kwargs = samples(device)[index]
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import bn_ext
 import sync_workers
-from conftest import CUDA, DEVICES
+from conftest import CUDA, DEVICES, repo_env
 
 requires_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -237,7 +237,7 @@ def test_stats_dtype_argument():
 def test_readme_launch_example_runs_under_torchrun():
     """The README's example, launched as the README says (torchrun, two CPU processes)."""
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "sync_batch_norm.py")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # CPU and gloo, whatever this machine has
+    env = dict(repo_env(), CUDA_VISIBLE_DEVICES="")  # CPU and gloo, whatever this machine has
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example],
         capture_output=True, text=True, timeout=300, env=env,
