@@ -97,7 +97,7 @@ def _fx_quantization():
         from .convert import convert_model
 
         # the GraphModule's own hierarchy: swapping here leaves the user's model alone
-        for name, child in list(graph_module.named_modules()):
+        for child in list(graph_module.modules()):
             for child_name, grandchild in list(child.named_children()):
                 if type(grandchild) in _BN_TYPES:
                     setattr(child, child_name, convert_model(grandchild, to="torch"))

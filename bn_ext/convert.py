@@ -82,7 +82,7 @@ def _subclass_form(cls):
     """The bn_ext form of a torch.nn BatchNorm subclass, or None when its forward is unknown."""
     if cls in _converted_classes:
         return _converted_classes[cls]
-    if getattr(cls, "forward") is _TorchBatchNorm.forward:
+    if cls.forward is _TorchBatchNorm.forward:
         bases = (_ConvertedForm, modules._BatchNorm, cls)
     elif _timm_batch_norm_act(cls):
         bases = (_ConvertedForm, _ActAfterBatchNorm, cls)
