@@ -7,6 +7,7 @@ Environment variables:
   MAX_JOBS                parallel compile jobs (ninja)
   BN_EXT_DEBUG=1          -O0 -g builds
 """
+
 import glob
 import os
 import shutil
@@ -88,7 +89,9 @@ def extension():
     # its twin (AVX2 build: float64 input gradients 1 ulp apart between the per-channel and split
     # paths). FMAs the kernels want are written out (std::fma, intrinsics), so results are the same
     # bits whichever path and build computes them.
-    cxx = opt + ["-fvisibility=hidden", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    cxx = (
+        opt + ["-fvisibility=hidden", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    )
     # The C++ runtime must not be mixed. The GPU machine's g++ is a wrapper whose -B search path
     # finds a static libstdc++ (even for an explicit -lstdc++), so the extension got its own
     # copy; that copy's exported symbols then resolved partly to the process's libstdc++.so.6
@@ -101,7 +104,9 @@ def extension():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             # No GPU to ask: build for common data-centre parts, with PTX for anything newer.
             os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_DEFAULT_ARCHS
-        print(f"bn_ext: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}")
+        print(
+            f"bn_ext: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}"
+        )
         return CUDAExtension(
             "bn_ext._C",
             cpp_sources + cuda_sources,

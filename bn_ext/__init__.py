@@ -1,4 +1,5 @@
 """bn_ext: hand-written CPU and CUDA BatchNorm kernels, drop-in for torch.nn.BatchNorm*d."""
+
 import torch  # noqa: F401  (the library below links against torch's)
 
 from . import _C  # noqa: F401  loads the library, which registers the bn_ext ops

@@ -4,6 +4,7 @@ First-order gradients run our kernels (batch_norm_backward). Higher orders go th
 of differentiable torch ops: batch_norm_backward's own backward re-derives the first-order formula
 with torch ops and differentiates it, keeping the graph when a further order is asked for.
 """
+
 import torch
 
 _ops = torch.ops.bn_ext
@@ -93,7 +94,9 @@ def _backward_backward(ctx, gg_input, gg_weight, gg_bias):
     saved = ctx.saved_tensors
     need = ctx.needs_input_grad[:5]
     wrt = [i for i, (t, n) in enumerate(zip(saved, need)) if n and t is not None and t.is_floating_point()]
-    picked = [k for k, (gg, m) in enumerate(zip((gg_input, gg_weight, gg_bias), ctx.output_mask)) if m and gg is not None]
+    picked = [
+        k for k, (gg, m) in enumerate(zip((gg_input, gg_weight, gg_bias), ctx.output_mask)) if m and gg is not None
+    ]
     if not wrt or not picked:
         return (None,) * 8
     gg = (gg_input, gg_weight, gg_bias)
@@ -117,9 +120,11 @@ def _backward_backward(ctx, gg_input, gg_weight, gg_bias):
             outs = selected_outputs(*leaves)
             # An output that depends on no such tensor (eval mode, no weight) adds nothing.
             used = [(o, gg[k].to(o.dtype)) for k, o in zip(picked, outs) if o.requires_grad]
-            grads = torch.autograd.grad(
-                [o for o, _ in used], leaves, [g for _, g in used], allow_unused=True
-            ) if used else [None] * len(leaves)
+            grads = (
+                torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
+                if used
+                else [None] * len(leaves)
+            )
     result = [None] * 5
     for i, g in zip(wrt, grads):
         result[i] = g

@@ -1,4 +1,5 @@
 """What this bn_ext build was compiled with, and the runtime it runs in."""
+
 import torch
 
 from . import _C

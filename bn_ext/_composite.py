@@ -7,6 +7,7 @@ Under those, the modules and bn_ext.functional take this path instead: every der
 order, batching and tangents come from torch's own op formulas. The running statistics still
 move through bn_ext's op, with the same blend as the kernel path.
 """
+
 import sys
 
 import torch
@@ -53,8 +54,17 @@ def _per_channel(t: Tensor, dims: int) -> Tensor:
     return t.reshape([1, -1] + [1] * (dims - 2))
 
 
-def batch_norm(input: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
-               num_batches_tracked=None) -> Tensor:
+def batch_norm(
+    input: Tensor,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum,
+    eps: float,
+    num_batches_tracked=None,
+) -> Tensor:
     """F.batch_norm's result, computed in float32 (float64 for float64 input) as the kernels do.
     Arguments have been checked by the caller; in training the running statistics (where given)
     are updated by batch_norm_update_running_stats from the detached batch statistics."""

@@ -1,4 +1,5 @@
 """Fake (meta) kernels: output shapes, dtypes and strides of every bn_ext op, for torch.compile."""
+
 import torch
 
 OP_NAMES = (
@@ -27,7 +28,9 @@ def _channels(input):
 def _check_channel_tensor(t, name, channels):
     if t is None:
         return
-    torch._check(t.dim() == 1, lambda: f"{name}: expected a 1-D tensor of {channels} elements, got size {tuple(t.shape)}")
+    torch._check(
+        t.dim() == 1, lambda: f"{name}: expected a 1-D tensor of {channels} elements, got size {tuple(t.shape)}"
+    )
     torch._check(t.shape[0] == channels, lambda: f"{name}: expected {channels} elements, got {t.shape[0]}")
 
 
@@ -74,8 +77,15 @@ def _train(input, weight, bias, eps):
 
 @torch.library.register_fake("bn_ext::batch_norm_train_update")
 def _train_update(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
-    _check_devices("batch_norm_train_update", input, weight=weight, bias=bias, running_mean=running_mean,
-                   running_var=running_var, num_batches_tracked=num_batches_tracked)
+    _check_devices(
+        "batch_norm_train_update",
+        input,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+    )
     c = _channels(input)
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         _check_channel_tensor(t, name, c)
@@ -91,8 +101,16 @@ def _backward_reduce(grad_out, input, mean):
 
 @torch.library.register_fake("bn_ext::batch_norm_backward_elemt")
 def _backward_elemt(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, count):
-    _check_devices("batch_norm_backward_elemt", input, grad_out=grad_out, weight=weight, mean=mean, var=var,
-                   sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
+    _check_devices(
+        "batch_norm_backward_elemt",
+        input,
+        grad_out=grad_out,
+        weight=weight,
+        mean=mean,
+        var=var,
+        sum_dy=sum_dy,
+        sum_dy_xmu=sum_dy_xmu,
+    )
     c = _channels(input)
     for t, name in ((weight, "weight"), (mean, "mean"), (var, "var"), (sum_dy, "sum_dy"), (sum_dy_xmu, "sum_dy_xmu")):
         _check_channel_tensor(t, name, c)
@@ -113,8 +131,14 @@ def _backward(grad_out, input, weight, mean, var, eps, training, output_mask):
 
 @torch.library.register_fake("bn_ext::batch_norm_update_running_stats")
 def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
-    _check_devices("batch_norm_update_running_stats", mean, running_mean=running_mean, running_var=running_var,
-                   num_batches_tracked=num_batches_tracked, var=var)
+    _check_devices(
+        "batch_norm_update_running_stats",
+        mean,
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+        var=var,
+    )
     c = mean.shape[0]
     _check_channel_tensor(running_mean, "running_mean", c)
     _check_channel_tensor(running_var, "running_var", c)
@@ -123,9 +147,16 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
 
 @torch.library.register_fake("bn_ext::batch_norm_gather_stats")
 def _gather_stats(stats, running_mean, running_var, num_batches_tracked, momentum):
-    _check_devices("batch_norm_gather_stats", stats, running_mean=running_mean, running_var=running_var,
-                   num_batches_tracked=num_batches_tracked)
-    torch._check(stats.dim() == 2, lambda: f"stats: expected a 2-D tensor of per-rank rows, got size {tuple(stats.shape)}")
+    _check_devices(
+        "batch_norm_gather_stats",
+        stats,
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+    )
+    torch._check(
+        stats.dim() == 2, lambda: f"stats: expected a 2-D tensor of per-rank rows, got size {tuple(stats.shape)}"
+    )
     c = (stats.shape[1] - 1) // 2
     _check_channel_tensor(running_mean, "running_mean", c)
     _check_channel_tensor(running_var, "running_var", c)

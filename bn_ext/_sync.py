@@ -10,6 +10,7 @@ Per step and per layer, two collectives:
 The collectives are torch's functional collectives (the `_c10d_functional` ops), which run on
 any backend (gloo, NCCL) eagerly and trace under torch.compile.
 """
+
 from typing import Optional
 
 import torch
@@ -64,8 +65,7 @@ def check_num_features(num_features: int, device: torch.device, group, group_siz
         )
 
 
-def gather_batch_stats(input: Tensor, running_mean, running_var, num_batches_tracked, momentum, group,
-                       group_size: int):
+def gather_batch_stats(input: Tensor, running_mean, running_var, num_batches_tracked, momentum, group, group_size: int):
     """Global (mean, biased var, count) of the batch spread over the group, all float64; the
     running stats and counter move as one process over the whole batch would move them."""
     channels = input.shape[1]
@@ -119,7 +119,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_input:
             channels = input.shape[1]
             sums = all_reduce_sum(
-                torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64), ctx.group, ctx.group_size,
+                torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64),
+                ctx.group,
+                ctx.group_size,
                 "all-reduce of gradient sums",
             )
             # backward_elemt divides the sums by `count`: hand it means over the global count.

@@ -13,6 +13,7 @@ torch function is missing (another torch release) is skipped.
   layers holding the same tensors before fusion, so the copy fuses and quantizes as torch.nn's
   would (the user's model is not changed).
 """
+
 import torch
 
 from . import modules

@@ -5,6 +5,7 @@ dimension folds into the channels, per-channel tensors fold alike (unbatched one
 one op call does the whole batch. The ops that write running statistics in place refuse batched
 statistics, as torch.nn's batch norm does under vmap.
 """
+
 import torch
 
 _ops = torch.ops.bn_ext

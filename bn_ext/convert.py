@@ -1,4 +1,5 @@
 """Swap torch.nn BatchNorm layers for bn_ext's in a model, and back; or make them all sync."""
+
 import warnings
 
 import torch
@@ -88,8 +89,11 @@ def _subclass_form(cls):
         bases = (_ConvertedForm, _ActAfterBatchNorm, cls)
     else:
         return None
-    form = type(cls.__name__, bases, {"__module__": cls.__module__, "_bn_ext_converted_from": cls,
-                                      "__qualname__": cls.__qualname__})
+    form = type(
+        cls.__name__,
+        bases,
+        {"__module__": cls.__module__, "_bn_ext_converted_from": cls, "__qualname__": cls.__qualname__},
+    )
     _converted_classes[cls] = form
     return form
 

@@ -1,4 +1,5 @@
 """bn_ext.functional.batch_norm: torch.nn.functional.batch_norm's signature and behaviour."""
+
 from typing import Optional
 
 import torch
@@ -56,8 +57,12 @@ def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked
             )
         # The cumulative average divides by the count after this batch. The CPU op checks it; on
         # other devices this reads the counter back (torch.nn's momentum=None path does too).
-        if momentum is None and num_batches_tracked.device.type not in ("cpu", "meta") \
-                and not torch.compiler.is_compiling() and int(num_batches_tracked) < 0:
+        if (
+            momentum is None
+            and num_batches_tracked.device.type not in ("cpu", "meta")
+            and not torch.compiler.is_compiling()
+            and int(num_batches_tracked) < 0
+        ):
             raise RuntimeError(
                 "batch_norm: num_batches_tracked: expected a non-negative count with momentum=None "
                 f"(cumulative average), got {int(num_batches_tracked)}"

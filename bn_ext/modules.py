@@ -1,4 +1,5 @@
 """BatchNorm modules: drop-in replacements for torch.nn.BatchNorm1d/2d/3d and their Lazy forms."""
+
 import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
@@ -73,7 +74,9 @@ class _BatchNorm(_torch_bn._BatchNorm):
         self._check_input_dim(input)
         if input.size(1) != self.num_features:
             raise RuntimeError(
-                "input: expected " + str(self.num_features) + " channels (num_features) in dim 1, got input of size "
+                "input: expected "
+                + str(self.num_features)
+                + " channels (num_features) in dim 1, got input of size "
                 + str(input.size())
             )
         running_mean = self.running_mean
@@ -89,7 +92,13 @@ class _BatchNorm(_torch_bn._BatchNorm):
                 raise ValueError("Expected more than 1 value per channel when training, got input size " + str(size))
         if self.training and self.track_running_stats:
             return torch.ops.bn_ext.batch_norm_train_update(
-                input, self.weight, self.bias, running_mean, running_var, self.num_batches_tracked, self.momentum,
+                input,
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                self.num_batches_tracked,
+                self.momentum,
                 self.eps,
             )[0]
         return torch.ops.bn_ext.batch_norm_train(input, self.weight, self.bias, self.eps)[0]
@@ -109,8 +118,13 @@ class _BatchNorm(_torch_bn._BatchNorm):
             # eval forward).
             buffers = self._buffers
             running_mean, running_var = _member(self, buffers, "running_mean"), _member(self, buffers, "running_var")
-            if (running_mean is not None and running_var is not None and not running_mean.requires_grad
-                    and not running_var.requires_grad and not _composite.needed()):
+            if (
+                running_mean is not None
+                and running_var is not None
+                and not running_mean.requires_grad
+                and not running_var.requires_grad
+                and not _composite.needed()
+            ):
                 _check_args(False, self.momentum, self.eps)
                 return _elemt(input, weight, bias, running_mean, running_var, self.eps)
         # Batch statistics in training, and in eval when there are no running statistics.

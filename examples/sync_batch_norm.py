@@ -5,6 +5,7 @@
 Each rank holds a different number of samples; the BatchNorm statistics are those of the whole
 batch across ranks. Run without torchrun it trains in one process (no collectives).
 """
+
 import gc
 import os
 
@@ -27,9 +28,15 @@ def main(steps: int = 3) -> None:
 
     torch.manual_seed(0)  # the same initial weights on every rank
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
     )
     model = bn_ext.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
     if distributed:

@@ -1,6 +1,7 @@
 """Where a CUDA training step's time goes: per-kernel device time (torch.profiler) for bn_ext and
 PyTorch on a few bench cases, and the host time per call, so launch-bound and kernel-bound cases
 can be told apart. Run on a GPU machine after building: python scripts/gpu_profile.py"""
+
 import statistics
 import sys
 import time
@@ -52,8 +53,10 @@ def main():
         x.requires_grad_()
         dy = torch.randn_like(x)
         kind = {2: 1, 3: 1, 4: 2, 5: 3}[x.dim()]
-        mods = {"torch": getattr(torch.nn, f"BatchNorm{kind}d")(shape[1]).cuda(),
-                "bn_ext": getattr(bn_ext, f"BatchNorm{kind}d")(shape[1]).cuda()}
+        mods = {
+            "torch": getattr(torch.nn, f"BatchNorm{kind}d")(shape[1]).cuda(),
+            "bn_ext": getattr(bn_ext, f"BatchNorm{kind}d")(shape[1]).cuda(),
+        }
         print(f"\n### {name} {tuple(shape)} {str(dtype)[6:]}")
         for who, m in mods.items():
             fn = lambda m=m, x=x, dy=dy: step(m, x, dy)  # noqa: E731

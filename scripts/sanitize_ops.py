@@ -1,5 +1,6 @@
 """Every bn_ext CUDA op once, on small odd shapes in each layout and dtype: the workload that
 scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck)."""
+
 import torch
 
 import bn_ext  # noqa: F401
@@ -9,8 +10,14 @@ ops = torch.ops.bn_ext
 
 def main():
     torch.manual_seed(0)
-    cases = [((3, 5, 7, 9), None), ((3, 5, 7, 9), torch.channels_last), ((4, 8, 4, 4), None),
-             ((37, 6), None), ((2, 3, 3, 4, 5), torch.channels_last_3d), ((2, 4, 1000), None)]
+    cases = [
+        ((3, 5, 7, 9), None),
+        ((3, 5, 7, 9), torch.channels_last),
+        ((4, 8, 4, 4), None),
+        ((37, 6), None),
+        ((2, 3, 3, 4, 5), torch.channels_last_3d),
+        ((2, 4, 1000), None),
+    ]
     for dtype in (torch.float32, torch.float16, torch.float64):
         for shape, fmt in cases:
             x = torch.randn(shape, device="cuda").to(dtype)
@@ -28,7 +35,11 @@ def main():
             ops.batch_norm_backward(dy, x, w, mean, var, 1e-5, False, [True, True, True])
             sdy, sdx = ops.batch_norm_backward_reduce(dy, x, mean)
             ops.batch_norm_backward_elemt(dy, x, w, mean, var, sdy, sdx, 1e-5, x.numel() // c)
-            rm, rv, nbt = torch.zeros(c, device="cuda", dtype=pdt), torch.ones(c, device="cuda", dtype=pdt), torch.zeros((), dtype=torch.long, device="cuda")
+            rm, rv, nbt = (
+                torch.zeros(c, device="cuda", dtype=pdt),
+                torch.ones(c, device="cuda", dtype=pdt),
+                torch.zeros((), dtype=torch.long, device="cuda"),
+            )
             ops.batch_norm_update_running_stats(rm, rv, nbt, mean, var, None, x.numel() // c)
     torch.cuda.synchronize()
     print("sanitize_ops: ran every op")

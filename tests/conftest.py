@@ -12,6 +12,7 @@ def repo_env():
     """This process's environment for a child Python that must import this checkout's bn_ext."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
 
+
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device visible")
 
@@ -30,7 +31,9 @@ TOL = {
 
 # torch.nn's BatchNorm takes `bias=` from torch 2.13 on; our modules take it on any torch.
 TORCH_HAS_BIAS_KW = "bias" in __import__("inspect").signature(torch.nn.BatchNorm1d.__init__).parameters
-requires_torch_bias_kw = pytest.mark.skipif(not TORCH_HAS_BIAS_KW, reason="this torch.nn BatchNorm has no bias= argument")
+requires_torch_bias_kw = pytest.mark.skipif(
+    not TORCH_HAS_BIAS_KW, reason="this torch.nn BatchNorm has no bias= argument"
+)
 
 
 def devices():

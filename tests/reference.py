@@ -1,4 +1,5 @@
 """float64 reference BatchNorm, written from the definition, for checking both bn_ext and torch."""
+
 import torch
 
 

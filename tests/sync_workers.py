@@ -1,6 +1,7 @@
 """Worker processes for tests/test_sync.py: each joins a gloo (or NCCL) process group through a
 file store, runs its checks, and raises on a mismatch (torch.multiprocessing.spawn re-raises it
 in the test process with the worker's traceback)."""
+
 import datetime
 import os
 import time
@@ -18,7 +19,10 @@ BF16 = dict(rtol=3e-2, atol=3e-2)  # bfloat16 outputs round to 8 bits; PyTorch's
 def _init(rank, world, store_file, backend="gloo", timeout_s=60):
     torch.set_num_threads(1)  # several processes share this machine's cores
     dist.init_process_group(
-        backend, init_method=f"file://{store_file}", rank=rank, world_size=world,
+        backend,
+        init_method=f"file://{store_file}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
 
@@ -116,7 +120,9 @@ def parity(rank, world, store_file, sizes, dtypes, device="cpu", backend="gloo")
                 _check_close(y, y_plain.detach()[lo:hi], tol, f"{what} step {step} output vs bn_ext.BatchNorm")
                 if sync.affine:
                     # sums of hundreds of O(1) products: in float32 both sides carry ~1e-5 of rounding
-                    grad_tol = {torch.float64: F64, torch.float32: dict(rtol=1e-4, atol=1e-4)}.get(dtype, dict(rtol=5e-2, atol=0.5))
+                    grad_tol = {torch.float64: F64, torch.float32: dict(rtol=1e-4, atol=1e-4)}.get(
+                        dtype, dict(rtol=5e-2, atol=0.5)
+                    )
                     for p_name in ("weight", "bias"):
                         # each rank holds its own part, as with torch.nn.SyncBatchNorm (DDP sums them)
                         g = getattr(sync, p_name).grad.clone()
@@ -146,15 +152,16 @@ def subgroup(rank, world, store_file):
     group = dist.new_group(members)
     alone = dist.new_group([1])  # every rank takes part in creating every group
     sizes = {0: 3, 1: 4, 2: 6}
-    xs, _ = _shared_batch([sizes[r] for r in range(world)], (4,), 3, torch.float64, "cpu",
-                          torch.contiguous_format, seed=3)
+    xs, _ = _shared_batch(
+        [sizes[r] for r in range(world)], (4,), 3, torch.float64, "cpu", torch.contiguous_format, seed=3
+    )
     sync = bn_ext.SyncBatchNorm(3, dtype=torch.float64, process_group=group if rank in members else alone)
     y = sync(xs[rank])
     ref = torch.nn.BatchNorm1d(3, dtype=torch.float64)
     if rank in members:
         full = torch.cat([xs[r] for r in members])
         lo = 0 if rank == 0 else sizes[0]
-        expected = ref(full)[lo:lo + sizes[rank]]
+        expected = ref(full)[lo : lo + sizes[rank]]
     else:
         expected = ref(xs[rank])
     _check_close(y, expected, F64, f"rank {rank} output")

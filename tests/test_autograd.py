@@ -1,4 +1,5 @@
 """gradcheck / gradgradcheck in float64 for every differentiable op and the module paths."""
+
 import pytest
 import torch
 
@@ -86,8 +87,13 @@ def test_eval_gradients_with_some_arguments_absent_or_frozen(device):
         return y + b.view(shape) if b is not None else y
 
     for given in [(True, True), (False, True), (True, False), (False, False)]:
-        for needs in [(True, False, False, True, False), (False, True, True, False, True),
-                      (False, False, False, False, True), (True, True, True, True, True), (False,) * 5]:
+        for needs in [
+            (True, False, False, True, False),
+            (False, True, True, False, True),
+            (False, False, False, False, True),
+            (True, True, True, True, True),
+            (False,) * 5,
+        ]:
             grads = []
             for fn in (lambda *a: ops.batch_norm_elemt(*a, 1e-3), reference):
                 ts = [leaf(t).requires_grad_(n) for t, n in zip((x, w, b, mean, var), needs)]

@@ -1,5 +1,6 @@
 """The benchmark CLI (python -m bn_ext.bench): a small run end to end, and the pieces that decide
 its numbers. Nothing here asserts a speed: timings on a shared machine are not test material."""
+
 import csv
 import json
 import subprocess
@@ -12,7 +13,6 @@ import bn_ext
 from bn_ext.bench.__main__ import MODES, geomean, interleaved_times, two_reads_case, two_reads_fns
 from bn_ext.bench.cases import Case
 from conftest import repo_env
-
 
 
 def test_interleaved_times_take_turns_and_pool_per_function():
@@ -32,9 +32,27 @@ def test_geomean():
 
 def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
     env = repo_env()
-    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3",
-           "--dtype", "float32,bfloat16", "--repeats", "2", "--warmup", "1", "--rounds", "2",
-           "--out", str(tmp_path), "--tag", "t"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bn_ext.bench",
+        "--device",
+        "cpu",
+        "--shapes",
+        "resnet50.layer3",
+        "--dtype",
+        "float32,bfloat16",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "t",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "geomean speedup" in run.stdout
@@ -64,8 +82,25 @@ def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
 def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
     # benchmarks/bench-cpu.* hold a whole suite; a run with --shapes/--mode must write elsewhere
     env = repo_env()
-    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3",
-           "--mode", "eval_fwd", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bn_ext.bench",
+        "--device",
+        "cpu",
+        "--shapes",
+        "resnet50.layer3",
+        "--mode",
+        "eval_fwd",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.glob("bench-*.csv")) == ["bench-cpu-partial.csv"]
@@ -89,9 +124,29 @@ def test_two_reads_reference_is_timed_for_the_bandwidth_target_cases_only():
 
 def test_bench_cli_reports_the_two_reads_reference(tmp_path):
     env = repo_env()
-    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "bn1d.4096x1024",
-           "--dtype", "bfloat16", "--mode", "train_fwd", "--repeats", "2", "--warmup", "1", "--rounds", "1",
-           "--out", str(tmp_path), "--tag", "t"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bn_ext.bench",
+        "--device",
+        "cpu",
+        "--shapes",
+        "bn1d.4096x1024",
+        "--dtype",
+        "bfloat16",
+        "--mode",
+        "train_fwd",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "t",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "two reads" in run.stdout

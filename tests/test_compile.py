@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) of models using bn_ext: no graph break, same numbers as eager."""
+
 import copy
 
 import pytest

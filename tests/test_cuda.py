@@ -1,5 +1,6 @@
 """CUDA-specific checks: kernel registration (on any CUDA build), cuDNN on/off parity, graphs,
 streams, devices, determinism, 64-bit indexing. GPU tests skip where no GPU is visible."""
+
 import copy
 
 import pytest
@@ -36,9 +37,17 @@ def test_parity_with_torch_cudnn_on_and_off(kind, shape, layout, dtype, cudnn):
 
 
 @requires_cuda
-@pytest.mark.parametrize("shape,fmt", [((4, 3, 224, 224), None), ((2, 32, 24, 24, 24), None),
-                                       ((8, 64, 28, 28), torch.channels_last), ((64, 2048, 7, 7), None),
-                                       ((4096, 1024), None), ((3, 5, 7, 11), torch.channels_last)])
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((4, 3, 224, 224), None),
+        ((2, 32, 24, 24, 24), None),
+        ((8, 64, 28, 28), torch.channels_last),
+        ((64, 2048, 7, 7), None),
+        ((4096, 1024), None),
+        ((3, 5, 7, 11), torch.channels_last),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cuda_matches_cpu_float64_reference(shape, fmt, dtype):
     """Large shapes that split channels across many blocks, against a float64 CPU computation."""
@@ -55,7 +64,9 @@ def test_cuda_matches_cpu_float64_reference(shape, fmt, dtype):
     dims = [0] + list(range(2, x.dim()))
     rvar, rmean = torch.var_mean(x64, dims, unbiased=False)
     view = [1, -1] + [1] * (x.dim() - 2)
-    ry = (x64 - rmean.view(view)) / torch.sqrt(rvar.view(view) + 1e-5) * w.double().cpu().view(view) + b.double().cpu().view(view)
+    ry = (x64 - rmean.view(view)) / torch.sqrt(rvar.view(view) + 1e-5) * w.double().cpu().view(
+        view
+    ) + b.double().cpu().view(view)
     stat_tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(mean.double().cpu(), rmean, rtol=stat_tol, atol=stat_tol)
     torch.testing.assert_close(var.double().cpu(), rvar, rtol=stat_tol, atol=stat_tol)
@@ -91,8 +102,13 @@ def test_bitwise_deterministic_run_to_run(fmt):
 @requires_cuda
 def test_cuda_graph_capture_and_replay_of_a_training_step():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bn_ext.BatchNorm2d(8, momentum=None),
-                                torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1), bn_ext.BatchNorm2d(4)).cuda()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        bn_ext.BatchNorm2d(8, momentum=None),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1),
+        bn_ext.BatchNorm2d(4),
+    ).cuda()
     eager = copy.deepcopy(model)
     static_x = torch.randn(4, 3, 16, 16, device="cuda")
     side = torch.cuda.Stream()
@@ -177,8 +193,10 @@ def test_mixed_device_arguments_are_rejected():
 
 
 @requires_cuda
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-                    reason="needs 40 GiB of GPU memory")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs 40 GiB of GPU memory",
+)
 def test_more_than_2_to_the_31_elements():
     """64-bit indexing: 2^31 + 2^21 fp16 elements over 2 channels."""
     n = (2**31 + 2**21) // 2

@@ -2,6 +2,7 @@
 higher derivatives, checkpointing, meta tensors, convert_model on subclasses, FX and its fusers,
 quantization, ONNX, TorchScript, torch.compile with dynamic shapes, and input checks. Each test
 compares outputs, gradients and every buffer with torch.nn's on the same data."""
+
 import copy
 import io
 import warnings
@@ -116,8 +117,8 @@ def test_third_order_derivatives_match_a_composite(mode):
     def orders(f):
         xr = x.clone().requires_grad_()
         g1, w1 = torch.autograd.grad((f(xr) ** 3).sum(), (xr, ours.weight), create_graph=True)
-        g2, w2 = torch.autograd.grad((g1 ** 2).sum() + (w1 ** 2).sum(), (xr, ours.weight), create_graph=True)
-        g3, w3 = torch.autograd.grad((g2 ** 2).sum() + w2.sum(), (xr, ours.weight))
+        g2, w2 = torch.autograd.grad((g1**2).sum() + (w1**2).sum(), (xr, ours.weight), create_graph=True)
+        g3, w3 = torch.autograd.grad((g2**2).sum() + w2.sum(), (xr, ours.weight))
         return g1, w1, g2, w2, g3, w3
 
     for a, b in zip(orders(ours), orders(reference)):
@@ -132,7 +133,7 @@ def test_eval_double_backward_with_frozen_weights():
         torch.manual_seed(0)
         m = cls(3).eval().requires_grad_(False)
         x = torch.randn(2, 3, 4, 4, requires_grad=True)
-        g, = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
         results.append((g, torch.autograd.grad(g.pow(2).sum(), x, allow_unused=True)[0]))
     torch.testing.assert_close(results[0][0], results[1][0])
     assert results[0][1] is None and results[1][1] is None
@@ -292,7 +293,8 @@ def test_op_vmap_rules_match_a_loop():
         y, mean, var = vmap(ops.batch_norm_train, in_dims=(0, 0, None, None))(x, w, bias, 1e-5)
         e = vmap(ops.batch_norm_elemt, in_dims=(0, 0, None, 0, 0, None))(x, w, bias, mean, var, 1e-5)
         grads = vmap(ops.batch_norm_backward, in_dims=(0, 0, 0, 0, 0, None, None, None))(
-            dy, x, w, mean, var, 1e-5, True, [True, True, True])
+            dy, x, w, mean, var, 1e-5, True, [True, True, True]
+        )
         sums = vmap(ops.batch_norm_backward_reduce)(dy, x, mean)
         stats = vmap(ops.batch_norm_stats)(x)
     for i in range(b):
@@ -348,7 +350,9 @@ def test_onnx_export_runs_in_onnxruntime_like_torch(tmp_path, dynamo):
 def test_symbolic_trace_keeps_batch_norm_as_one_call_module():
     net = _conv_bn_net(bn_ext.BatchNorm2d)
     traced = torch.fx.symbolic_trace(net)
-    assert [n.op for n in traced.graph.nodes] == [n.op for n in torch.fx.symbolic_trace(_conv_bn_net(nn.BatchNorm2d)).graph.nodes]
+    assert [n.op for n in traced.graph.nodes] == [
+        n.op for n in torch.fx.symbolic_trace(_conv_bn_net(nn.BatchNorm2d)).graph.nodes
+    ]
     x = torch.randn(2, 3, 9, 9)
     for training in (True, False):
         traced.train(training)
@@ -400,8 +404,10 @@ def test_prepare_fx_and_convert_fx_as_with_torch():
 # ---- 12. isinstance -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ours, theirs", [(bn_ext.BatchNorm1d, nn.BatchNorm1d), (bn_ext.BatchNorm2d, nn.BatchNorm2d),
-                                          (bn_ext.BatchNorm3d, nn.BatchNorm3d)])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [(bn_ext.BatchNorm1d, nn.BatchNorm1d), (bn_ext.BatchNorm2d, nn.BatchNorm2d), (bn_ext.BatchNorm3d, nn.BatchNorm3d)],
+)
 def test_isinstance_of_torch_nn_classes(ours, theirs):
     assert isinstance(ours(3), theirs)
     lazy = getattr(bn_ext, "Lazy" + theirs.__name__)()

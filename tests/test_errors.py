@@ -1,4 +1,5 @@
 """Bad input raises a clear error naming the argument, and leaves every buffer untouched."""
+
 import shutil
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """Module API: constructor, state_dict both ways, convert_model, Lazy modules, build info."""
+
 import copy
 import subprocess
 import sys
@@ -61,7 +62,9 @@ class BasicBlock(torch.nn.Module):
         self.bn1 = torch.nn.BatchNorm2d(cout)
         self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = torch.nn.BatchNorm2d(cout)
-        self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+        self.downsample = torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout)
+        )
         self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(cout * 16, 10), torch.nn.BatchNorm1d(10))
 
     def forward(self, x):
@@ -117,18 +120,24 @@ def test_convert_model_top_level_and_variants():
         bn_ext.convert_model(bn, to="cudnn")
 
 
-@pytest.mark.parametrize("lazy,final,shape", [
-    (bn_ext.LazyBatchNorm1d, bn_ext.BatchNorm1d, (6, 7)),
-    (bn_ext.LazyBatchNorm2d, bn_ext.BatchNorm2d, (3, 7, 4, 4)),
-    (bn_ext.LazyBatchNorm3d, bn_ext.BatchNorm3d, (2, 7, 2, 2, 3)),
-])
+@pytest.mark.parametrize(
+    "lazy,final,shape",
+    [
+        (bn_ext.LazyBatchNorm1d, bn_ext.BatchNorm1d, (6, 7)),
+        (bn_ext.LazyBatchNorm2d, bn_ext.BatchNorm2d, (3, 7, 4, 4)),
+        (bn_ext.LazyBatchNorm3d, bn_ext.BatchNorm3d, (2, 7, 2, 2, 3)),
+    ],
+)
 def test_lazy_modules(lazy, final, shape):
     m = lazy(momentum=0.2)
     x = torch.randn(shape)
     y = m(x)
     assert type(m) is final and m.num_features == 7 and m.weight.shape == (7,)
-    ref = {bn_ext.BatchNorm1d: torch.nn.BatchNorm1d, bn_ext.BatchNorm2d: torch.nn.BatchNorm2d,
-           bn_ext.BatchNorm3d: torch.nn.BatchNorm3d}[final](7, momentum=0.2)
+    ref = {
+        bn_ext.BatchNorm1d: torch.nn.BatchNorm1d,
+        bn_ext.BatchNorm2d: torch.nn.BatchNorm2d,
+        bn_ext.BatchNorm3d: torch.nn.BatchNorm3d,
+    }[final](7, momentum=0.2)
     torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.running_var, ref.running_var)
     converted = bn_ext.convert_model(torch.nn.Sequential(torch.nn.LazyBatchNorm2d()))
@@ -178,7 +187,9 @@ def test_build_info_and_single_openmp_runtime():
     assert len(info["openmp_runtimes"]) <= 1, info["openmp_runtimes"]
     out = subprocess.run(
         [sys.executable, "-c", "import torch, bn_ext; print(len(bn_ext.build_info()['openmp_runtimes']))"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert int(out) <= 1, out
 
@@ -195,11 +206,16 @@ def test_parallel_loops_really_run_in_parallel():
     finally:
         torch.set_num_threads(old)
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import torch, bn_ext\n"
-         "maps = [l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libiomp' in l]\n"
-         "print(len(set(maps)))"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import torch, bn_ext\n"
+            "maps = [l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libiomp' in l]\n"
+            "print(len(set(maps)))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert int(out) == 1, "expected exactly one OpenMP runtime (torch's) in the process"
 
@@ -211,7 +227,12 @@ def test_import_without_build_tells_what_to_do(tmp_path):
     setup_py = pathlib.Path(__file__).resolve().parent.parent / "setup.py"
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch here')")
-    proc = subprocess.run([sys.executable, str(setup_py), "--name"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, str(setup_py), "--name"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode != 0
     assert "--no-build-isolation" in proc.stderr and "Install torch first" in proc.stderr

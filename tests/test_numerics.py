@@ -1,4 +1,5 @@
 """bn_ext against a float64 reference: accuracy, stability with large means, determinism."""
+
 import copy
 import os
 import subprocess
@@ -160,8 +161,9 @@ def test_stats_and_elemt_ops_compose_to_train(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 9, 41, 37), (16, 64, 20, 20), (2, 12, 17, 13, 19), (4, 24, 9, 9)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(3, 9, 41, 37), (16, 64, 20, 20), (2, 12, 17, 13, 19), (4, 24, 9, 9)], ids=lambda s: "x".join(map(str, s))
+)
 def test_per_channel_training_matches_one_channel_at_a_time(shape, dtype):
     """NC(D)HW training forward and backward over many channels run per channel (the reduction,
     then the elementwise pass from cache; channels of more than 8 KiB pipelined, each thread
@@ -189,12 +191,15 @@ def _check_channels_alone(shape, dtype):
         xc, dyc = x[:, one].contiguous(), dy[:, one].contiguous()
         yc, mc, vc = ops.batch_norm_train(xc, w[one], b[one], 1e-5)
         gic, gwc, gbc = ops.batch_norm_backward(dyc, xc, w[one], mean[one], var[one], 1e-5, True, [True, True, True])
-        for name, whole, alone in [("y", y[:, one], yc), ("mean", mean[one], mc), ("var", var[one], vc),
-                                   ("grad_input", gi[:, one], gic), ("grad_weight", gw[one], gwc),
-                                   ("grad_bias", gb[one], gbc)]:
+        for name, whole, alone in [
+            ("y", y[:, one], yc),
+            ("mean", mean[one], mc),
+            ("var", var[one], vc),
+            ("grad_input", gi[:, one], gic),
+            ("grad_weight", gw[one], gwc),
+            ("grad_bias", gb[one], gbc),
+        ]:
             assert torch.equal(whole, alone), f"channel {c}: {name} differs"
-
-
 
 
 def test_bitwise_deterministic_across_thread_counts(tmp_path):
@@ -236,8 +241,6 @@ def test_set_num_threads_is_honoured_in_process():
         assert torch.equal(u, v)
 
 
-
-
 def test_streaming_stores_write_the_same_values(tmp_path):
     """Outputs of ops whose tensors fill the last-level cache are written with streaming stores (stream_output):
     BN_EXT_LLC_BYTES=1 streams every output, on shapes whose rows and runs start off the stores'
@@ -254,8 +257,6 @@ def test_streaming_stores_write_the_same_values(tmp_path):
     assert len(results["1"]) == len(results[str(1 << 40)]) > 0
     for a, b in zip(results["1"], results[str(1 << 40)]):
         assert torch.equal(a, b)
-
-
 
 
 def test_baseline_and_simd_kernels_agree(tmp_path):
@@ -301,12 +302,20 @@ def test_channels_last_reductions_streamed_from_memory(dtype, mean_value):
     torch.testing.assert_close(sum_dy_xmu.double(), (dyd * (xd - mean.double())).sum(0), **tol)
 
 
-NONFINITE_SHAPES = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last), ((2, 8, 40, 40), None),
-                    ((2, 40, 9, 9), torch.channels_last), ((64, 24), None), ((3, 6, 4, 5, 3), None)]
+NONFINITE_SHAPES = [
+    ((4, 3, 5, 5), None),
+    ((4, 3, 5, 5), torch.channels_last),
+    ((2, 8, 40, 40), None),
+    ((2, 40, 9, 9), torch.channels_last),
+    ((64, 24), None),
+    ((3, 6, 4, 5, 3), None),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("shape, fmt", NONFINITE_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "shape, fmt", NONFINITE_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+)
 def test_nan_and_inf_reach_outputs_and_running_stats_as_in_torch(shape, fmt, dtype):
     """A NaN anywhere in channel 1, +Inf first in channel 2 (where the shift is sampled), -Inf
     last in channel 0: torch.nn's running_mean gets NaN / +-Inf and running_var NaN in those

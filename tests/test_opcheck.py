@@ -1,4 +1,5 @@
 """torch.library.opcheck for every bn_ext op on representative samples."""
+
 import pytest
 import torch
 
@@ -12,7 +13,12 @@ def samples(device):
     """(op name, args, kwargs) for every op: dtypes, layouts, optional arguments present and not."""
     out = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for shape, fmt in (((4, 3, 5, 6), None), ((4, 3, 5, 6), torch.channels_last), ((6, 5), None), ((2, 3, 4, 3, 2), torch.channels_last_3d)):
+        for shape, fmt in (
+            ((4, 3, 5, 6), None),
+            ((4, 3, 5, 6), torch.channels_last),
+            ((6, 5), None),
+            ((2, 3, 4, 3, 2), torch.channels_last_3d),
+        ):
             x = (torch.randn(shape, device=device) * 2 + 1).to(dtype)
             if fmt is not None:
                 x = x.contiguous(memory_format=fmt)
@@ -26,16 +32,25 @@ def samples(device):
             dy = torch.randn_like(x)
             count = x.numel() // c
             table = torch.cat(
-                [torch.tensor([[4.0], [0.0], [7.0]], device=device),
-                 torch.randn(3, c, device=device), torch.rand(3, c, device=device) + 0.5], dim=1
+                [
+                    torch.tensor([[4.0], [0.0], [7.0]], device=device),
+                    torch.randn(3, c, device=device),
+                    torch.rand(3, c, device=device) + 0.5,
+                ],
+                dim=1,
             ).to(sdt)
             out += [
                 ("batch_norm_stats", (x,), {}),
                 ("batch_norm_stats", (x, torch.float64), {}),
                 (
                     "batch_norm_gather_stats",
-                    (table, torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
-                     torch.tensor(2, device=device), 0.1),
+                    (
+                        table,
+                        torch.zeros(c, device=device, dtype=pdt),
+                        torch.ones(c, device=device, dtype=pdt),
+                        torch.tensor(2, device=device),
+                        0.1,
+                    ),
                     {},
                 ),
                 ("batch_norm_gather_stats", (table, None, None, torch.tensor(0, device=device), None), {}),
@@ -45,11 +60,23 @@ def samples(device):
                 ("batch_norm_train", (x, None, None, 1e-3), {}),
                 (
                     "batch_norm_train_update",
-                    (x, w, b, torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
-                     torch.tensor(2, device=device), 0.1, 1e-5),
+                    (
+                        x,
+                        w,
+                        b,
+                        torch.zeros(c, device=device, dtype=pdt),
+                        torch.ones(c, device=device, dtype=pdt),
+                        torch.tensor(2, device=device),
+                        0.1,
+                        1e-5,
+                    ),
                     {},
                 ),
-                ("batch_norm_train_update", (x, None, None, None, None, torch.tensor(0, device=device), None, 1e-5), {}),
+                (
+                    "batch_norm_train_update",
+                    (x, None, None, None, None, torch.tensor(0, device=device), None, 1e-5),
+                    {},
+                ),
                 ("batch_norm_backward_reduce", (dy, x, mean), {}),
                 ("batch_norm_backward_elemt", (dy, x, w, mean, var, mean * 3, var - 1, 1e-5, count), {}),
                 ("batch_norm_backward", (dy, x, w, mean, var, 1e-5, True, [True, True, True]), {}),
@@ -57,14 +84,28 @@ def samples(device):
                 ("batch_norm_backward", (dy, x, w, mean, var, 1e-5, True, [False, True, False]), {}),
                 (
                     "batch_norm_update_running_stats",
-                    (torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
-                     torch.tensor(2, device=device), mean, var, 0.1, count),
+                    (
+                        torch.zeros(c, device=device, dtype=pdt),
+                        torch.ones(c, device=device, dtype=pdt),
+                        torch.tensor(2, device=device),
+                        mean,
+                        var,
+                        0.1,
+                        count,
+                    ),
                     {},
                 ),
                 (
                     "batch_norm_update_running_stats",
-                    (torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt),
-                     torch.tensor(2, device=device), mean, var, None, count),
+                    (
+                        torch.zeros(c, device=device, dtype=pdt),
+                        torch.ones(c, device=device, dtype=pdt),
+                        torch.tensor(2, device=device),
+                        mean,
+                        var,
+                        None,
+                        count,
+                    ),
                     {},
                 ),
             ]
@@ -76,12 +117,36 @@ def samples(device):
     var = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     out += [
         ("batch_norm_train", (x, w, b, 1e-5), {}),
-        ("batch_norm_train_update", (x, w, b, torch.zeros(4, dtype=torch.float64, device=device),
-                                     torch.ones(4, dtype=torch.float64, device=device), None, 0.1, 1e-5), {}),
+        (
+            "batch_norm_train_update",
+            (
+                x,
+                w,
+                b,
+                torch.zeros(4, dtype=torch.float64, device=device),
+                torch.ones(4, dtype=torch.float64, device=device),
+                None,
+                0.1,
+                1e-5,
+            ),
+            {},
+        ),
         ("batch_norm_elemt", (x, w, b, mean, var, 1e-5), {}),
         ("batch_norm_stats", (x,), {}),
-        ("batch_norm_backward", (torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True),
-                                 x, w, mean.detach(), var.detach(), 1e-5, True, [True, True, True]), {}),
+        (
+            "batch_norm_backward",
+            (
+                torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True),
+                x,
+                w,
+                mean.detach(),
+                var.detach(),
+                1e-5,
+                True,
+                [True, True, True],
+            ),
+            {},
+        ),
     ]
     return out
 
@@ -93,8 +158,13 @@ def describe(sample):
     parts = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            layout = "cl" if a.dim() >= 4 and not a.is_contiguous() and a.is_contiguous(
-                memory_format=torch.channels_last if a.dim() == 4 else torch.channels_last_3d) else ""
+            layout = (
+                "cl"
+                if a.dim() >= 4
+                and not a.is_contiguous()
+                and a.is_contiguous(memory_format=torch.channels_last if a.dim() == 4 else torch.channels_last_3d)
+                else ""
+            )
             shape = "x".join(map(str, a.shape)) or "scalar"
             parts.append(f"{str(a.dtype)[6:]}[{shape}{layout}]{'~' if a.requires_grad else ''}")
         else:

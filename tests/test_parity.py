@@ -1,4 +1,5 @@
 """bn_ext modules against torch.nn's on copied weights: several training steps, then eval."""
+
 import pytest
 import torch
 
@@ -37,7 +38,10 @@ def make_input(shape, layout, dtype, device):
     c = shape[1]
     view = [1, c] + [1] * (len(shape) - 2)
     base = torch.randn(shape, dtype=torch.float64, device=device)
-    base = base * (torch.rand(view, dtype=torch.float64, device=device) * 3 + 0.5) + torch.randn(view, dtype=torch.float64, device=device) * 2
+    base = (
+        base * (torch.rand(view, dtype=torch.float64, device=device) * 3 + 0.5)
+        + torch.randn(view, dtype=torch.float64, device=device) * 2
+    )
     x = base.to(dtype)
     if layout == "channels_last":
         if x.dim() == 4:
@@ -97,9 +101,11 @@ def assert_close_or_closer(ours, theirs, exact, dtype, what, scale):
     close = (o - t).abs() <= scale * (tol["atol"] + tol["rtol"] * t.abs())
     nearer = (o - exact).abs() <= (t - exact).abs()
     bad = ~(close | nearer)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements differ from torch's and are further "
-                           f"from float64: ours {o[bad].tolist()[:4]}, torch {t[bad].tolist()[:4]}, "
-                           f"float64 {exact[bad].tolist()[:4]}")
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements differ from torch's and are further "
+        f"from float64: ours {o[bad].tolist()[:4]}, torch {t[bad].tolist()[:4]}, "
+        f"float64 {exact[bad].tolist()[:4]}"
+    )
 
 
 def step(theirs, ours, x, dtype, what, param_dtype):
@@ -240,4 +246,9 @@ def test_functional_matches_torch(device, dtype):
         assert_close(rm_o, rm_t, dtype, "running_mean")
         assert_close(rv_o, rv_t, dtype, "running_var")
     # no running stats in training: batch statistics, nothing to update
-    assert_close(bn_ext.functional.batch_norm(x, None, None, w, b, True), torch.nn.functional.batch_norm(x, None, None, w, b, True), dtype, "no running stats")
+    assert_close(
+        bn_ext.functional.batch_norm(x, None, None, w, b, True),
+        torch.nn.functional.batch_norm(x, None, None, w, b, True),
+        dtype,
+        "no running stats",
+    )

@@ -1,6 +1,7 @@
 """bn_ext.SyncBatchNorm: several processes spawned here on gloo (CPU), NCCL where GPUs allow;
 checks against torch.nn / bn_ext BatchNorm over the concatenated batch, and the single-process
 behaviour (state_dicts, conversion, eval, no torch.distributed)."""
+
 import os
 import subprocess
 import sys
@@ -184,7 +185,11 @@ def test_gather_stats_merges_rows_exactly(device, stats_dtype):
         mean, var = bn_ext.ops.batch_norm_stats(x, torch.float64)
         rows.append(torch.cat([mean.new_full((1,), x.numel() // 3), mean, var]))
     table = torch.stack(rows).to(stats_dtype)
-    rm, rv, nbt = torch.zeros(3, device=device), torch.ones(3, device=device), torch.zeros((), dtype=torch.long, device=device)
+    rm, rv, nbt = (
+        torch.zeros(3, device=device),
+        torch.ones(3, device=device),
+        torch.zeros((), dtype=torch.long, device=device),
+    )
     mean, var, count = bn_ext.ops.batch_norm_gather_stats(table, rm, rv, nbt, None)
     full = torch.cat(xs)
     ref_mean = full.mean((0, 2))
@@ -193,7 +198,11 @@ def test_gather_stats_merges_rows_exactly(device, stats_dtype):
     torch.testing.assert_close(mean.double(), ref_mean, **tol)
     torch.testing.assert_close(var.double(), ref_var, **tol)
     assert count.item() == full.numel() // 3 and mean.dtype == stats_dtype
-    erm, erv, enbt = torch.zeros(3, device=device), torch.ones(3, device=device), torch.zeros((), dtype=torch.long, device=device)
+    erm, erv, enbt = (
+        torch.zeros(3, device=device),
+        torch.ones(3, device=device),
+        torch.zeros((), dtype=torch.long, device=device),
+    )
     bn_ext.ops.batch_norm_update_running_stats(erm, erv, enbt, mean, var, None, full.numel() // 3)
     torch.testing.assert_close(rm, erm, rtol=0, atol=0)
     torch.testing.assert_close(rv, erv, rtol=0, atol=0)
@@ -207,7 +216,9 @@ def test_gather_stats_all_empty_counts_the_batch_only(device):
     nbt = torch.tensor(4, device=device)
     mean, var, count = bn_ext.ops.batch_norm_gather_stats(table, rm, rv, nbt, 0.1)
     assert count.item() == 0 and nbt.item() == 5
-    assert torch.equal(rm, torch.full((3,), 0.5, device=device)) and torch.equal(rv, torch.full((3,), 2.0, device=device))
+    assert torch.equal(rm, torch.full((3,), 0.5, device=device)) and torch.equal(
+        rv, torch.full((3,), 2.0, device=device)
+    )
 
 
 def test_gather_stats_errors_leave_state_alone():
@@ -240,7 +251,10 @@ def test_readme_launch_example_runs_under_torchrun():
     env = dict(repo_env(), CUDA_VISIBLE_DEVICES="")  # CPU and gloo, whatever this machine has
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "step 2: loss" in run.stdout and "running stats identical on all 2 ranks: True" in run.stdout, run.stdout

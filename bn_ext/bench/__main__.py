@@ -4,6 +4,7 @@ For every case it first checks that our output matches PyTorch's (a benchmark of
 is worthless), then reports median times, the speed-up, and effective bandwidth counted on the
 bytes the operation must move, as a fraction of a plain copy of the same tensor timed alongside.
 """
+
 import argparse
 import csv
 import json
@@ -23,9 +24,9 @@ from .cases import suite
 
 MODES = {
     # name: (bytes moved per element of input, in units of the element size)
-    "train_fwd": 2,      # read x, write y
+    "train_fwd": 2,  # read x, write y
     "train_fwd_bwd": 5,  # forward (read x, write y) + backward (read x and dy, write dx)
-    "eval_fwd": 2,       # read x, write y
+    "eval_fwd": 2,  # read x, write y
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The issue's bandwidth target (training forward at 70% of a copy) is for tensors of this size and
@@ -179,8 +180,9 @@ def git_commit():
         return os.environ["BN_EXT_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -297,42 +299,65 @@ def run(args):
         nbytes = math.prod(case.shape) * DTYPES[dname].itemsize
         bw = MODES[mode] * nbytes / t_ours / 1e9
         copy_bw = 2 * nbytes / t_copy / 1e9
-        rows.append({
-            "case": case.name, "shape": "x".join(map(str, case.shape)), "layout": case.layout, "dtype": dname,
-            "mode": mode, "device": device, "torch_backend": torch_backend(device) if cudnn else "native-cuda",
-            "torch_ms": t_theirs * 1e3, "bn_ext_ms": t_ours * 1e3, "speedup": t_theirs / t_ours,
-            "bn_ext_GBps": bw, "copy_GBps": copy_bw, "bw_fraction_of_copy": bw / copy_bw,
-            "tensor_MB": nbytes / 1e6, "max_err": err, "parity": "ok" if ok else "MISMATCH",
-            "two_reads_ms": two_reads * 1e3 if two_reads else None,
-            "two_reads_fraction_of_copy": t_copy / two_reads if two_reads else None,
-        })
+        rows.append(
+            {
+                "case": case.name,
+                "shape": "x".join(map(str, case.shape)),
+                "layout": case.layout,
+                "dtype": dname,
+                "mode": mode,
+                "device": device,
+                "torch_backend": torch_backend(device) if cudnn else "native-cuda",
+                "torch_ms": t_theirs * 1e3,
+                "bn_ext_ms": t_ours * 1e3,
+                "speedup": t_theirs / t_ours,
+                "bn_ext_GBps": bw,
+                "copy_GBps": copy_bw,
+                "bw_fraction_of_copy": bw / copy_bw,
+                "tensor_MB": nbytes / 1e6,
+                "max_err": err,
+                "parity": "ok" if ok else "MISMATCH",
+                "two_reads_ms": two_reads * 1e3 if two_reads else None,
+                "two_reads_fraction_of_copy": t_copy / two_reads if two_reads else None,
+            }
+        )
     return rows
 
 
 def print_table(rows, info):
-    print(f"\nbn_ext vs PyTorch on {rows[0]['device'] if rows else '?'}: {info['cpu'] if not info['gpu'] else info['gpu']}, "
-          f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}, malloc {info['allocator']}")
+    print(
+        f"\nbn_ext vs PyTorch on {rows[0]['device'] if rows else '?'}: {info['cpu'] if not info['gpu'] else info['gpu']}, "
+        f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}, malloc {info['allocator']}"
+    )
     head = f"{'case':<26} {'layout':<13} {'dtype':<8} {'mode':<13} {'torch':>6} {'torch ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} {'of copy':>7} parity"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['mode']:<13} {r['torch_backend'][:6]:>6} "
-              f"{r['torch_ms']:9.3f} {r['bn_ext_ms']:9.3f} {r['speedup']:7.2f}x {r['bn_ext_GBps']:7.1f} "
-              f"{r['bw_fraction_of_copy']:6.0%} {r['parity']}")
+        print(
+            f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['mode']:<13} {r['torch_backend'][:6]:>6} "
+            f"{r['torch_ms']:9.3f} {r['bn_ext_ms']:9.3f} {r['speedup']:7.2f}x {r['bn_ext_GBps']:7.1f} "
+            f"{r['bw_fraction_of_copy']:6.0%} {r['parity']}"
+        )
     print("-" * len(head))
     groups = {}
     for r in rows:
         groups.setdefault((r["mode"], r["dtype"], r["torch_backend"]), []).append(r["speedup"])
     for (mode, dtype, backend), values in sorted(groups.items()):
-        print(f"geomean speedup {mode:<13} {dtype:<8} vs {backend:<11}: {geomean(values):.2f}x "
-              f"(min {min(values):.2f}x over {len(values)} cases)")
+        print(
+            f"geomean speedup {mode:<13} {dtype:<8} vs {backend:<11}: {geomean(values):.2f}x "
+            f"(min {min(values):.2f}x over {len(values)} cases)"
+        )
     target = [r for r in rows if r.get("two_reads_fraction_of_copy") is not None]
     if target:
-        print(f"\ntraining forward from {BW_TARGET_BYTES / 1e6:.0f} MB, bandwidth as a fraction of the copy's (target 70%); "
-              "'two reads': x.sum() then our elementwise pass alone, a forward that reads x twice at a plain read's speed")
+        print(
+            f"\ntraining forward from {BW_TARGET_BYTES / 1e6:.0f} MB, bandwidth as a fraction of the copy's (target 70%); "
+            "'two reads': x.sum() then our elementwise pass alone, a forward that reads x twice at a plain read's speed"
+        )
         for r in target:
-            print(f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['tensor_MB']:5.1f} MB  ours "
-                  f"{r['bw_fraction_of_copy']:4.0%}  two reads {r['two_reads_fraction_of_copy']:4.0%}")
+            print(
+                f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['tensor_MB']:5.1f} MB  ours "
+                f"{r['bw_fraction_of_copy']:4.0%}  two reads {r['two_reads_fraction_of_copy']:4.0%}"
+            )
 
 
 def write_results(rows, info, out_dir, tag):
@@ -357,7 +382,11 @@ def write_plot(rows, info, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = [f"{r['case']} {r['layout'][:2]} {r['dtype']} {r['mode']}" + ("" if r["torch_backend"] != "native-cuda" or r["device"] != "cuda" else " (no cuDNN)") for r in rows]
+    labels = [
+        f"{r['case']} {r['layout'][:2]} {r['dtype']} {r['mode']}"
+        + ("" if r["torch_backend"] != "native-cuda" or r["device"] != "cuda" else " (no cuDNN)")
+        for r in rows
+    ]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.28 * len(rows)), 10), sharex=True)
     colors = {"train_fwd": "tab:blue", "train_fwd_bwd": "tab:orange", "eval_fwd": "tab:green"}
     xs = range(len(rows))
@@ -365,7 +394,9 @@ def write_plot(rows, info, path):
     ax1.axhline(1.0, color="black", linewidth=0.8)
     ax1.set_yscale("log")
     ax1.set_ylabel("speed-up over PyTorch (x)")
-    ax1.set_title(f"bn_ext vs PyTorch: {info['gpu'] or info['cpu']}, {info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}")
+    ax1.set_title(
+        f"bn_ext vs PyTorch: {info['gpu'] or info['cpu']}, {info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}"
+    )
     ax2.bar(xs, [r["bw_fraction_of_copy"] for r in rows], color=[colors[r["mode"]] for r in rows])
     ax2.axhline(1.0, color="black", linewidth=0.8)
     ax2.set_ylabel("bandwidth / copy bandwidth")
@@ -380,8 +411,9 @@ def write_plot(rows, info, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bn_ext.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bn_ext.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a small subset (CI smoke, under a minute)")
     p.add_argument("--shapes", default="", help="comma-separated substrings of case names to keep")
@@ -390,19 +422,28 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-time", type=float, default=0.0, help="time each measurement for at least this many s")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="times to run the whole suite, samples pooled per case (default 3 on the CPU, 1 quick or on GPU)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="times to run the whole suite, samples pooled per case (default 3 on the CPU, 1 quick or on GPU)",
+    )
     p.add_argument("--out", default="benchmarks", help="folder for the CSV/JSON results")
     p.add_argument("--tag", default=None, help="results file name tag (default: device and mode of run)")
-    p.add_argument("--malloc-defaults", action="store_true",
-                   help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)")
+    p.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)",
+    )
     args = p.parse_args(argv)
     allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     # A filtered run (--shapes, --dtype, --mode) writes bench-<device>-partial.*, so that it never
     # overwrites the results of a whole suite kept in benchmarks/.
     partial = bool(args.shapes) or args.dtype is not None or set(args.mode.split(",")) != set(MODES)
     if args.dtype is None:
-        args.dtype = "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
+        args.dtype = (
+            "float32" if args.quick else ("float32,bfloat16" if args.device == "cpu" else "float32,bfloat16,float16")
+        )
     if args.rounds is None:
         args.rounds = 3 if args.device == "cpu" and not args.quick else 1
     if args.repeats is None:
@@ -414,7 +455,10 @@ def main(argv=None):
     print_table(rows, info)
     tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}{'-partial' if partial else ''}"
     base = write_results(rows, info, args.out, tag)
-    print(f"wrote {base}.csv and {base}.json" + (f" and {base}.png" if write_plot(rows, info, base + ".png") else " (no plot: matplotlib is not installed)"))
+    print(
+        f"wrote {base}.csv and {base}.json"
+        + (f" and {base}.png" if write_plot(rows, info, base + ".png") else " (no plot: matplotlib is not installed)")
+    )
     if any(r["parity"] != "ok" for r in rows):
         print("PARITY FAILURES: see the parity column", file=sys.stderr)
         return 1

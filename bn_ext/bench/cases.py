@@ -1,4 +1,5 @@
 """The benchmark suite: named, realistic BatchNorm shapes, scaled down on the CPU."""
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -25,11 +26,15 @@ class Case:
 def suite(device: str):
     """Shapes per device: full size on the GPU, batch and volume scaled down on the CPU."""
     gpu = device == "cuda"
-    n = 32 if gpu else 4          # ResNet-50 batch
-    vol = 64 if gpu else 32       # 3D U-Net volume edge
+    n = 32 if gpu else 4  # ResNet-50 batch
+    vol = 64 if gpu else 32  # 3D U-Net volume edge
     cases = []
-    resnet = [("resnet50.bn1", (n, 64, 112, 112)), ("resnet50.layer1", (n, 256, 56, 56)),
-              ("resnet50.layer2", (n, 512, 28, 28)), ("resnet50.layer3", (n, 1024, 14, 14))]
+    resnet = [
+        ("resnet50.bn1", (n, 64, 112, 112)),
+        ("resnet50.layer1", (n, 256, 56, 56)),
+        ("resnet50.layer2", (n, 512, 28, 28)),
+        ("resnet50.layer3", (n, 1024, 14, 14)),
+    ]
     for name, shape in resnet:
         cases.append(Case(name, shape, "contiguous", quick=name == "resnet50.layer2"))
         cases.append(Case(name, shape, "channels_last", quick=name == "resnet50.layer2"))

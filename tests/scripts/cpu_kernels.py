@@ -1,6 +1,7 @@
 """The CPU kernel build this process picks (BN_EXT_CPU_ISA caps it), then training forward and
 backward over a few shapes in every dtype; saves both to argv[1] (tests/test_numerics.py
 compares the builds)."""
+
 import sys
 
 import torch
@@ -11,7 +12,12 @@ torch.manual_seed(0)
 ops = torch.ops.bn_ext
 out = [bn_ext.build_info()["cpu_kernels"]]
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    for shape, fmt in [((4, 40, 9, 9), None), ((4, 6, 33, 31), None), ((4, 24, 9, 9), torch.channels_last), ((300, 21), None)]:
+    for shape, fmt in [
+        ((4, 40, 9, 9), None),
+        ((4, 6, 33, 31), None),
+        ((4, 24, 9, 9), torch.channels_last),
+        ((300, 21), None),
+    ]:
         x = (torch.randn(shape) * 3 + 1).to(dtype)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)

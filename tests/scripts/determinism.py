@@ -1,5 +1,6 @@
 """Training forward and backward over shapes on every CPU path, with argv[1] threads; saves
 every output to argv[2] (tests/test_numerics.py compares thread counts)."""
+
 import sys
 
 import torch
@@ -10,9 +11,17 @@ torch.set_num_threads(int(sys.argv[1]))
 torch.manual_seed(0)
 ops = torch.ops.bn_ext
 out = []
-for shape, fmt in [((8, 3, 64, 64), None), ((8, 3, 64, 64), torch.channels_last), ((4096, 96), None), ((4, 5, 7, 9, 11), None),
-                   ((4, 2070, 3, 5), torch.channels_last), ((16, 64, 20, 20), None), ((16, 64, 20, 20), torch.channels_last),
-                   ((4, 2048, 7, 7), None), ((2, 266, 45, 47), torch.channels_last)]:
+for shape, fmt in [
+    ((8, 3, 64, 64), None),
+    ((8, 3, 64, 64), torch.channels_last),
+    ((4096, 96), None),
+    ((4, 5, 7, 9, 11), None),
+    ((4, 2070, 3, 5), torch.channels_last),
+    ((16, 64, 20, 20), None),
+    ((16, 64, 20, 20), torch.channels_last),
+    ((4, 2048, 7, 7), None),
+    ((2, 266, 45, 47), torch.channels_last),
+]:
     x = torch.randn(shape) * 3 + 1
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
