@@ -9,7 +9,7 @@ SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all build test bench cmake-test clean
+.PHONY: all build test bench lint cmake-test clean
 
 all: test
 
@@ -50,6 +50,11 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m bn_ext.bench $(BENCH_ARGS)
+
+# Python style (ruff's checks and formatting, settings in pyproject.toml); needs no build.
+lint: $(DEPS)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The CMake build of the ops for C++ users, and its C++ test. TORCH_PREFIX defaults to the venv's
 # torch; with a CUDA build of torch, Torch's CMake config needs a complete CUDA toolkit.
