@@ -1,0 +1,254 @@
+// Part of kernels.h, included inside the ISA's namespace: it includes nothing itself.
+// Shifts, the per-block lane sums, and the SIMD loops that sum one NC(D)HW run in float32
+// chunks widened into float64 (statistics and gradient sums).
+
+
+// A shift must be finite: an Inf or NaN among the sampled values would turn every shifted value
+// into NaN, where PyTorch's sums give the mean +-Inf. With no shift the sums carry them through.
+inline double finite_or_zero(double shift) { return std::isfinite(shift) ? shift : 0.0; }
+
+// Per-channel shift: the mean of the channel's first (up to) kShiftSamples elements.
+// Channel c's, NC(D)HW layout.
+template <typename scalar_t>
+double channel_shift(const scalar_t* x, const Geometry& g, int64_t c) {
+  const int64_t n = std::min<int64_t>(kShiftSamples, g.rows());
+  if (n == 0) return 0.0;
+#ifdef BN_EXT_AVX512BF16
+  // planes of 16 or more: one vector and a tree sum in float32 (any value near the mean serves as
+  // the shift; a chain of 16 dependent float64 additions per channel cost 9% of a (4, 2048, 7, 7)
+  // bfloat16 training forward). Values near the float32 maximum overflow that sum: those take
+  // the float64 loop below, as the other builds do.
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (n == kShiftSamples && g.S >= kShiftSamples) {
+      const float s = _mm512_reduce_add_ps(load16(x + c * g.S));
+      if (std::isfinite(s)) return static_cast<double>(s) / static_cast<double>(n);
+    }
+  }
+#endif
+  double s = 0;
+  for_each_run_of_channel(g, c, 0, n, [&](int64_t off, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) s += static_cast<double>(x[off + i]);
+  });
+  return finite_or_zero(s / static_cast<double>(n));
+}
+
+// Every channel's, either layout.
+template <typename scalar_t>
+std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
+  std::vector<double> shift(g.C, 0.0);
+  const int64_t n = std::min<int64_t>(kShiftSamples, g.rows());
+  if (n == 0) return shift;
+  if (g.layout == Layout::kNCS) {
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = channel_shift(x, g, c);
+    return shift;
+  }
+  for (int64_t r = 0; r < n; ++r)  // row by row: the first n rows are contiguous
+    for (int64_t c = 0; c < g.C; ++c) shift[c] += static_cast<double>(x[r * g.C + c]);
+  for (double& v : shift) v = finite_or_zero(v / static_cast<double>(n));
+  return shift;
+}
+
+// One reduction block's two sums while its runs are added. The AVX-512 build keeps them as eight
+// float64 lanes of widened float32 chunk sums (taken against the float32-rounded shift or mean),
+// added across runs and reduced once, when the block finishes: a horizontal sum per run would
+// cost more than a 7x7 plane's run itself. The float32 chunk sums (two pairs, f and g, taking
+// alternate vectors) carry over from one run to the next and are widened every kChunkVectors
+// vectors and when the block finishes, not per run: four 49-value runs of a 7x7 channel widen
+// once, not four times. The other builds sum into sa and sb.
+struct LaneSums {
+#ifdef BN_EXT_AVX512BF16
+  __m512d a, b;
+  __m512 fa, fb, ga, gb;
+  int64_t vecs = 0;  // vectors added into f and g since they were last widened
+  double n = 0;      // values in the lanes
+  LaneSums()  // user-provided: built for AVX-512
+      : a(_mm512_setzero_pd()), b(a), fa(_mm512_setzero_ps()), fb(fa), ga(fa), gb(fa) {}
+  void widen();
+  // The sums with the pending float32 chunk sums widened in.
+  LaneSums flushed() const {
+    LaneSums t = *this;
+    t.widen();
+    return t;
+  }
+#endif
+  double sa = 0, sb = 0;
+};
+
+// Float32 partial sums taken against a shift (or mean) rounded to float32, added into the float64
+// sums against the exact one. With rest = shift - float(shift), over `count` values:
+// sum(x - shift) = A - count * rest and sum((x - shift)^2) = B - 2 * rest * A + count * rest^2.
+inline void add_shifted_sums(double A, double B, double count, double shift, double* s1, double* s2) {
+  const double rest = shift - static_cast<double>(static_cast<float>(shift));
+  *s1 += A - count * rest;
+  *s2 += (B - 2.0 * rest * A) + count * rest * rest;
+}
+// sum(dy) = A and sum(dy * (x - mean)) = B - (mean - float(mean)) * A.
+inline void add_grad_sums(double A, double B, double mean, double* sum_dy, double* sum_dy_xmu) {
+  *sum_dy += A;
+  *sum_dy_xmu += B - (mean - static_cast<double>(static_cast<float>(mean))) * A;
+}
+
+#ifdef BN_EXT_AVX2_INTRINSICS
+#ifdef BN_EXT_AVX512BF16
+inline void LaneSums::widen() {
+  a = widen_add(a, _mm512_add_ps(fa, ga));
+  b = widen_add(b, _mm512_add_ps(fb, gb));
+  fa = fb = ga = gb = _mm512_setzero_ps();
+  vecs = 0;
+}
+
+// Vectors summed in float32 before widening: at most this many terms in any lane of f and g.
+constexpr int64_t kChunkVectors = kChunk16 / 16;
+
+// Values [0, len) of a run, the last vector masked: body(j, n, fa, fb) adds the vector at j, whose
+// first n lanes are values (n = 16 but for the last), into the float32 chunk sums fa/fb (acc's f
+// or g pair, alternately), widened into acc's lanes every kChunkVectors vectors.
+template <typename Body>
+inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    body(j, 16, acc.fa, acc.fb);
+    body(j + 16, 16, acc.ga, acc.gb);
+    if ((acc.vecs += 2) >= kChunkVectors) acc.widen();
+  }
+  if (j + 16 <= len) {
+    body(j, 16, acc.fa, acc.fb);
+    j += 16;
+    if (++acc.vecs >= kChunkVectors) acc.widen();
+  }
+  if (j < len) {
+    body(j, len - j, acc.ga, acc.gb);
+    if (++acc.vecs >= kChunkVectors) acc.widen();
+  }
+  acc.n += static_cast<double>(len);
+}
+
+template <typename scalar_t>
+inline __m512 load16_n(const scalar_t* p, int64_t n) {
+  return n == 16 ? load16(p) : load16_first(p, n);
+}
+
+// One vector's terms (its first n lanes) added into a pair of float32 chunk sums, the bodies of
+// chunked_lanes for the statistics (x - shf and its square) and the gradient sums (dy and
+// dy * (x - mean_f)); the pipelined passes run the same bodies (shifted_sums_normalize_run,
+// grad_sums_grad_input_run), so their sums have the plain loops' bits.
+template <typename scalar_t>
+inline void add_shifted16(const scalar_t* p, int64_t n, __m512 shf, __m512& fa, __m512& fb) {
+  const __m512 d = _mm512_maskz_sub_ps(first_lanes(n), load16_n(p, n), shf);
+  fa = _mm512_add_ps(fa, d);
+  fb = _mm512_fmadd_ps(d, d, fb);
+}
+template <typename scalar_t>
+inline void add_grad16(const scalar_t* dy, const scalar_t* x, int64_t n, __m512 zm, __m512& fa, __m512& fb) {
+  const __m512 g = load16_n(dy, n);
+  fa = _mm512_add_ps(fa, g);
+  fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x, n), zm), fb);
+}
+#endif
+
+template <typename scalar_t>
+inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, LaneSums& acc) {
+#ifdef BN_EXT_AVX512BF16
+  // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
+  const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
+  chunked_lanes(len, acc,
+                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_shifted16(p + j, n, shf, fa, fb); });
+  return;
+#endif
+  double* s1 = &acc.sa;
+  double* s2 = &acc.sb;
+  const __m256d sh = _mm256_set1_pd(shift);
+  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + 16 <= len; i += 16) {
+      const __m256 v = load8(p + i), w = load8(p + i + 8);
+      const __m256d d0 = _mm256_sub_pd(lo4(v), sh), d1 = _mm256_sub_pd(hi4(v), sh);
+      const __m256d d2 = _mm256_sub_pd(lo4(w), sh), d3 = _mm256_sub_pd(hi4(w), sh);
+      a0 = _mm256_add_pd(a0, d0);
+      a1 = _mm256_add_pd(a1, d1);
+      a2 = _mm256_add_pd(a2, d2);
+      a3 = _mm256_add_pd(a3, d3);
+      b0 = _mm256_fmadd_pd(d0, d0, b0);
+      b1 = _mm256_fmadd_pd(d1, d1, b1);
+      b2 = _mm256_fmadd_pd(d2, d2, b2);
+      b3 = _mm256_fmadd_pd(d3, d3, b3);
+    }
+  } else {
+    // bfloat16/float16 carry 8/11 significant bits: chunks of 32 values are summed in float32
+    // (x - shift is exact there for values near the shift, and 4 terms per lane lose nothing
+    // measurable), then widened into the float64 accumulators.
+    const __m256 shf = _mm256_set1_ps(static_cast<float>(shift));
+    const double shift_rest = shift - static_cast<double>(static_cast<float>(shift));
+    const __m256d rest = _mm256_set1_pd(shift_rest);
+    for (; i + 32 <= len; i += 32) {
+      __m256 fa = _mm256_setzero_ps(), fb = fa;
+#pragma GCC unroll 4
+      for (int j = 0; j < 32; j += 8) {
+        const __m256 d = _mm256_sub_ps(load8(p + i + j), shf);
+        fa = _mm256_add_ps(fa, d);
+        fb = _mm256_fmadd_ps(d, d, fb);
+      }
+      // 32 values: sum(x - shift) = sum(x - shf) - 32 * rest; sum((x - shift)^2) =
+      // sum((x - shf)^2) - 2 * rest * sum(x - shf) + 32 * rest^2 (rest is below float32's ulp)
+      const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
+      const __m256d sb = _mm256_add_pd(lo4(fb), hi4(fb));
+      a0 = _mm256_add_pd(a0, sa);
+      b0 = _mm256_add_pd(b0, sb);
+      b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+    }
+    const double n = static_cast<double>(i);
+    a1 = _mm256_set_pd(0, 0, 0, -n * shift_rest);
+    b2 = _mm256_set_pd(0, 0, 0, n * shift_rest * shift_rest);
+  }
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(static_cast<float>(p[i])) - shift;
+    ta += d;
+    tb += d * d;
+  }
+  *s1 += hsum(a0, a1, a2, a3) + ta;
+  *s2 += hsum(b0, b1, b2, b3) + tb;
+}
+
+// sum(dy) and sum(dy * (x - mean)) over one run: chunks of 32 values in float32 against the mean
+// rounded to float32 (x - mean_f is exact near the mean), widened into float64 per chunk, with
+// the rounding of the mean corrected: sum(dy * (x - mean)) = sum(dy * (x - mean_f)) - rest * sum(dy).
+template <typename scalar_t>
+inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc) {
+#ifdef BN_EXT_AVX512BF16
+  // dy and dy * (x - mean_f) in float32 chunks; finish_grad corrects for the rounding of the mean
+  const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
+  chunked_lanes(len, acc,
+                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_grad16(dy + j, x + j, n, zm, fa, fb); });
+  return;
+#endif
+  double* sum_dy = &acc.sa;
+  double* sum_dy_xmu = &acc.sb;
+  const __m256 mf = _mm256_set1_ps(static_cast<float>(mean));
+  const double rest = mean - static_cast<double>(static_cast<float>(mean));
+  __m256d a0 = _mm256_setzero_pd(), b0 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    __m256 fa = _mm256_setzero_ps(), fb = fa;
+#pragma GCC unroll 4
+    for (int j = 0; j < 32; j += 8) {
+      const __m256 g = load8(dy + i + j);
+      fa = _mm256_add_ps(fa, g);
+      fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i + j), mf), fb);
+    }
+    a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
+    b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+  }
+  const __m256d zero = _mm256_setzero_pd();
+  double ta = 0, tb = 0;
+  for (; i < len; ++i) {
+    const double gv = static_cast<double>(static_cast<float>(dy[i]));
+    ta += gv;
+    tb += gv * (static_cast<double>(static_cast<float>(x[i])) - mean);
+  }
+  const double sa = hsum(a0, zero, zero, zero);
+  *sum_dy += sa + ta;
+  *sum_dy_xmu += (hsum(b0, zero, zero, zero) - rest * sa) + tb;
+}
+#endif  // BN_EXT_AVX2_INTRINSICS

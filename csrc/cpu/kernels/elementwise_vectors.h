@@ -1,0 +1,200 @@
+// Part of kernels.h, included inside the ISA's namespace: it includes nothing itself.
+// The elementwise formulas over a vector width (Lanes8, Lanes16), the stores that round to the
+// storage type, and the SIMD normalising loops (runs, spans, the pipelined forward's loop).
+
+#ifdef BN_EXT_AVX2_INTRINSICS
+// Eight float32 values rounded to the storage type (round to nearest even, NaN kept quiet: the
+// same results as c10's scalar conversions).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+#ifdef BN_EXT_AVX512BF16
+  // one instruction: round to nearest even (NaNs stay NaN; their payload bits may differ from
+  // c10's canonical 0x7FC0, which no comparison of values can see)
+  const __m128bh h = _mm256_cvtneps_pbh(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(h));
+#else
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
+  const __m256i halves = _mm256_srli_epi32(rounded, 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#endif
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// store8's values, float32 with a streaming store where p is aligned for one (stream_output);
+// 16-bit types with plain stores (8 of them are half a line; only the AVX2 build's elementwise
+// loops store 8 at a time).
+inline void stream8(float* p, __m256 v) {
+  if (aligned_to(p, 32)) {
+    _mm256_stream_ps(p, v);
+  } else {
+    store8(p, v);
+  }
+}
+template <typename T>
+inline void stream8(T* p, __m256 v) {
+  store8(p, v);
+}
+
+// The AVX2 build's elementwise formulas use fused multiply-adds, in the vector body and the
+// scalar tail alike, so where a thread's range splits a run cannot change any result.
+inline float normalize_one(float x, float hi, float lo, float sc, float sh) { return std::fma((x - hi) - lo, sc, sh); }
+
+// The elementwise loops are written once over a vector width L (Lanes8: AVX2, Lanes16: the
+// AVX-512 build's bodies, run first) and a per-channel coefficient K: Broadcast (one channel's
+// run, NC(D)HW) or PerLane (channels-last spans, one coefficient per position).
+struct Lanes8 {
+  using vec = __m256;
+  static constexpr int64_t width = 8;
+  template <typename T>
+  static vec load(const T* p) { return load8(p); }
+  template <typename T>
+  static void store(T* p, vec v) { store8(p, v); }
+  template <typename T>
+  static void store_out(T* p, vec v, bool stream) { stream ? stream8(p, v) : store8(p, v); }
+  static vec coef(const float* p) { return _mm256_loadu_ps(p); }
+  static vec coef(float v) { return _mm256_set1_ps(v); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#ifdef BN_EXT_AVX512BF16
+struct Lanes16 {
+  using vec = __m512;
+  static constexpr int64_t width = 16;
+  template <typename T>
+  static vec load(const T* p) { return load16(p); }
+  template <typename T>
+  static void store(T* p, vec v) { store16(p, v); }
+  template <typename T>
+  static void store_out(T* p, vec v, bool stream) { stream ? stream16(p, v) : store16(p, v); }
+  static vec coef(const float* p) { return _mm512_loadu_ps(p); }
+  static vec coef(float v) { return _mm512_set1_ps(v); }
+  static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#endif
+
+struct Broadcast {
+  float v;
+  template <typename L>
+  typename L::vec at(int64_t) const { return L::coef(v); }
+  float scalar(int64_t) const { return v; }
+#ifdef BN_EXT_AVX512BF16
+  __m512 first(int64_t, int64_t) const { return _mm512_set1_ps(v); }
+#endif
+};
+struct PerLane {
+  const float* p;
+  template <typename L>
+  typename L::vec at(int64_t i) const { return L::coef(p + i); }
+  float scalar(int64_t i) const { return p[i]; }
+#ifdef BN_EXT_AVX512BF16
+  // the coefficients of positions [i, i + n), n < 16 (zeros in the other lanes)
+  __m512 first(int64_t i, int64_t n) const { return _mm512_maskz_loadu_ps(first_lanes(n), p + i); }
+#endif
+};
+
+// The two elementwise formulas over vectors of L, written once for the loops' bodies and the
+// AVX-512 build's masked tails (which must give the bodies' bits: where vectors end cannot matter).
+// x less its mean, the mean as a float32 pair hi + lo: (x - hi) - lo.
+template <typename L>
+inline typename L::vec centred(typename L::vec x, typename L::vec hi, typename L::vec lo) {
+  return L::sub(L::sub(x, hi), lo);
+}
+// y = ((x - hi) - lo) * sc + sh.
+template <typename L>
+inline typename L::vec normalized(typename L::vec x, typename L::vec hi, typename L::vec lo, typename L::vec sc,
+                                  typename L::vec sh) {
+  return L::fmadd(centred<L>(x, hi, lo), sc, sh);
+}
+// Training's dx = kx * xc + (kd * dy + k0), xc being x less its mean (or x where the mean is
+// folded into k0).
+template <typename L>
+inline typename L::vec centred_grad(typename L::vec kd, typename L::vec dy, typename L::vec kx, typename L::vec xc,
+                                    typename L::vec k0) {
+  return L::fmadd(kx, xc, L::fmadd(kd, dy, k0));
+}
+
+// y = ((x - hi) - lo) * sc + sh, or x * sc + sh where the mean is folded into the shift, for
+// whole vectors of L of the n values from position i on. Returns where it stopped.
+template <typename L, typename scalar_t, typename K>
+inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, const K& hi, const K& lo,
+                                 const K& sc, const K& sh, bool folded, bool stream) {
+  for (; i + L::width <= n; i += L::width) {
+    const typename L::vec s = sc.template at<L>(i), t = sh.template at<L>(i);
+    if (folded) {
+      L::store_out(y + i, L::fmadd(L::load(x + i), s, t), stream);
+      continue;
+    }
+    L::store_out(y + i, normalized<L>(L::load(x + i), hi.template at<L>(i), lo.template at<L>(i), s, t), stream);
+  }
+  return i;
+}
+
+// normalize_vectors, then the last values: one masked vector in the AVX-512 build, 8-wide vectors
+// and scalar code in the AVX2 one (the same formula, so where vectors end cannot matter).
+template <typename scalar_t, typename K>
+inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& hi, const K& lo, const K& sc,
+                           const K& sh, bool folded, bool stream) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+  i = normalize_vectors<Lanes16>(x, y, i, n, hi, lo, sc, sh, folded, stream);
+  if (i < n) {  // the last values, fewer than 16: one masked vector (7x7 planes end in one value)
+    const int64_t m = n - i;
+    store16_first(y + i, normalized<Lanes16>(load16_first(x + i, m), hi.first(i, m), lo.first(i, m), sc.first(i, m),
+                                             sh.first(i, m)), m);
+  }
+  return;
+#endif
+  i = normalize_vectors<Lanes8>(x, y, i, n, hi, lo, sc, sh, folded, stream);
+  for (int64_t j = i; j < n; ++j)
+    y[j] = static_cast<scalar_t>(
+        normalize_one(static_cast<float>(x[j]), hi.scalar(j), lo.scalar(j), sc.scalar(j), sh.scalar(j)));
+}
+
+template <typename scalar_t>
+inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh,
+                               bool stream) {
+  // hi == lo == 0: the mean folded into the shift (forward_coeffs)
+  normalize_span(x, y, len, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f,
+                 stream);
+}
+
+#ifdef BN_EXT_AVX512BF16
+// The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
+// added as shifted_sums_run_avx2 adds them (add_shifted16 into the same chunk sums, so the same
+// bits), and in the same loop the run at the same (n, s) of the channel before it, whose
+// statistics are done, normalised a vector at a time by normalize_span (normalize_run_avx2's).
+// The run summed comes from memory while the one normalised comes from cache and its output goes
+// out: both directions of memory traffic at once, where a reduction and then an elementwise pass
+// take turns.
+template <typename scalar_t>
+inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double shift, LaneSums& acc,
+                                       const scalar_t* xp, scalar_t* yp, float hi, float lo, float sc, float sh,
+                                       bool stream) {
+  const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
+  const bool folded = hi == 0.0f && lo == 0.0f;
+  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
+    add_shifted16(x + j, n, shf, fa, fb);
+    // n <= 16 values: one vector, or the masked last one
+    normalize_span(xp + j, yp + j, n, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, stream);
+  });
+}
+#endif
+
+// Channels-last: a span of `width` values, one coefficient per position.
+template <typename scalar_t>
+inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, const float* hi, const float* lo,
+                                const float* sc, const float* sh, bool folded, bool stream) {
+  normalize_span(x, y, width, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
+}
+#endif  // BN_EXT_AVX2_INTRINSICS
