@@ -204,7 +204,7 @@ def _check_channels_alone(shape, dtype):
 
 def test_bitwise_deterministic_across_thread_counts(tmp_path):
     """Same bits for any thread count and any split of the work between threads. Threads take
-    pieces from each other's shares when theirs are done (parallel_pieces in kernels.h), so the
+    pieces from each other's shares when theirs are done (parallel_pieces in csrc/cpu/kernels/work_sharing.h), so the
     split changes run to run; 5 threads on this machine's 2 cores are preempted often, and pieces
     change hands in every pass."""
     script = os.path.join(SCRIPTS, "determinism.py")

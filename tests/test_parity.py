@@ -170,7 +170,7 @@ def test_parity_shapes_layouts(kind, shape, layout, dtype, device):
     run_parity(kind, shape, layout, dtype, device, param_dtype=dtype)
 
 
-# the last: channels-last rows of 64 channels, summed two at a time (in_order_tiles in kernels.h)
+# the last: channels-last rows of 64 channels, summed two at a time (in_order_tiles in csrc/cpu/kernels/reductions.h)
 LOW_SHAPES = [(1, (16, 6)), (1, (4, 5, 9)), (2, (4, 3, 6, 5)), (3, (2, 3, 3, 4, 5)), (2, (3, 64, 5, 7))]
 
 

@@ -44,7 +44,7 @@ constexpr int64_t kWideRowChannels = 64;
 constexpr int64_t kWideTileChannels = 128;
 // Channels-last reductions (statistics, gradient sums) stream their rows (instead of tiling them)
 // when they read more than this (twice this machine's L2s: beyond the L2, tiles that read a few
-// hundred bytes of each row at a time run slower than in-order streams; streamed_rows in
+// hundred bytes of each row at a time run slower than in-order streams; should_stream_rows in
 // kernels.h) and rows are wide enough for the per-row loop to pay.
 constexpr int64_t kStreamedReadBytes = int64_t(4) << 20;
 constexpr int64_t kStreamedMinChannels = 64;

@@ -4,7 +4,7 @@
 template <typename scalar_t>
 void grad_sums_kernel(const scalar_t* dy, const scalar_t* x, const Geometry& g, const std::vector<double>& mean,
                       std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
-  const bool streamed = g.layout == Layout::kNSC && streamed_rows<scalar_t>(g, 2);
+  const bool streamed = g.layout == Layout::kNSC && should_stream_rows<scalar_t>(g, 2);
   channel_sums(GradSums<scalar_t>{dy, x, mean.data(), g.C, streamed}, g, sum_dy, sum_dy_xmu);
 }
 
@@ -28,7 +28,7 @@ inline void grad_input_run(const scalar_t* __restrict dy, const scalar_t* __rest
                            int64_t len, const BackwardCoeffs<opmath_t>& k, bool stream) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    grad_input_run_avx2<scalar_t, kTraining>(dy, x, dx, len, k.k_dy, k.k_x, k.k_0, k.mean_hi, k.mean_lo, stream);
+    grad_input_run_simd<scalar_t, kTraining>(dy, x, dx, len, k.k_dy, k.k_x, k.k_0, k.mean_hi, k.mean_lo, stream);
     return;
   }
 #endif
@@ -59,7 +59,7 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = k.folded();
     parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, const auto& c) {
-      grad_input_rows_avx2<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4], folded,
+      grad_input_rows_simd<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4], folded,
                                                 stream);
     }, order);
     return;

@@ -9,7 +9,7 @@
 // nothing measurable), then widened into the float64 sums with the rounding of the shift
 // corrected: half the instructions of widening every element.
 template <typename scalar_t>
-inline void shifted_sums_tile8_avx2(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+inline void shifted_sums_tile8_simd(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                     const double* shift, double* s1, double* s2) {
   const __m256d sh0 = _mm256_loadu_pd(shift + c), sh1 = _mm256_loadu_pd(shift + c + 4);
   const __m256 shf = _mm256_set_m128(_mm256_cvtpd_ps(sh1), _mm256_cvtpd_ps(sh0));
@@ -36,9 +36,9 @@ inline void shifted_sums_tile8_avx2(const scalar_t* x, int64_t C, int64_t c, int
 }
 
 // sum(dy) and sum(dy * (x - mean)) of channels [c, c + 8) over rows [r0, r1), summed in float32
-// against the mean rounded to float32 and widened once, as shifted_sums_tile8_avx2 does.
+// against the mean rounded to float32 and widened once, as shifted_sums_tile8_simd does.
 template <typename scalar_t>
-inline void grad_sums_tile8_avx2(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+inline void grad_sums_tile8_simd(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                  const double* mean, double* sum_dy, double* sum_dy_xmu) {
   const __m256d m0 = _mm256_loadu_pd(mean + c), m1 = _mm256_loadu_pd(mean + c + 4);
   const __m256 mf = _mm256_set_m128(_mm256_cvtpd_ps(m1), _mm256_cvtpd_ps(m0));
@@ -78,7 +78,7 @@ inline void add_tile16_sums(__m512 fa, __m512 fb, __m512 shf, const double* shif
   }
 }
 
-// shifted_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
+// shifted_sums_tile8_simd for channels [c, c + 16), 16-wide.
 template <typename scalar_t>
 inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                 const double* shift, double* s1, double* s2) {
@@ -144,7 +144,7 @@ inline void add_grad_tile16_sums(__m512 fa, __m512 fb, __m512 mf, const double* 
   }
 }
 
-// grad_sums_tile8_avx2 for channels [c, c + 16), 16-wide.
+// grad_sums_tile8_simd for channels [c, c + 16), 16-wide.
 template <typename scalar_t>
 inline void grad_sums_tile16(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                              const double* mean, double* sum_dy, double* sum_dy_xmu) {

@@ -147,7 +147,7 @@ inline void add_grad16(const scalar_t* dy, const scalar_t* x, int64_t n, __m512 
 #endif
 
 template <typename scalar_t>
-inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, LaneSums& acc) {
+inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, LaneSums& acc) {
 #ifdef BN_EXT_AVX512BF16
   // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
@@ -215,7 +215,7 @@ inline void shifted_sums_run_avx2(const scalar_t* p, int64_t len, double shift, 
 // rounded to float32 (x - mean_f is exact near the mean), widened into float64 per chunk, with
 // the rounding of the mean corrected: sum(dy * (x - mean)) = sum(dy * (x - mean_f)) - rest * sum(dy).
 template <typename scalar_t>
-inline void grad_sums_run_avx2(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc) {
+inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc) {
 #ifdef BN_EXT_AVX512BF16
   // dy and dy * (x - mean_f) in float32 chunks; finish_grad corrects for the rounding of the mean
   const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));

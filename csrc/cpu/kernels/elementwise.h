@@ -51,7 +51,7 @@ inline void normalize_run(const scalar_t* __restrict x, scalar_t* __restrict y, 
                           opmath_t sc, opmath_t sh, bool stream) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    normalize_run_avx2(x, y, len, hi, lo, sc, sh, stream);
+    normalize_run_simd(x, y, len, hi, lo, sc, sh, stream);
     return;
   }
 #endif
@@ -76,7 +76,7 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = a.folded();
     parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, const auto& k) {
-      normalize_rows_avx2(x + off, y + off, width, k[0], k[1], k[2], k[3], folded, stream);
+      normalize_rows_simd(x + off, y + off, width, k[0], k[1], k[2], k[3], folded, stream);
     }, order);
     return;
   }

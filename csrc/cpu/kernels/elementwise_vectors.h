@@ -162,7 +162,7 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& h
 }
 
 template <typename scalar_t>
-inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh,
+inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, float hi, float lo, float sc, float sh,
                                bool stream) {
   // hi == lo == 0: the mean folded into the shift (forward_coeffs)
   normalize_span(x, y, len, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, hi == 0.0f && lo == 0.0f,
@@ -171,9 +171,9 @@ inline void normalize_run_avx2(const scalar_t* x, scalar_t* y, int64_t len, floa
 
 #ifdef BN_EXT_AVX512BF16
 // The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
-// added as shifted_sums_run_avx2 adds them (add_shifted16 into the same chunk sums, so the same
+// added as shifted_sums_run_simd adds them (add_shifted16 into the same chunk sums, so the same
 // bits), and in the same loop the run at the same (n, s) of the channel before it, whose
-// statistics are done, normalised a vector at a time by normalize_span (normalize_run_avx2's).
+// statistics are done, normalised a vector at a time by normalize_span (normalize_run_simd's).
 // The run summed comes from memory while the one normalised comes from cache and its output goes
 // out: both directions of memory traffic at once, where a reduction and then an elementwise pass
 // take turns.
@@ -193,7 +193,7 @@ inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double sh
 
 // Channels-last: a span of `width` values, one coefficient per position.
 template <typename scalar_t>
-inline void normalize_rows_avx2(const scalar_t* x, scalar_t* y, int64_t width, const float* hi, const float* lo,
+inline void normalize_rows_simd(const scalar_t* x, scalar_t* y, int64_t width, const float* hi, const float* lo,
                                 const float* sc, const float* sh, bool folded, bool stream) {
   normalize_span(x, y, width, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
 }

@@ -59,14 +59,14 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
 }
 
 template <typename scalar_t, bool kTraining>
-inline void grad_input_run_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
+inline void grad_input_run_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
                                 float k0, float hi, float lo, bool stream) {
   grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
                              Broadcast{lo}, hi == 0.0f && lo == 0.0f, stream);
 }
 
 template <typename scalar_t, bool kTraining>
-inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
+inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
                                  const float* kd, const float* kx, const float* k0, const float* hi, const float* lo,
                                  bool folded, bool stream) {
   grad_input_span<kTraining>(dy, x, dx, width, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo}, folded,
@@ -75,9 +75,9 @@ inline void grad_input_rows_avx2(const scalar_t* dy, const scalar_t* x, scalar_t
 
 #ifdef BN_EXT_AVX512BF16
 // The pipelined training backward's loop (backward_pipelined), as shifted_sums_normalize_run:
-// one run of a channel's gradient sums, added as grad_sums_run_avx2 adds them (add_grad16), and
+// one run of a channel's gradient sums, added as grad_sums_run_simd adds them (add_grad16), and
 // in the same loop the input gradient of the run at the same (n, s) of the channel before it, a
-// vector at a time by grad_input_span (grad_input_run_avx2's, the training formula).
+// vector at a time by grad_input_span (grad_input_run_simd's, the training formula).
 template <typename scalar_t>
 inline void grad_sums_grad_input_run(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc,
                                      const scalar_t* dyp, const scalar_t* xp, scalar_t* dxp,

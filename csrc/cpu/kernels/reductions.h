@@ -92,7 +92,7 @@ struct ShiftedSquares {
         if (width == kWideTileChannels) return shifted_sums_tile128(x, C, c, q0, q1, shift, a, b);
         if (width == 16) return shifted_sums_tile16(x, C, c, q0, q1, shift, a, b);
 #endif
-        shifted_sums_tile8_avx2(x, C, c, q0, q1, shift, a, b);
+        shifted_sums_tile8_simd(x, C, c, q0, q1, shift, a, b);
       }
 #endif
     });
@@ -147,7 +147,7 @@ struct GradSums {
         if (width == kWideTileChannels) return grad_sums_tile128(dy, x, C, c, q0, q1, mean, a, b);
         if (width == 16) return grad_sums_tile16(dy, x, C, c, q0, q1, mean, a, b);
 #endif
-        grad_sums_tile8_avx2(dy, x, C, c, q0, q1, mean, a, b);
+        grad_sums_tile8_simd(dy, x, C, c, q0, q1, mean, a, b);
       }
 #endif
     });
@@ -288,14 +288,14 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   }
 }
 
-// Whether a channels-last reduction reading `tensors` tensors streams its rows (rows_streamed)
+// Whether a channels-last reduction reading `tensors` tensors streams its rows (sweep_row_streams)
 // rather than tiling them: when it reads more than the L2s hold, and rows are wide enough for the
 // per-row loop to pay. The tiles read a few hundred bytes of each row at a time, which from memory
 // runs well below the speed of reading the same bytes in order; the streamed rows read each
 // tensor as four in-order streams. Below the threshold the tiles win, and tiles that read in
 // order (in_order_tiles) never stream (docs/design.md, "Measurements").
 template <typename scalar_t>
-bool streamed_rows(const Geometry& g, int64_t tensors) {
+bool should_stream_rows(const Geometry& g, int64_t tensors) {
   return tensors_bytes(g, tensors, sizeof(scalar_t)) > kStreamedReadBytes && g.C >= kStreamedMinChannels &&
          !in_order_tiles<scalar_t>(g.C);
 }
@@ -304,7 +304,7 @@ template <typename scalar_t>
 void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
   const std::vector<double> shift = channel_shifts(x, g);
   std::vector<double> s1(g.C), s2(g.C);
-  const bool streamed = g.layout == Layout::kNSC && streamed_rows<scalar_t>(g, 1);
+  const bool streamed = g.layout == Layout::kNSC && should_stream_rows<scalar_t>(g, 1);
   channel_sums(ShiftedSquares<scalar_t>{x, shift.data(), g.C, streamed}, g, s1, s2);
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
   for (int64_t c = 0; c < g.C; ++c)

@@ -19,7 +19,7 @@ constexpr int64_t kStreamRows = 32;
 constexpr int64_t kRowsAtOnce = 4;
 
 template <typename Rows, typename Flush>
-inline void rows_streamed(int64_t c0, int64_t n, int64_t r0, int64_t r1, Rows&& rows, Flush&& flush) {
+inline void sweep_row_streams(int64_t c0, int64_t n, int64_t r0, int64_t r1, Rows&& rows, Flush&& flush) {
   std::vector<float> fa(n), fb(n);
   auto clear = [&] {
     std::fill(fa.begin() + c0, fa.end(), 0.0f);
@@ -71,7 +71,7 @@ template <typename scalar_t>
 inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c0, int64_t n,
                                     int64_t r0, int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
   const std::vector<float> mf = rounded_to_float(mean, c0, n);
-  rows_streamed(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
+  sweep_row_streams(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
     int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
     c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
@@ -106,7 +106,7 @@ template <typename scalar_t>
 inline void shifted_sums_rows_streamed(const scalar_t* x, int64_t C, int64_t c0, int64_t n, int64_t r0, int64_t r1,
                                        const double* shift, double* s1, double* s2) {
   const std::vector<float> sf = rounded_to_float(shift, c0, n);
-  rows_streamed(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
+  sweep_row_streams(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
     int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
     c = shifted_sums_row_vectors<Lanes16>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);

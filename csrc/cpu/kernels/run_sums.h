@@ -33,7 +33,7 @@ template <typename scalar_t>
 inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double shift, LaneSums& acc) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    shifted_sums_run_avx2(p, len, shift, acc);
+    shifted_sums_run_simd(p, len, shift, acc);
     return;
   }
 #endif
@@ -79,7 +79,7 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
                           LaneSums& acc) {
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    grad_sums_run_avx2(dy, x, len, mean, acc);
+    grad_sums_run_simd(dy, x, len, mean, acc);
     return;
   }
 #endif
