@@ -1,6 +1,6 @@
 """bn_ext.functional.batch_norm: torch.nn.functional.batch_norm's signature and behaviour."""
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from . import _composite
 _ops = torch.ops.bn_ext
 
 
-def _verify_batch_size(size) -> None:
+def _verify_batch_size(size: List[int]) -> None:  # typed: the scripted module forward calls it too
     values = size[0]
     for s in size[2:]:
         values *= s

@@ -5,7 +5,7 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
 
 from . import _composite, _sync
-from .functional import _batch_norm, _check_args, _check_buffers, _ops
+from .functional import _batch_norm, _check_args, _check_buffers, _ops, _verify_batch_size
 
 _elemt = _ops.batch_norm_elemt.default
 
@@ -84,12 +84,7 @@ class _BatchNorm(_torch_bn._BatchNorm):
         if not self.training and running_mean is not None and running_var is not None:
             return torch.ops.bn_ext.batch_norm_elemt(input, self.weight, self.bias, running_mean, running_var, self.eps)
         if self.training:
-            size = input.size()
-            values = size[0]
-            for s in size[2:]:
-                values *= s
-            if values == 1:
-                raise ValueError("Expected more than 1 value per channel when training, got input size " + str(size))
+            _verify_batch_size(input.size())
         if self.training and self.track_running_stats:
             return torch.ops.bn_ext.batch_norm_train_update(
                 input,
