@@ -29,8 +29,8 @@ def _check_args(training: bool, momentum, eps: float) -> None:
 
 
 def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked, momentum=0.1) -> None:
-    """The buffers the update will write, checked before any kernel runs (the op checks them
-    too; raising here keeps the module path off the op's error path and skips a wasted pass)."""
+    """The buffers an update will write, for the paths where no op checks them first: the
+    torch-op composite and SyncBatchNorm (before its collective)."""
     channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
@@ -55,18 +55,24 @@ def _check_buffers(input: Tensor, running_mean, running_var, num_batches_tracked
                 f"batch_norm: num_batches_tracked: expected a tensor on {input.device}, "
                 f"got one on {num_batches_tracked.device}"
             )
-        # The cumulative average divides by the count after this batch. The CPU op checks it; on
-        # other devices this reads the counter back (torch.nn's momentum=None path does too).
-        if (
-            momentum is None
-            and num_batches_tracked.device.type not in ("cpu", "meta")
-            and not torch.compiler.is_compiling()
-            and int(num_batches_tracked) < 0
-        ):
-            raise RuntimeError(
-                "batch_norm: num_batches_tracked: expected a non-negative count with momentum=None "
-                f"(cumulative average), got {int(num_batches_tracked)}"
-            )
+    _check_counter(num_batches_tracked, momentum)
+
+
+def _check_counter(num_batches_tracked, momentum) -> None:
+    """The cumulative average (momentum=None) divides by the count after this batch, so a negative
+    count must be refused before the update. The op reads a CPU counter itself; a GPU counter is
+    read back here, as torch.nn's momentum=None path does, and not while compiling."""
+    if (
+        momentum is None
+        and num_batches_tracked is not None
+        and num_batches_tracked.device.type not in ("cpu", "meta")
+        and not torch.compiler.is_compiling()
+        and int(num_batches_tracked) < 0
+    ):
+        raise RuntimeError(
+            "batch_norm: num_batches_tracked: expected a non-negative count with momentum=None "
+            f"(cumulative average), got {int(num_batches_tracked)}"
+        )
 
 
 def _check_running_pair(running_mean, running_var) -> None:
@@ -107,18 +113,20 @@ def _batch_norm(
     if training:
         _verify_batch_size(input.size())
         updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
-        if updating:
-            _check_buffers(input, running_mean, running_var, num_batches_tracked, momentum)
     elif running_mean is None or running_var is None:
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
     if _composite.needed():
+        if training and updating:
+            _check_buffers(input, running_mean, running_var, num_batches_tracked, momentum)
         return _composite.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
     if not training:
         return _ops.batch_norm_elemt.default(input, weight, bias, running_mean, running_var, eps)
     if updating:
+        # batch_norm_train_update checks the buffers before its statistics pass
+        _check_counter(num_batches_tracked, momentum)
         return _ops.batch_norm_train_update.default(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
         )[0]

@@ -70,9 +70,26 @@ def test_bad_buffers_leave_everything_untouched(name, bad, match):
     m(torch.randn(4, 3, 2, 2))
     setattr(m, name, bad)
     before = snapshot(m)
-    with pytest.raises(RuntimeError, match=match):
+    # the op checks the buffers before its statistics pass: one layer of checks, in C++
+    with pytest.raises(RuntimeError, match="bn_ext.batch_norm_train_update: " + match):
         m(torch.randn(4, 3, 2, 2))
     assert_untouched(m, before)
+
+
+def test_train_update_checks_buffers_before_anything_is_written():
+    x = torch.randn(4, 3, 5)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    bad = [
+        ((torch.zeros(2), rv, nbt, 0.1), "running_mean: expected a 1-D tensor of 3 elements"),
+        ((rm, torch.ones(3, dtype=torch.int32), nbt, 0.1), "running_var: expected a floating-point tensor"),
+        ((rm, rv, torch.tensor([0, 0]), 0.1), "num_batches_tracked: expected a one-element int64 tensor"),
+        ((rm, rv, torch.tensor(-2), None), "num_batches_tracked: expected a non-negative count"),
+        ((rm, rv, None, None), "momentum: None .* needs num_batches_tracked"),
+    ]
+    for (mean, var, counter, momentum), match in bad:
+        with pytest.raises(RuntimeError, match="bn_ext.batch_norm_train_update: " + match):
+            ops.batch_norm_train_update(x, None, None, mean, var, counter, momentum, 1e-5)
+    assert nbt.item() == 0 and torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
 def test_bad_eval_buffers():

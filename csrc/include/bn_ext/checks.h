@@ -93,13 +93,12 @@ inline void check_affine(const c10::optional<at::Tensor>& weight, const c10::opt
   check_optional_channel_tensor(bias, "bias", input, op);
 }
 
-inline void check_running(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& mean,
-                          const char* op) {
+inline void check_running(const c10::optional<at::Tensor>& t, const char* name, int64_t channels,
+                          const at::Device& device, const char* op) {
   if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel(), op, ": ", name, ": expected a 1-D tensor of ",
-              mean.numel(), " elements (one per channel), got size ", shape_str(*t));
-  TORCH_CHECK(t->device() == mean.device(), op, ": ", name, ": expected a tensor on ", mean.device(),
-              ", got one on ", t->device());
+  TORCH_CHECK(t->dim() == 1 && t->numel() == channels, op, ": ", name, ": expected a 1-D tensor of ", channels,
+              " elements (one per channel), got size ", shape_str(*t));
+  TORCH_CHECK(t->device() == device, op, ": ", name, ": expected a tensor on ", device, ", got one on ", t->device());
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, ": expected a floating-point tensor, got ",
               t->scalar_type());
 }
@@ -209,8 +208,8 @@ inline void check_update_running_stats(const c10::optional<at::Tensor>& running_
               shape_str(var));
   TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(var.scalar_type()), op,
               ": mean, var: expected floating-point tensors");
-  check_running(running_mean, "running_mean", mean, op);
-  check_running(running_var, "running_var", mean, op);
+  check_running(running_mean, "running_mean", mean.numel(), mean.device(), op);
+  check_running(running_var, "running_var", mean.numel(), mean.device(), op);
   check_counter_and_momentum(num_batches_tracked, momentum, mean, op);
   TORCH_CHECK(count >= 0, op, ": count: expected a non-negative element count, got ", count);
 }
@@ -228,12 +227,27 @@ inline int64_t check_gather_stats(const at::Tensor& stats, const c10::optional<a
   TORCH_CHECK(stats.scalar_type() == at::kDouble || stats.scalar_type() == at::kFloat, op,
               ": stats: expected dtype float64 or float32, got ", stats.scalar_type());
   const int64_t C = (stats.size(1) - 1) / 2;
-  // check_running compares against a per-channel tensor: a C-element view of the table will do
-  const at::Tensor channel_like = stats.select(0, 0).narrow(0, 0, C);
-  check_running(running_mean, "running_mean", channel_like, op);
-  check_running(running_var, "running_var", channel_like, op);
+  check_running(running_mean, "running_mean", C, stats.device(), op);
+  check_running(running_var, "running_var", C, stats.device(), op);
   check_counter_and_momentum(num_batches_tracked, momentum, stats, op);
   return C;
+}
+
+// batch_norm_train_update: the train op's arguments and the buffers the update will write, all
+// checked before the statistics pass, so a bad buffer costs no pass.
+inline void check_train_update_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& running_mean,
+                                    const c10::optional<at::Tensor>& running_var,
+                                    const c10::optional<at::Tensor>& num_batches_tracked,
+                                    c10::optional<double> momentum, double eps) {
+  const char* op = "bn_ext.batch_norm_train_update";
+  check_input(input, op);
+  check_affine(weight, bias, input, op);
+  check_eps(eps, op);
+  check_running(running_mean, "running_mean", input.size(1), input.device(), op);
+  check_running(running_var, "running_var", input.size(1), input.device(), op);
+  check_counter_and_momentum(num_batches_tracked, momentum, input, op);
 }
 
 }  // namespace bn_ext
