@@ -1,7 +1,6 @@
 """The benchmark CLI (python -m bn_ext.bench): a small run end to end, and the pieces that decide
 its numbers. Nothing here asserts a speed: timings on a shared machine are not test material."""
 
-import csv
 import json
 import subprocess
 import sys
@@ -72,15 +71,19 @@ def test_bench_cli_writes_results_that_name_the_machine(tmp_path):
         assert r["speedup"] == pytest.approx(r["torch_ms"] / r["bn_ext_ms"])
         assert r["tensor_MB"] == pytest.approx(4 * 1024 * 14 * 14 * (4 if r["dtype"] == "float32" else 2) / 1e6)
         assert r["two_reads_ms"] is None and r["two_reads_fraction_of_copy"] is None  # 3.2 MB: below the target's 8
-    with open(tmp_path / "bench-t.csv") as f:
-        lines = f.read().splitlines()
-    assert lines[0].startswith("# {")  # the machine, as JSON
-    assert len(list(csv.DictReader(lines[1:]))) == len(rows)
+    # the .txt is the printed table, rendered from the JSON alone (--render redoes it)
+    with open(tmp_path / "bench-t.txt") as f:
+        table = f.read()
     assert (tmp_path / "bench-t.png").exists()
+    assert table.count(" ok\n") == len(rows) and "geomean speedup" in table
+    (tmp_path / "bench-t.txt").unlink()
+    render = [sys.executable, "-m", "bn_ext.bench", "--render", str(tmp_path / "bench-t.json")]
+    assert subprocess.run(render, capture_output=True, text=True, env=env, timeout=600).returncode == 0
+    assert (tmp_path / "bench-t.txt").read_text() == table
 
 
 def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
-    # benchmarks/bench-cpu.* hold a whole suite; a run with --shapes/--mode must write elsewhere
+    # benchmarks/bench-cpu-<build>.* hold a whole suite; a run with --shapes/--mode must write elsewhere
     env = repo_env()
     cmd = [
         sys.executable,
@@ -103,7 +106,8 @@ def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in tmp_path.glob("bench-*.csv")) == ["bench-cpu-partial.csv"]
+    kernels = bn_ext.build_info()["cpu_kernels"]
+    assert sorted(p.name for p in tmp_path.glob("bench-*.json")) == [f"bench-cpu-{kernels}-partial.json"]
 
 
 def test_two_reads_reference_is_timed_for_the_bandwidth_target_cases_only():

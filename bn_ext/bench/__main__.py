@@ -6,7 +6,8 @@ bytes the operation must move, as a fraction of a plain copy of the same tensor 
 """
 
 import argparse
-import csv
+import contextlib
+import io
 import json
 import math
 import os
@@ -360,17 +361,36 @@ def print_table(rows, info):
             )
 
 
+def render_table(rows, info):
+    """The printed table as text, for the .txt beside the results file."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_table(rows, info)
+    return buf.getvalue()
+
+
 def write_results(rows, info, out_dir, tag):
+    """bench-<tag>.json, the results file, and what is rendered from it: .txt (and .png)."""
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"bench-{tag}")
     with open(base + ".json", "w") as f:
         json.dump({"machine": info, "results": rows}, f, indent=1)
-    with open(base + ".csv", "w", newline="") as f:
-        f.write("# " + json.dumps(info) + "\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    return base
+    return render_files(rows, info, base)
+
+
+def render_files(rows, info, base):
+    with open(base + ".txt", "w") as f:
+        f.write(render_table(rows, info).lstrip("\n"))
+    plotted = write_plot(rows, info, base + ".png")
+    return f"{base}.json, {base}.txt" + (f" and {base}.png" if plotted else " (no plot: matplotlib is not installed)")
+
+
+def default_tag(device, info):
+    """One results file per device: the CPU kernel build (cpu-avx2, cpu-avx512bf16) or the GPU
+    model (cuda-h200)."""
+    if device == "cpu":
+        return f"cpu-{info['bn_ext_cpu_kernels']}"
+    return "cuda-" + (info["gpu"] or "gpu").split()[-1].lower()
 
 
 def write_plot(rows, info, path):
@@ -428,14 +448,20 @@ def main(argv=None):
         default=None,
         help="times to run the whole suite, samples pooled per case (default 3 on the CPU, 1 quick or on GPU)",
     )
-    p.add_argument("--out", default="benchmarks", help="folder for the CSV/JSON results")
-    p.add_argument("--tag", default=None, help="results file name tag (default: device and mode of run)")
+    p.add_argument("--out", default="benchmarks", help="folder for the results (JSON, with .txt and .png from it)")
+    p.add_argument("--tag", default=None, help="results file name tag (default: the CPU kernel build or the GPU model)")
+    p.add_argument("--render", metavar="JSON", default=None, help="only render .txt/.png from a results file")
     p.add_argument(
         "--malloc-defaults",
         action="store_true",
         help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)",
     )
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        print("wrote " + render_files(saved["results"], saved["machine"], os.path.splitext(args.render)[0]))
+        return 0
     allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     # A filtered run (--shapes, --dtype, --mode) writes bench-<device>-partial.*, so that it never
     # overwrites the results of a whole suite kept in benchmarks/.
@@ -453,12 +479,8 @@ def main(argv=None):
     rows = run(args)
     info = machine_info(args.device, allocator)
     print_table(rows, info)
-    tag = args.tag or f"{args.device}{'-quick' if args.quick else ''}{'-partial' if partial else ''}"
-    base = write_results(rows, info, args.out, tag)
-    print(
-        f"wrote {base}.csv and {base}.json"
-        + (f" and {base}.png" if write_plot(rows, info, base + ".png") else " (no plot: matplotlib is not installed)")
-    )
+    tag = args.tag or f"{default_tag(args.device, info)}{'-quick' if args.quick else ''}{'-partial' if partial else ''}"
+    print("wrote " + write_results(rows, info, args.out, tag))
     if any(r["parity"] != "ok" for r in rows):
         print("PARITY FAILURES: see the parity column", file=sys.stderr)
         return 1
