@@ -51,10 +51,13 @@ test: $(BUILT)
 bench: $(BUILT)
 	$(PY) -m bn_ext.bench $(BENCH_ARGS)
 
-# Python style (ruff's checks and formatting, settings in pyproject.toml); needs no build.
+# Style: Python with ruff (settings in pyproject.toml), C++/CUDA with clang-format (.clang-format).
+# Needs no build.
+CXX_SOURCES = $(shell git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.cpp' 2>/dev/null)
 lint: $(DEPS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 # The CMake build of the ops for C++ users, and its C++ test. TORCH_PREFIX defaults to the venv's
 # torch; with a CUDA build of torch, Torch's CMake config needs a complete CUDA toolkit.

@@ -49,11 +49,10 @@ void update_running_stats_autograd(const c10::optional<Tensor>& running_mean, co
   bump_versions({&running_mean, &running_var, &num_batches_tracked});
 }
 
-std::tuple<Tensor, Tensor, Tensor> gather_stats_autograd(const Tensor& stats,
-                                                        const c10::optional<Tensor>& running_mean,
-                                                        const c10::optional<Tensor>& running_var,
-                                                        const c10::optional<Tensor>& num_batches_tracked,
-                                                        c10::optional<double> momentum) {
+std::tuple<Tensor, Tensor, Tensor> gather_stats_autograd(const Tensor& stats, const c10::optional<Tensor>& running_mean,
+                                                         const c10::optional<Tensor>& running_var,
+                                                         const c10::optional<Tensor>& num_batches_tracked,
+                                                         c10::optional<double> momentum) {
   std::tuple<Tensor, Tensor, Tensor> out;
   {
     c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
@@ -83,8 +82,8 @@ std::tuple<Tensor, Tensor, Tensor> train_below_autograd(const Tensor& input, con
   return ops::train_op().call(input, weight, bias, eps);
 }
 
-Tensor elemt_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
-                            const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps) {
+Tensor elemt_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                            const Tensor& mean, const Tensor& var, double eps) {
   c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
   return ops::elemt_op().call(input, weight, bias, mean, var, eps);
 }
@@ -134,8 +133,8 @@ Tensor saved_bias_grad(torch::autograd::AutogradContext* ctx, const Tensor& grad
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
-                                                const c10::optional<Tensor>& weight,
-                                                const c10::optional<Tensor>& bias, double eps) {
+                                                const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                                                double eps) {
     Tensor output, mean, var;
     std::tie(output, mean, var) = train_below_autograd(input, weight, bias, eps);
     save_for_backward(ctx, input, weight, bias, mean, var, eps);
@@ -177,15 +176,17 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input, const c10
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> train_update_below_autograd(
-    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
-    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
-    const c10::optional<Tensor>& num_batches_tracked, c10::optional<double> momentum, double eps) {
+std::tuple<Tensor, Tensor, Tensor> train_update_below_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
+                                                               const c10::optional<Tensor>& bias,
+                                                               const c10::optional<Tensor>& running_mean,
+                                                               const c10::optional<Tensor>& running_var,
+                                                               const c10::optional<Tensor>& num_batches_tracked,
+                                                               c10::optional<double> momentum, double eps) {
   std::tuple<Tensor, Tensor, Tensor> out;
   {
     c10::impl::ExcludeDispatchKeyGuard guard(kAboveBackend);
-    out = ops::train_update_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                                      eps);
+    out =
+        ops::train_update_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked});
   return out;
@@ -196,15 +197,14 @@ std::tuple<Tensor, Tensor, Tensor> train_update_below_autograd(
 class TrainUpdateFunction : public torch::autograd::Function<TrainUpdateFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
-                                                const c10::optional<Tensor>& weight,
-                                                const c10::optional<Tensor>& bias,
+                                                const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                                                 const c10::optional<Tensor>& running_mean,
                                                 const c10::optional<Tensor>& running_var,
                                                 const c10::optional<Tensor>& num_batches_tracked,
                                                 c10::optional<double> momentum, double eps) {
     Tensor output, mean, var;
-    std::tie(output, mean, var) = train_update_below_autograd(input, weight, bias, running_mean, running_var,
-                                                              num_batches_tracked, momentum, eps);
+    std::tie(output, mean, var) =
+        train_update_below_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
     save_for_backward(ctx, input, weight, bias, mean, var, eps);
     ctx->mark_non_differentiable({mean, var});
     return {output, mean, var};
@@ -225,10 +225,10 @@ std::tuple<Tensor, Tensor, Tensor> train_update_autograd(const Tensor& input, co
                                                          const c10::optional<Tensor>& num_batches_tracked,
                                                          c10::optional<double> momentum, double eps) {
   if (!records_graph({&input}, {&weight, &bias}))
-    return train_update_below_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                       momentum, eps);
-  auto out = TrainUpdateFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                        momentum, eps);
+    return train_update_below_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                       eps);
+  auto out =
+      TrainUpdateFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
   return {out[0], out[1], out[2]};
 }
 
@@ -238,9 +238,8 @@ std::tuple<Tensor, Tensor, Tensor> train_update_autograd(const Tensor& input, co
 // batch_norm_backward's grad_weight is invstd * sum(dy * (x - mean)) and its grad_bias sum(dy).
 class ElemtFunction : public torch::autograd::Function<ElemtFunction> {
  public:
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
-                        const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, const Tensor& mean,
-                        const Tensor& var, double eps) {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps) {
     const Tensor output = elemt_below_autograd(input, weight, bias, mean, var, eps);
     // mean and var take the edges after weight and bias
     ctx->saved_data["mean_edge"] = save_for_backward(ctx, input, weight, bias, mean, var, eps);

@@ -10,7 +10,7 @@ namespace bn_ext {
 namespace cpu {
 const char* cpu_kernels_name();  // batch_norm_kernel.cpp
 int parallel_threads_used();     // batch_norm_kernel.cpp
-}
+}  // namespace cpu
 }  // namespace bn_ext
 
 namespace {

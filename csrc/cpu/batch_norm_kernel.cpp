@@ -85,8 +85,7 @@ Tensor batch_norm_elemt(const Tensor& input, const c10::optional<Tensor>& weight
   const int64_t C = p.g.C;
   if (p.g.numel() > 0)
     cpu_kernels().elemt(p.inputs[0], p.out, p.g, channel_values(mean, C, 0.0), channel_values(var, C, 0.0),
-                        channel_values(weight, C, 1.0),
-                        channel_values(bias, C, 0.0), eps);
+                        channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps);
   finish(p);
   return p.result;
 }
@@ -99,8 +98,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c
   // Normalise with the statistics in double; return them rounded to the stat dtype.
   std::vector<double> mean(C, 0.0), var(C, 0.0);
   if (p.g.numel() > 0)
-    cpu_kernels().train(p.inputs[0], p.out, p.g, channel_values(weight, C, 1.0),
-                        channel_values(bias, C, 0.0), eps, mean, var);
+    cpu_kernels().train(p.inputs[0], p.out, p.g, channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps,
+                        mean, var);
   finish(p);
   const auto dt = stat_dtype(input.scalar_type());
   return {p.result, channel_tensor(mean, input, dt), channel_tensor(var, input, dt)};
@@ -116,8 +115,8 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
 }
 
 Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const c10::optional<Tensor>& weight,
-                                 const Tensor& mean, const Tensor& var, const Tensor& sum_dy,
-                                 const Tensor& sum_dy_xmu, double eps, int64_t count) {
+                                 const Tensor& mean, const Tensor& var, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                                 double eps, int64_t count) {
   check_backward_elemt_args(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, count);
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/true);
   const int64_t C = p.g.C;
@@ -134,8 +133,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                                        const Tensor& var, double eps, bool training,
                                                        std::array<bool, 3> output_mask) {
   check_backward_args(grad_out, input, weight, mean, var, eps);
-  const bool need_sums = training ? output_mask[0] || output_mask[1] || output_mask[2]
-                                  : output_mask[1] || output_mask[2];
+  const bool need_sums =
+      training ? output_mask[0] || output_mask[1] || output_mask[2] : output_mask[1] || output_mask[2];
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/output_mask[0]);
   const int64_t C = p.g.C;
   const std::vector<double> mean_v = channel_values(mean, C, 0.0);
@@ -169,7 +168,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   } else {
     grad_weight = at::empty({0}, input.options().dtype(param_dtype));
   }
-  grad_bias = output_mask[2] ? channel_tensor(sum_dy, input, param_dtype) : at::empty({0}, input.options().dtype(param_dtype));
+  grad_bias =
+      output_mask[2] ? channel_tensor(sum_dy, input, param_dtype) : at::empty({0}, input.options().dtype(param_dtype));
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -229,8 +229,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
 }  // namespace
 
 const Kernels& cpu_kernels() {
-#define BN_EXT_KERNEL_TABLE(ns, name) \
-  Kernels { name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds }
+#define BN_EXT_KERNEL_TABLE(ns, name)                                                                            \
+  Kernels {                                                                                                      \
+    name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds \
+  }
   static const Kernels baseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
   static const Kernels avx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
   static const Kernels avx512bf16 = BN_EXT_KERNEL_TABLE(isa_avx512bf16, "avx512bf16");

@@ -98,8 +98,8 @@ void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geome
     const std::vector<double> invstd = invstd_vector(var, eps);
     const double inv_count = 1.0 / static_cast<double>(count);
     for (int64_t c = 0; c < g.C; ++c)
-      k.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dy[c], sum_dy_xmu[c],
-                                                     inv_count, training));
+      k.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dy[c], sum_dy_xmu[c], inv_count,
+                                                     training));
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();

@@ -70,23 +70,23 @@ inline bool stream_output(const Geometry& g, int64_t tensors, size_t elem_size) 
 // there are at least this many channels per thread; below, work is split within channels.
 constexpr int64_t kPerChannelMinTasksPerThread = 4;
 
-#define BN_EXT_DECLARE_CPU_KERNELS                                                                                \
-  void stats(const at::Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var);      \
-  void elemt(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& mean,       \
-             const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias, \
-             double eps);                                                                                        \
-  void train(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& weight,     \
-             const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var);  \
-  void grad_sums(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const std::vector<double>& mean,  \
-                 std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu);                                  \
-  void grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,           \
-                  bool training, const std::vector<double>& mean, const std::vector<double>& var,               \
-                  const std::vector<double>& weight, const std::vector<double>& sum_dy,                        \
-                  const std::vector<double>& sum_dy_xmu, double eps, int64_t count);                            \
-  void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,       \
-                      const std::vector<double>& mean, const std::vector<double>& var,                          \
-                      const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,               \
-                      std::vector<double>& sum_dy_xmu);                                                          \
+#define BN_EXT_DECLARE_CPU_KERNELS                                                                                    \
+  void stats(const at::Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var);            \
+  void elemt(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& mean,            \
+             const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,      \
+             double eps);                                                                                             \
+  void train(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& weight,          \
+             const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var);       \
+  void grad_sums(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const std::vector<double>& mean,       \
+                 std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu);                                       \
+  void grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g, bool training,  \
+                  const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight, \
+                  const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, double eps,               \
+                  int64_t count);                                                                                     \
+  void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,             \
+                      const std::vector<double>& mean, const std::vector<double>& var,                                \
+                      const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,                     \
+                      std::vector<double>& sum_dy_xmu);                                                               \
   std::vector<double> invstds(const std::vector<double>& var, double eps);
 
 namespace isa_default {

@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(kThreads)
       mean_out[c] = static_cast<acc_t>(acc.b);
       var_out[c] = static_cast<acc_t>(var);
       if (coeffs != nullptr) {
-        const auto k = forward_coeffs<acc_t>(acc.b, var, value_or(args.weight, c, 1.0), value_or(args.bias, c, 0.0), eps);
+        const auto k =
+            forward_coeffs<acc_t>(acc.b, var, value_or(args.weight, c, 1.0), value_or(args.bias, c, 0.0), eps);
         coeffs[c] = k.mean_hi;
         coeffs[C + c] = k.mean_lo;
         coeffs[2 * C + c] = k.scale;
@@ -54,7 +55,8 @@ __global__ void forward_coeffs_kernel(const acc_t* __restrict__ mean, const acc_
                                       ChannelArgs<acc_t> args, int64_t C, double eps, acc_t* __restrict__ coeffs) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const auto k = forward_coeffs<acc_t>(mean[c], var[c], value_or(args.weight, c, 1.0), value_or(args.bias, c, 0.0), eps);
+  const auto k =
+      forward_coeffs<acc_t>(mean[c], var[c], value_or(args.weight, c, 1.0), value_or(args.bias, c, 0.0), eps);
   coeffs[c] = k.mean_hi;
   coeffs[C + c] = k.mean_lo;
   coeffs[2 * C + c] = k.scale;
@@ -71,7 +73,8 @@ __global__ void __launch_bounds__(kThreads)
                             const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
                             const acc_t* __restrict__ weight, int64_t C, double eps, double count, bool training,
                             acc_t* __restrict__ sum_dy_out, acc_t* __restrict__ sum_dy_xmu_out,
-                            acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, acc_t* __restrict__ coeffs) {
+                            acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias,
+                            acc_t* __restrict__ coeffs) {
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     double sdy = 0, sdx = 0;
     if (partials != nullptr) {
@@ -89,8 +92,8 @@ __global__ void __launch_bounds__(kThreads)
       if (grad_weight != nullptr) grad_weight[c] = static_cast<acc_t>(sdx * invstd_from_var(v, eps));
       if (grad_bias != nullptr) grad_bias[c] = static_cast<acc_t>(sdy);
       if (coeffs != nullptr) {
-        const auto k = backward_coeffs<acc_t>(static_cast<double>(mean[c]), v, value_or(weight, c, 1.0), sdy, sdx,
-                                              eps, count, training);
+        const auto k = backward_coeffs<acc_t>(static_cast<double>(mean[c]), v, value_or(weight, c, 1.0), sdy, sdx, eps,
+                                              count, training);
         coeffs[c] = k.mean_hi;
         coeffs[C + c] = k.mean_lo;
         coeffs[2 * C + c] = k.k_dy;
@@ -159,8 +162,8 @@ __global__ void gather_stats_kernel(const stat_t* __restrict__ stats, int64_t ra
 template <typename acc_t>
 void launch_finalize_stats(const Partial<red_t>* partials, int64_t C, int64_t parts, acc_t* mean_out, acc_t* var_out,
                            ChannelArgs<acc_t> args, double eps, acc_t* coeffs, cudaStream_t stream) {
-  finalize_stats_kernel<acc_t><<<channel_grid(C), kThreads, 0, stream>>>(partials, C, parts, mean_out, var_out, args,
-                                                                         eps, coeffs);
+  finalize_stats_kernel<acc_t>
+      <<<channel_grid(C), kThreads, 0, stream>>>(partials, C, parts, mean_out, var_out, args, eps, coeffs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -178,8 +181,8 @@ void launch_backward_channel(const Partial<red_t>* partials, int64_t parts, cons
                              acc_t* sum_dy_xmu_out, acc_t* grad_weight, acc_t* grad_bias, acc_t* coeffs,
                              cudaStream_t stream) {
   backward_channel_kernel<acc_t><<<channel_grid(C), kThreads, 0, stream>>>(
-      partials, parts, sum_dy_in, sum_dy_xmu_in, mean, var, weight, C, eps, count, training, sum_dy_out,
-      sum_dy_xmu_out, grad_weight, grad_bias, coeffs);
+      partials, parts, sum_dy_in, sum_dy_xmu_in, mean, var, weight, C, eps, count, training, sum_dy_out, sum_dy_xmu_out,
+      grad_weight, grad_bias, coeffs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -187,8 +190,8 @@ template <typename run_t, typename stat_t>
 void launch_update_running_stats(run_t* running_mean, run_t* running_var, int64_t* num_batches_tracked,
                                  const stat_t* mean, const stat_t* var, int64_t C, bool has_momentum, double momentum,
                                  int64_t count, cudaStream_t stream) {
-  update_running_stats_kernel<run_t, stat_t><<<1, kThreads, 0, stream>>>(
-      running_mean, running_var, num_batches_tracked, mean, var, C, has_momentum, momentum, count);
+  update_running_stats_kernel<run_t, stat_t><<<1, kThreads, 0, stream>>>(running_mean, running_var, num_batches_tracked,
+                                                                         mean, var, C, has_momentum, momentum, count);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -203,13 +206,13 @@ void launch_gather_stats(const stat_t* stats, int64_t ranks, int64_t C, stat_t* 
 }
 
 // Statistics and coefficients come in float32 or float64.
-#define BN_EXT_INSTANTIATE_ACC(acc_t)                                                                               \
-  template void launch_finalize_stats<acc_t>(const Partial<red_t>*, int64_t, int64_t, acc_t*, acc_t*,                \
-                                             ChannelArgs<acc_t>, double, acc_t*, cudaStream_t);                      \
+#define BN_EXT_INSTANTIATE_ACC(acc_t)                                                                                 \
+  template void launch_finalize_stats<acc_t>(const Partial<red_t>*, int64_t, int64_t, acc_t*, acc_t*,                 \
+                                             ChannelArgs<acc_t>, double, acc_t*, cudaStream_t);                       \
   template void launch_forward_coeffs<acc_t>(const acc_t*, const acc_t*, ChannelArgs<acc_t>, int64_t, double, acc_t*, \
-                                             cudaStream_t);                                                          \
-  template void launch_backward_channel<acc_t>(const Partial<red_t>*, int64_t, const acc_t*, const acc_t*,           \
-                                               const acc_t*, const acc_t*, const acc_t*, int64_t, double, double,    \
+                                             cudaStream_t);                                                           \
+  template void launch_backward_channel<acc_t>(const Partial<red_t>*, int64_t, const acc_t*, const acc_t*,            \
+                                               const acc_t*, const acc_t*, const acc_t*, int64_t, double, double,     \
                                                bool, acc_t*, acc_t*, acc_t*, acc_t*, acc_t*, cudaStream_t);
 BN_EXT_INSTANTIATE_ACC(float)
 BN_EXT_INSTANTIATE_ACC(double)
@@ -220,15 +223,15 @@ BN_EXT_INSTANTIATE_ACC(double)
 #define BN_EXT_INSTANTIATE_UPDATE(run_t, stat_t)                                                                   \
   template void launch_update_running_stats<run_t, stat_t>(run_t*, run_t*, int64_t*, const stat_t*, const stat_t*, \
                                                            int64_t, bool, double, int64_t, cudaStream_t);
-#define BN_EXT_INSTANTIATE_GATHER(run_t, stat_t)                                                                    \
-  template void launch_gather_stats<run_t, stat_t>(const stat_t*, int64_t, int64_t, stat_t*, stat_t*, stat_t*,      \
-                                                   run_t*, run_t*, int64_t*, bool, double, cudaStream_t);
-#define BN_EXT_INSTANTIATE_RUN(run_t, unused)        \
-  BN_EXT_INSTANTIATE_UPDATE(run_t, double)           \
-  BN_EXT_INSTANTIATE_UPDATE(run_t, float)            \
-  BN_EXT_INSTANTIATE_UPDATE(run_t, at::Half)         \
-  BN_EXT_INSTANTIATE_UPDATE(run_t, at::BFloat16)     \
-  BN_EXT_INSTANTIATE_GATHER(run_t, double)           \
+#define BN_EXT_INSTANTIATE_GATHER(run_t, stat_t)                                                                       \
+  template void launch_gather_stats<run_t, stat_t>(const stat_t*, int64_t, int64_t, stat_t*, stat_t*, stat_t*, run_t*, \
+                                                   run_t*, int64_t*, bool, double, cudaStream_t);
+#define BN_EXT_INSTANTIATE_RUN(run_t, unused)    \
+  BN_EXT_INSTANTIATE_UPDATE(run_t, double)       \
+  BN_EXT_INSTANTIATE_UPDATE(run_t, float)        \
+  BN_EXT_INSTANTIATE_UPDATE(run_t, at::Half)     \
+  BN_EXT_INSTANTIATE_UPDATE(run_t, at::BFloat16) \
+  BN_EXT_INSTANTIATE_GATHER(run_t, double)       \
   BN_EXT_INSTANTIATE_GATHER(run_t, float)
 BN_EXT_FOR_EACH_INPUT_TYPE(BN_EXT_INSTANTIATE_RUN)
 #undef BN_EXT_INSTANTIATE_RUN

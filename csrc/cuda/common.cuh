@@ -72,7 +72,6 @@ struct PlainDiv64 {
   __device__ __forceinline__ uint64_t div(uint64_t n) const { return n / d; }
 };
 
-
 enum class Pass { kForward, kBackwardTrain, kBackwardEval };
 
 // ---------------------------------------------------------------------------------------------
@@ -89,7 +88,8 @@ struct Partial {
 template <Reduce kR, typename acc_t>
 __device__ __forceinline__ Partial<acc_t> combine(const Partial<acc_t>& x, const Partial<acc_t>& y) {
   if (kR == Reduce::kStats) {
-    const WelfordPartial<acc_t> m = welford_merge(WelfordPartial<acc_t>{x.a, x.b, x.c}, WelfordPartial<acc_t>{y.a, y.b, y.c});
+    const WelfordPartial<acc_t> m =
+        welford_merge(WelfordPartial<acc_t>{x.a, x.b, x.c}, WelfordPartial<acc_t>{y.a, y.b, y.c});
     return {m.count, m.mean, m.m2};
   }
   return {x.a + y.a, x.b + y.b, acc_t(0)};

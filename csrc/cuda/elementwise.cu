@@ -111,8 +111,8 @@ void launch_elementwise(const Geometry& g, const scalar_t* a, const scalar_t* b,
     const int64_t nvec = numel / V;
     const int blocks = static_cast<int>(std::min(ceil_div(nvec, kThreads), max_blocks));
     if (N && g.C / V <= int64_t(blocks) * kThreads) {
-      elementwise_nsc_kernel<kPass, scalar_t, acc_t, V, index_t><<<blocks, kThreads, 0, stream>>>(
-          a, b, out, k, static_cast<index_t>(g.C), static_cast<index_t>(nvec));
+      elementwise_nsc_kernel<kPass, scalar_t, acc_t, V, index_t>
+          <<<blocks, kThreads, 0, stream>>>(a, b, out, k, static_cast<index_t>(g.C), static_cast<index_t>(nvec));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -125,8 +125,12 @@ void launch_elementwise(const Geometry& g, const scalar_t* a, const scalar_t* b,
   using VN = std::integral_constant<int, kVec>;
   using NSC = std::true_type;
   using NCS = std::false_type;
-  struct I32 { using type = uint32_t; };
-  struct I64 { using type = uint64_t; };
+  struct I32 {
+    using type = uint32_t;
+  };
+  struct I64 {
+    using type = uint64_t;
+  };
   const bool small = numel < (int64_t(1) << 31);
   const uint32_t one = 1;
   if (small) {
@@ -146,16 +150,13 @@ void launch_elementwise(const Geometry& g, const scalar_t* a, const scalar_t* b,
   }
 }
 
-#define BN_EXT_INSTANTIATE(scalar_t, acc_t)                                                                       \
-  template void launch_elementwise<Pass::kForward, scalar_t, acc_t>(const Geometry&, const scalar_t*,             \
-                                                                    const scalar_t*, scalar_t*, const acc_t*,     \
-                                                                    cudaStream_t, int);                           \
-  template void launch_elementwise<Pass::kBackwardTrain, scalar_t, acc_t>(const Geometry&, const scalar_t*,       \
-                                                                          const scalar_t*, scalar_t*,             \
-                                                                          const acc_t*, cudaStream_t, int);       \
-  template void launch_elementwise<Pass::kBackwardEval, scalar_t, acc_t>(const Geometry&, const scalar_t*,        \
-                                                                         const scalar_t*, scalar_t*, const acc_t*, \
-                                                                         cudaStream_t, int);
+#define BN_EXT_INSTANTIATE(scalar_t, acc_t)                                                                            \
+  template void launch_elementwise<Pass::kForward, scalar_t, acc_t>(const Geometry&, const scalar_t*, const scalar_t*, \
+                                                                    scalar_t*, const acc_t*, cudaStream_t, int);       \
+  template void launch_elementwise<Pass::kBackwardTrain, scalar_t, acc_t>(                                             \
+      const Geometry&, const scalar_t*, const scalar_t*, scalar_t*, const acc_t*, cudaStream_t, int);                  \
+  template void launch_elementwise<Pass::kBackwardEval, scalar_t, acc_t>(                                              \
+      const Geometry&, const scalar_t*, const scalar_t*, scalar_t*, const acc_t*, cudaStream_t, int);
 BN_EXT_FOR_EACH_INPUT_TYPE(BN_EXT_INSTANTIATE)
 #undef BN_EXT_INSTANTIATE
 

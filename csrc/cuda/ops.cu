@@ -17,7 +17,8 @@ struct Context {
   cudaStream_t stream;
   int device;
   explicit Context(const Tensor& t)
-      : guard(t.device()), stream(c10::cuda::getCurrentCUDAStream(t.device().index()).stream()),
+      : guard(t.device()),
+        stream(c10::cuda::getCurrentCUDAStream(t.device().index()).stream()),
         device(t.device().index()) {}
 };
 
@@ -40,7 +41,8 @@ T* mutable_ptr_or_null(const Tensor& t) {
 
 // A per-channel result: filled by a kernel when there is data, zeros for an empty input.
 Tensor stat_tensor(const Geometry& g, const Tensor& input, c10::ScalarType dtype) {
-  return g.numel() > 0 ? at::empty({g.C}, input.options().dtype(dtype)) : at::zeros({g.C}, input.options().dtype(dtype));
+  return g.numel() > 0 ? at::empty({g.C}, input.options().dtype(dtype))
+                       : at::zeros({g.C}, input.options().dtype(dtype));
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input, c10::optional<c10::ScalarType> dtype) {
@@ -52,7 +54,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input, c10::optional<c
   if (p.g.numel() == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_ext_stats_cuda", [&] {
     Tensor partials = launch_reduce<Reduce::kStats, scalar_t>(p.g, p.inputs[0].const_data_ptr<scalar_t>(), nullptr,
-                                                                no_mean<scalar_t>(), input, ctx.stream);
+                                                              no_mean<scalar_t>(), input, ctx.stream);
     const auto* parts = reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>());
     // The statistics come out in their own dtype: float32, or float64 when asked (or for float64 input).
     AT_DISPATCH_FLOATING_TYPES(dt, "bn_ext_stats_cuda_out", [&] {
@@ -79,8 +81,8 @@ Tensor batch_norm_elemt(const Tensor& input, const c10::optional<Tensor>& weight
                                  ChannelArgs<acc_t>{ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b)}, p.g.C, eps,
                                  coeffs.mutable_data_ptr<acc_t>(), ctx.stream);
     launch_elementwise<Pass::kForward, scalar_t, acc_t>(p.g, p.inputs[0].const_data_ptr<scalar_t>(), nullptr,
-                                                         p.out.mutable_data_ptr<scalar_t>(), coeffs.const_data_ptr<acc_t>(),
-                                                         ctx.stream, ctx.device);
+                                                        p.out.mutable_data_ptr<scalar_t>(),
+                                                        coeffs.const_data_ptr<acc_t>(), ctx.stream, ctx.device);
   });
   finish(p);
   return p.result;
@@ -107,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const c
                                  ChannelArgs<acc_t>{ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b)}, eps,
                                  coeffs.mutable_data_ptr<acc_t>(), ctx.stream);
     launch_elementwise<Pass::kForward, scalar_t, acc_t>(p.g, x, nullptr, p.out.mutable_data_ptr<scalar_t>(),
-                                                         coeffs.const_data_ptr<acc_t>(), ctx.stream, ctx.device);
+                                                        coeffs.const_data_ptr<acc_t>(), ctx.stream, ctx.device);
   });
   finish(p);
   return {p.result, mean, var};
@@ -125,21 +127,20 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
     using acc_t = acc_type<scalar_t>;
     const Tensor m = as_acc(mean, c10::CppTypeToScalarType<acc_t>::value);
     Tensor partials = launch_reduce<Reduce::kGrad, scalar_t>(p.g, p.inputs[1].const_data_ptr<scalar_t>(),
-                                                               p.inputs[0].const_data_ptr<scalar_t>(),
-                                                               m.const_data_ptr<acc_t>(), input, ctx.stream);
+                                                             p.inputs[0].const_data_ptr<scalar_t>(),
+                                                             m.const_data_ptr<acc_t>(), input, ctx.stream);
     // var is only read for grad_weight and coefficients, neither asked for here: pass the mean
-    launch_backward_channel<acc_t>(reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()),
-                                   partials.size(1), nullptr, nullptr, m.const_data_ptr<acc_t>(),
-                                   m.const_data_ptr<acc_t>(), nullptr, p.g.C, 0.0, 1.0, true,
-                                   sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr,
-                                   nullptr, nullptr, ctx.stream);
+    launch_backward_channel<acc_t>(
+        reinterpret_cast<const Partial<red_t>*>(partials.const_data_ptr<red_t>()), partials.size(1), nullptr, nullptr,
+        m.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), nullptr, p.g.C, 0.0, 1.0, true,
+        sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr, nullptr, nullptr, ctx.stream);
   });
   return {sum_dy, sum_dy_xmu};
 }
 
 Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const c10::optional<Tensor>& weight,
-                                 const Tensor& mean, const Tensor& var, const Tensor& sum_dy,
-                                 const Tensor& sum_dy_xmu, double eps, int64_t count) {
+                                 const Tensor& mean, const Tensor& var, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                                 double eps, int64_t count) {
   check_backward_elemt_args(grad_out, input, weight, mean, var, sum_dy, sum_dy_xmu, eps, count);
   Context ctx(input);
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/true);
@@ -168,10 +169,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                                        std::array<bool, 3> output_mask) {
   check_backward_args(grad_out, input, weight, mean, var, eps);
   Context ctx(input);
-  const bool need_sums = training ? output_mask[0] || output_mask[1] || output_mask[2] : output_mask[1] || output_mask[2];
+  const bool need_sums =
+      training ? output_mask[0] || output_mask[1] || output_mask[2] : output_mask[1] || output_mask[2];
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/output_mask[0]);
   const int64_t C = p.g.C;
-  const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : stat_dtype(input.scalar_type());
+  const auto param_dtype =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : stat_dtype(input.scalar_type());
   Tensor grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_ext_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -197,11 +200,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
         const scalar_t* dy = p.inputs[0].const_data_ptr<scalar_t>();
         const scalar_t* x = p.inputs[1].const_data_ptr<scalar_t>();
         if (training) {
-          launch_elementwise<Pass::kBackwardTrain, scalar_t, acc_t>(p.g, dy, x, p.out.mutable_data_ptr<scalar_t>(),
-                                                                    coeffs.const_data_ptr<acc_t>(), ctx.stream, ctx.device);
+          launch_elementwise<Pass::kBackwardTrain, scalar_t, acc_t>(
+              p.g, dy, x, p.out.mutable_data_ptr<scalar_t>(), coeffs.const_data_ptr<acc_t>(), ctx.stream, ctx.device);
         } else {
           launch_elementwise<Pass::kBackwardEval, scalar_t, acc_t>(p.g, dy, nullptr, p.out.mutable_data_ptr<scalar_t>(),
-                                                                   coeffs.const_data_ptr<acc_t>(), ctx.stream, ctx.device);
+                                                                   coeffs.const_data_ptr<acc_t>(), ctx.stream,
+                                                                   ctx.device);
         }
       }
     }
@@ -276,11 +280,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.dtype, "bn_ext_gather_stats_cuda", [&] {
     using run_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "bn_ext_gather_stats_cuda", [&] {
-      launch_gather_stats<run_t, scalar_t>(
-          table.const_data_ptr<scalar_t>(), table.size(0), C, mean.mutable_data_ptr<scalar_t>(),
-          var.mutable_data_ptr<scalar_t>(), count.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<run_t>(run.mean_c),
-          mutable_ptr_or_null<run_t>(run.var_c), run.counter_ptr(), momentum.has_value(), momentum.value_or(0.0),
-          ctx.stream);
+      launch_gather_stats<run_t, scalar_t>(table.const_data_ptr<scalar_t>(), table.size(0), C,
+                                           mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>(),
+                                           count.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<run_t>(run.mean_c),
+                                           mutable_ptr_or_null<run_t>(run.var_c), run.counter_ptr(),
+                                           momentum.has_value(), momentum.value_or(0.0), ctx.stream);
     });
   });
   run.write_back();

@@ -146,7 +146,8 @@ Tensor launch_reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, c
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = g.S % kVec == 0 && aligned16(x) && (kR != Reduce::kGrad || aligned16(dy));
     const int64_t step = vec ? kVec : 1;
-    int64_t parts = std::clamp<int64_t>(ceil_div(rows, kMinElemsPerBlock), 1, std::max<int64_t>(1, kTargetBlocks / g.C));
+    int64_t parts =
+        std::clamp<int64_t>(ceil_div(rows, kMinElemsPerBlock), 1, std::max<int64_t>(1, kTargetBlocks / g.C));
     parts = std::min<int64_t>(parts, 65535);
     const int64_t chunk = ceil_div(ceil_div(rows, parts), step) * step;  // whole vectors per block
     parts = ceil_div(rows, chunk);
@@ -156,11 +157,11 @@ Tensor launch_reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, c
     // S fits 32 bits whenever the kernel divides with it (rows < 2^31 there)
     const FastDiv32 by_plane(static_cast<uint32_t>(std::min<int64_t>(g.S, std::numeric_limits<int32_t>::max())));
     if (vec) {
-      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, kVec><<<grid, kThreads, 0, stream>>>(
-          x, dy, mean, g.C, g.S, rows, chunk, by_plane, out);
+      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, kVec>
+          <<<grid, kThreads, 0, stream>>>(x, dy, mean, g.C, g.S, rows, chunk, by_plane, out);
     } else {
-      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, 1><<<grid, kThreads, 0, stream>>>(
-          x, dy, mean, g.C, g.S, rows, chunk, by_plane, out);
+      reduce_ncs_kernel<kR, scalar_t, acc_t, mean_t, 1>
+          <<<grid, kThreads, 0, stream>>>(x, dy, mean, g.C, g.S, rows, chunk, by_plane, out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return partials;
@@ -170,7 +171,8 @@ Tensor launch_reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, c
   const int ty = kThreads / tx;
   const int64_t col_blocks = ceil_div(g.C, tx);
   TORCH_CHECK(col_blocks <= std::numeric_limits<int32_t>::max(), "bn_ext: input: too many channels (", g.C, ")");
-  int64_t parts = std::clamp<int64_t>(ceil_div(rows, int64_t(ty) * 16), 1, std::max<int64_t>(1, kTargetBlocks / col_blocks));
+  int64_t parts =
+      std::clamp<int64_t>(ceil_div(rows, int64_t(ty) * 16), 1, std::max<int64_t>(1, kTargetBlocks / col_blocks));
   parts = std::min<int64_t>(parts, 65535);
   const int64_t rows_per_block = ceil_div(rows, parts);
   parts = ceil_div(rows, rows_per_block);
@@ -183,13 +185,11 @@ Tensor launch_reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, c
   return partials;
 }
 
-#define BN_EXT_INSTANTIATE(scalar_t, acc_t)                                                                    \
-  template Tensor launch_reduce<Reduce::kStats, scalar_t, acc_t>(const Geometry&, const scalar_t*,             \
-                                                                 const scalar_t*, const acc_t*, const Tensor&, \
-                                                                 cudaStream_t);                                \
-  template Tensor launch_reduce<Reduce::kGrad, scalar_t, acc_t>(const Geometry&, const scalar_t*,              \
-                                                                const scalar_t*, const acc_t*, const Tensor&,  \
-                                                                cudaStream_t);
+#define BN_EXT_INSTANTIATE(scalar_t, acc_t)                                                                         \
+  template Tensor launch_reduce<Reduce::kStats, scalar_t, acc_t>(const Geometry&, const scalar_t*, const scalar_t*, \
+                                                                 const acc_t*, const Tensor&, cudaStream_t);        \
+  template Tensor launch_reduce<Reduce::kGrad, scalar_t, acc_t>(const Geometry&, const scalar_t*, const scalar_t*,  \
+                                                                const acc_t*, const Tensor&, cudaStream_t);
 BN_EXT_FOR_EACH_INPUT_TYPE(BN_EXT_INSTANTIATE)
 #undef BN_EXT_INSTANTIATE
 

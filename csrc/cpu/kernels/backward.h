@@ -44,10 +44,13 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
                        const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& k, Sweep order, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
-    parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
-      const BackwardCoeffs<opmath_t> kc{k.k_dy[c], k.k_x[c], k.k_0[c], k.mean_hi[c], k.mean_lo[c]};
-      grad_input_run<scalar_t, opmath_t, kTraining>(dy + off, x + off, dx + off, len, kc, stream);
-    }, order);
+    parallel_runs(
+        g,
+        [&](int64_t c, int64_t off, int64_t len) {
+          const BackwardCoeffs<opmath_t> kc{k.k_dy[c], k.k_x[c], k.k_0[c], k.mean_hi[c], k.mean_lo[c]};
+          grad_input_run<scalar_t, opmath_t, kTraining>(dy + off, x + off, dx + off, len, kc, stream);
+        },
+        order);
     return;
   }
   const opmath_t* __restrict kd = k.k_dy.data();
@@ -58,23 +61,29 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = k.folded();
-    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, [&](int64_t off, int64_t width, const auto& c) {
-      grad_input_rows_simd<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4], folded,
-                                                stream);
-    }, order);
+    parallel_row_spans<opmath_t, 5>(
+        g, {kd, kx, k0, hi, lo},
+        [&](int64_t off, int64_t width, const auto& c) {
+          grad_input_rows_simd<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4],
+                                                    folded, stream);
+        },
+        order);
     return;
   }
 #endif
-  parallel_rows(g, [&](int64_t off) {
-    const scalar_t* __restrict dys = dy + off;
-    const scalar_t* __restrict xs = x + off;
-    scalar_t* __restrict dxs = dx + off;
-    for (int64_t c = 0; c < g.C; ++c) {
-      opmath_t v = kd[c] * static_cast<opmath_t>(dys[c]);
-      if (kTraining) v += kx[c] * ((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) + k0[c];
-      dxs[c] = static_cast<scalar_t>(v);
-    }
-  }, order);
+  parallel_rows(
+      g,
+      [&](int64_t off) {
+        const scalar_t* __restrict dys = dy + off;
+        const scalar_t* __restrict xs = x + off;
+        scalar_t* __restrict dxs = dx + off;
+        for (int64_t c = 0; c < g.C; ++c) {
+          opmath_t v = kd[c] * static_cast<opmath_t>(dys[c]);
+          if (kTraining) v += kx[c] * ((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) + k0[c];
+          dxs[c] = static_cast<scalar_t>(v);
+        }
+      },
+      order);
 }
 
 #ifdef BN_EXT_AVX512BF16
@@ -87,24 +96,27 @@ void backward_pipelined(const scalar_t* dy, const scalar_t* x, scalar_t* dx, con
   const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   std::vector<BackwardCoeffs<float>> k(g.C);
   const double inv_count = 1.0 / static_cast<double>(g.rows());
-  pipelined_channels(g, [&](int64_t prev, int64_t c) {
-    if (prev < 0) {
-      channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
-    } else {
-      const int64_t back = (prev - c) * g.S;
-      const BackwardCoeffs<float>& kp = k[prev];
-      channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c], [&](int64_t off, int64_t len, LaneSums& acc) {
-        grad_sums_grad_input_run(dy + off, x + off, len, mean[c], acc, dy + off + back, x + off + back,
-                                 dx + off + back, kp, stream);
+  pipelined_channels(
+      g,
+      [&](int64_t prev, int64_t c) {
+        if (prev < 0) {
+          channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
+        } else {
+          const int64_t back = (prev - c) * g.S;
+          const BackwardCoeffs<float>& kp = k[prev];
+          channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c], [&](int64_t off, int64_t len, LaneSums& acc) {
+            grad_sums_grad_input_run(dy + off, x + off, len, mean[c], acc, dy + off + back, x + off + back,
+                                     dx + off + back, kp, stream);
+          });
+        }
+        k[c] = backward_coeffs_from_invstd<float>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
+                                                  sum_dy_xmu[c], inv_count, /*training=*/true);
+      },
+      [&](int64_t c) {
+        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+          grad_input_run<scalar_t, float, true>(dy + off, x + off, dx + off, len, k[c], stream);
+        });
       });
-    }
-    k[c] = backward_coeffs_from_invstd<float>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
-                                              sum_dy_xmu[c], inv_count, /*training=*/true);
-  }, [&](int64_t c) {
-    for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-      grad_input_run<scalar_t, float, true>(dy + off, x + off, dx + off, len, k[c], stream);
-    });
-  });
 }
 #endif
 
@@ -126,20 +138,23 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
 #endif
   const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   const double inv_count = 1.0 / static_cast<double>(g.rows());  // what backward_coeffs takes per channel
-  parallel_pieces(ceil_div(g.C, group), Sweep::kForward, [&](int64_t p) {
-    std::array<BackwardCoeffs<opmath_t>, kMaxChannelGroup> k;
-    const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
-    for (int64_t c = c0; c < c1; ++c) channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
-    for (int64_t c = c0; c < c1; ++c)
-      k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
-                                                        sum_dy_xmu[c], inv_count, /*training=*/true);
-    for (int64_t c = c0; c < c1; ++c) {
-      const auto& kc = k[c - c0];
-      for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-        grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc, stream);
-      });
-    }
-  }, store_fence);
+  parallel_pieces(
+      ceil_div(g.C, group), Sweep::kForward,
+      [&](int64_t p) {
+        std::array<BackwardCoeffs<opmath_t>, kMaxChannelGroup> k;
+        const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+        for (int64_t c = c0; c < c1; ++c) channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
+        for (int64_t c = c0; c < c1; ++c)
+          k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
+                                                            sum_dy_xmu[c], inv_count, /*training=*/true);
+        for (int64_t c = c0; c < c1; ++c) {
+          const auto& kc = k[c - c0];
+          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+            grad_input_run<scalar_t, opmath_t, true>(dy + off, x + off, dx + off, len, kc, stream);
+          });
+        }
+      },
+      store_fence);
 }
 
 // The fused per-channel path pays off when channels keep every thread busy.

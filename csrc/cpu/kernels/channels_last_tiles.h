@@ -80,8 +80,8 @@ inline void add_tile16_sums(__m512 fa, __m512 fb, __m512 shf, const double* shif
 
 // shifted_sums_tile8_simd for channels [c, c + 16), 16-wide.
 template <typename scalar_t>
-inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
-                                const double* shift, double* s1, double* s2) {
+inline void shifted_sums_tile16(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1, const double* shift,
+                                double* s1, double* s2) {
   const __m512 shf = narrow16(_mm512_loadu_pd(shift + c), _mm512_loadu_pd(shift + c + 8));
   // even and odd rows into two pairs of sums: one chain of dependent FMAs would set the pace
   __m512 fa = _mm512_setzero_ps(), fb = fa, ga = fa, gb = fa;
@@ -112,8 +112,8 @@ inline void narrow_lanes(const double* p, __m512* out) {
 // each row gives 8 independent chains of sums, and every line it touches is used at once, so the
 // tile can take as many rows as the float32 sums allow (for_each_tile8).
 template <typename scalar_t>
-inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
-                                 const double* shift, double* s1, double* s2) {
+inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1, const double* shift,
+                                 double* s1, double* s2) {
   constexpr int V = kWideTileChannels / 16;
   __m512 shf[V], fa[V] = {}, fb[V] = {};
   narrow_lanes<V>(shift + c, shf);

@@ -2,7 +2,6 @@
 // Shifts, the per-block lane sums, and the SIMD loops that sum one NC(D)HW run in float32
 // chunks widened into float64 (statistics and gradient sums).
 
-
 // A shift must be finite: an Inf or NaN among the sampled values would turn every shifted value
 // into NaN, where PyTorch's sums give the mean +-Inf. With no shift the sums carry them through.
 inline double finite_or_zero(double shift) { return std::isfinite(shift) ? shift : 0.0; }
@@ -61,7 +60,7 @@ struct LaneSums {
   __m512 fa, fb, ga, gb;
   int64_t vecs = 0;  // vectors added into f and g since they were last widened
   double n = 0;      // values in the lanes
-  LaneSums()  // user-provided: built for AVX-512
+  LaneSums()         // user-provided: built for AVX-512
       : a(_mm512_setzero_pd()), b(a), fa(_mm512_setzero_ps()), fb(fa), ga(fa), gb(fa) {}
   void widen();
   // The sums with the pending float32 chunk sums widened in.
@@ -151,8 +150,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
 #ifdef BN_EXT_AVX512BF16
   // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
-  chunked_lanes(len, acc,
-                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_shifted16(p + j, n, shf, fa, fb); });
+  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_shifted16(p + j, n, shf, fa, fb); });
   return;
 #endif
   double* s1 = &acc.sa;

@@ -2,7 +2,6 @@
 // The elementwise forward: coefficients, NC(D)HW and channels-last passes, the per-channel
 // (fused, grouped, pipelined) training forward.
 
-
 // 1 / sqrt(var + eps) for every channel, four at a time in the SIMD builds (the same bits as
 // invstd_from_var): the setup of thousands of channels (2048 of 7x7) otherwise spends microseconds
 // per call in scalar square roots and divisions.
@@ -63,9 +62,12 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
                   const Affine<at::opmath_type<scalar_t>>& a, Sweep order, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
-    parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
-      normalize_run(x + off, y + off, len, a.mean_hi[c], a.mean_lo[c], a.scale[c], a.shift[c], stream);
-    }, order);
+    parallel_runs(
+        g,
+        [&](int64_t c, int64_t off, int64_t len) {
+          normalize_run(x + off, y + off, len, a.mean_hi[c], a.mean_lo[c], a.scale[c], a.shift[c], stream);
+        },
+        order);
     return;
   }
   const opmath_t* __restrict hi = a.mean_hi.data();
@@ -75,18 +77,24 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = a.folded();
-    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, [&](int64_t off, int64_t width, const auto& k) {
-      normalize_rows_simd(x + off, y + off, width, k[0], k[1], k[2], k[3], folded, stream);
-    }, order);
+    parallel_row_spans<opmath_t, 4>(
+        g, {hi, lo, sc, sh},
+        [&](int64_t off, int64_t width, const auto& k) {
+          normalize_rows_simd(x + off, y + off, width, k[0], k[1], k[2], k[3], folded, stream);
+        },
+        order);
     return;
   }
 #endif
-  parallel_rows(g, [&](int64_t off) {
-    const scalar_t* __restrict xs = x + off;
-    scalar_t* __restrict ys = y + off;
-    for (int64_t c = 0; c < g.C; ++c)
-      ys[c] = static_cast<scalar_t>(((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) * sc[c] + sh[c]);
-  }, order);
+  parallel_rows(
+      g,
+      [&](int64_t off) {
+        const scalar_t* __restrict xs = x + off;
+        scalar_t* __restrict ys = y + off;
+        for (int64_t c = 0; c < g.C; ++c)
+          ys[c] = static_cast<scalar_t>(((static_cast<opmath_t>(xs[c]) - hi[c]) - lo[c]) * sc[c] + sh[c]);
+      },
+      order);
 }
 
 // The fused per-channel paths take small channels in groups: the group's reductions, then its
@@ -119,45 +127,51 @@ struct PendingChannel {
 
 template <typename Body, typename Alone>
 void pipelined_channels(const Geometry& g, Body&& body, Alone&& alone) {
-  parallel_pieces_with<PendingChannel>(g.C, Sweep::kForward, [&](PendingChannel& prev, int64_t c) {
-    body(prev.c, c);
-    prev.c = c;
-  }, [&](PendingChannel& prev) {
-    if (prev.c >= 0) alone(prev.c);
-    store_fence();
-  });
+  parallel_pieces_with<PendingChannel>(
+      g.C, Sweep::kForward,
+      [&](PendingChannel& prev, int64_t c) {
+        body(prev.c, c);
+        prev.c = c;
+      },
+      [&](PendingChannel& prev) {
+        if (prev.c >= 0) alone(prev.c);
+        store_fence();
+      });
 }
 
 #ifdef BN_EXT_AVX512BF16
 // The training forward, pipelined (shifted_sums_normalize_run).
 template <typename scalar_t>
 void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
-                     const std::vector<double>& bias, double eps, std::vector<double>& mean,
-                     std::vector<double>& var, bool stream) {
+                     const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var,
+                     bool stream) {
   std::vector<double> shift(g.C);
   std::vector<ForwardCoeffs<float>> k(g.C);
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
-  pipelined_channels(g, [&](int64_t prev, int64_t c) {
-    shift[c] = channel_shift(x, g, c);
-    double s1, s2;
-    if (prev < 0) {
-      channel_total(sum, g, c, &s1, &s2);
-    } else {
-      const int64_t back = (prev - c) * g.S;  // from channel c's element to prev's at the same (n, s)
-      const ForwardCoeffs<float>& kp = k[prev];
-      channel_total(sum, g, c, &s1, &s2, [&](int64_t off, int64_t len, LaneSums& acc) {
-        shifted_sums_normalize_run(x + off, len, shift[c], acc, x + off + back, y + off + back, kp.mean_hi,
-                                   kp.mean_lo, kp.scale, kp.shift, stream);
+  pipelined_channels(
+      g,
+      [&](int64_t prev, int64_t c) {
+        shift[c] = channel_shift(x, g, c);
+        double s1, s2;
+        if (prev < 0) {
+          channel_total(sum, g, c, &s1, &s2);
+        } else {
+          const int64_t back = (prev - c) * g.S;  // from channel c's element to prev's at the same (n, s)
+          const ForwardCoeffs<float>& kp = k[prev];
+          channel_total(sum, g, c, &s1, &s2, [&](int64_t off, int64_t len, LaneSums& acc) {
+            shifted_sums_normalize_run(x + off, len, shift[c], acc, x + off + back, y + off + back, kp.mean_hi,
+                                       kp.mean_lo, kp.scale, kp.shift, stream);
+          });
+        }
+        finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
+        k[c] = forward_coeffs<float>(mean[c], var[c], weight[c], bias[c], eps);
+      },
+      [&](int64_t c) {
+        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+          normalize_run(x + off, y + off, len, k[c].mean_hi, k[c].mean_lo, k[c].scale, k[c].shift, stream);
+        });
       });
-    }
-    finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-    k[c] = forward_coeffs<float>(mean[c], var[c], weight[c], bias[c], eps);
-  }, [&](int64_t c) {
-    for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-      normalize_run(x + off, y + off, len, k[c].mean_hi, k[c].mean_lo, k[c].scale, k[c].shift, stream);
-    });
-  });
 }
 #endif
 
@@ -165,8 +179,8 @@ void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const st
 // elementwise passes while the data is still in cache.
 template <typename scalar_t>
 void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
-                       const std::vector<double>& bias, double eps, std::vector<double>& mean,
-                       std::vector<double>& var, bool stream) {
+                       const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var,
+                       bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t group = channel_group(g, sizeof(scalar_t));
 #ifdef BN_EXT_AVX512BF16
@@ -180,21 +194,25 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
   std::vector<double> shift(g.C);  // each task sets its channels' shifts before it sums them
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
-  parallel_pieces(ceil_div(g.C, group), Sweep::kForward, [&](int64_t p) {
-    std::array<ForwardCoeffs<opmath_t>, kMaxChannelGroup> k;
-    const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
-    for (int64_t c = c0; c < c1; ++c) {
-      shift[c] = channel_shift(x, g, c);
-      double s1, s2;
-      channel_total(sum, g, c, &s1, &s2);
-      finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-    }
-    for (int64_t c = c0; c < c1; ++c) k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
-    for (int64_t c = c0; c < c1; ++c) {
-      const auto& kc = k[c - c0];
-      for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-        normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
-      });
-    }
-  }, store_fence);
+  parallel_pieces(
+      ceil_div(g.C, group), Sweep::kForward,
+      [&](int64_t p) {
+        std::array<ForwardCoeffs<opmath_t>, kMaxChannelGroup> k;
+        const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+        for (int64_t c = c0; c < c1; ++c) {
+          shift[c] = channel_shift(x, g, c);
+          double s1, s2;
+          channel_total(sum, g, c, &s1, &s2);
+          finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
+        }
+        for (int64_t c = c0; c < c1; ++c)
+          k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
+        for (int64_t c = c0; c < c1; ++c) {
+          const auto& kc = k[c - c0];
+          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+            normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
+          });
+        }
+      },
+      store_fence);
 }

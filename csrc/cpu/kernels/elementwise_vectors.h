@@ -52,11 +52,17 @@ struct Lanes8 {
   using vec = __m256;
   static constexpr int64_t width = 8;
   template <typename T>
-  static vec load(const T* p) { return load8(p); }
+  static vec load(const T* p) {
+    return load8(p);
+  }
   template <typename T>
-  static void store(T* p, vec v) { store8(p, v); }
+  static void store(T* p, vec v) {
+    store8(p, v);
+  }
   template <typename T>
-  static void store_out(T* p, vec v, bool stream) { stream ? stream8(p, v) : store8(p, v); }
+  static void store_out(T* p, vec v, bool stream) {
+    stream ? stream8(p, v) : store8(p, v);
+  }
   static vec coef(const float* p) { return _mm256_loadu_ps(p); }
   static vec coef(float v) { return _mm256_set1_ps(v); }
   static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
@@ -69,11 +75,17 @@ struct Lanes16 {
   using vec = __m512;
   static constexpr int64_t width = 16;
   template <typename T>
-  static vec load(const T* p) { return load16(p); }
+  static vec load(const T* p) {
+    return load16(p);
+  }
   template <typename T>
-  static void store(T* p, vec v) { store16(p, v); }
+  static void store(T* p, vec v) {
+    store16(p, v);
+  }
   template <typename T>
-  static void store_out(T* p, vec v, bool stream) { stream ? stream16(p, v) : store16(p, v); }
+  static void store_out(T* p, vec v, bool stream) {
+    stream ? stream16(p, v) : store16(p, v);
+  }
   static vec coef(const float* p) { return _mm512_loadu_ps(p); }
   static vec coef(float v) { return _mm512_set1_ps(v); }
   static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
@@ -86,7 +98,9 @@ struct Lanes16 {
 struct Broadcast {
   float v;
   template <typename L>
-  typename L::vec at(int64_t) const { return L::coef(v); }
+  typename L::vec at(int64_t) const {
+    return L::coef(v);
+  }
   float scalar(int64_t) const { return v; }
 #ifdef BN_EXT_AVX512BF16
   __m512 first(int64_t, int64_t) const { return _mm512_set1_ps(v); }
@@ -95,7 +109,9 @@ struct Broadcast {
 struct PerLane {
   const float* p;
   template <typename L>
-  typename L::vec at(int64_t i) const { return L::coef(p + i); }
+  typename L::vec at(int64_t i) const {
+    return L::coef(p + i);
+  }
   float scalar(int64_t i) const { return p[i]; }
 #ifdef BN_EXT_AVX512BF16
   // the coefficients of positions [i, i + n), n < 16 (zeros in the other lanes)
@@ -150,8 +166,9 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& h
   i = normalize_vectors<Lanes16>(x, y, i, n, hi, lo, sc, sh, folded, stream);
   if (i < n) {  // the last values, fewer than 16: one masked vector (7x7 planes end in one value)
     const int64_t m = n - i;
-    store16_first(y + i, normalized<Lanes16>(load16_first(x + i, m), hi.first(i, m), lo.first(i, m), sc.first(i, m),
-                                             sh.first(i, m)), m);
+    store16_first(
+        y + i,
+        normalized<Lanes16>(load16_first(x + i, m), hi.first(i, m), lo.first(i, m), sc.first(i, m), sh.first(i, m)), m);
   }
   return;
 #endif
@@ -178,9 +195,8 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
 // out: both directions of memory traffic at once, where a reduction and then an elementwise pass
 // take turns.
 template <typename scalar_t>
-inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double shift, LaneSums& acc,
-                                       const scalar_t* xp, scalar_t* yp, float hi, float lo, float sc, float sh,
-                                       bool stream) {
+inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double shift, LaneSums& acc, const scalar_t* xp,
+                                       scalar_t* yp, float hi, float lo, float sc, float sh, bool stream) {
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
   const bool folded = hi == 0.0f && lo == 0.0f;
   chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {

@@ -53,22 +53,21 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
 #endif
   i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
   for (int64_t j = i; j < n; ++j)
-    dx[j] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[j]), static_cast<float>(x[j]),
-                                                      kd.scalar(j), kx.scalar(j), k0.scalar(j), hi.scalar(j),
-                                                      lo.scalar(j)));
+    dx[j] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[j]), static_cast<float>(x[j]), kd.scalar(j),
+                                                      kx.scalar(j), k0.scalar(j), hi.scalar(j), lo.scalar(j)));
 }
 
 template <typename scalar_t, bool kTraining>
 inline void grad_input_run_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, float kd, float kx,
                                 float k0, float hi, float lo, bool stream) {
-  grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi},
-                             Broadcast{lo}, hi == 0.0f && lo == 0.0f, stream);
+  grad_input_span<kTraining>(dy, x, dx, len, Broadcast{kd}, Broadcast{kx}, Broadcast{k0}, Broadcast{hi}, Broadcast{lo},
+                             hi == 0.0f && lo == 0.0f, stream);
 }
 
 template <typename scalar_t, bool kTraining>
-inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
-                                 const float* kd, const float* kx, const float* k0, const float* hi, const float* lo,
-                                 bool folded, bool stream) {
+inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width, const float* kd,
+                                 const float* kx, const float* k0, const float* hi, const float* lo, bool folded,
+                                 bool stream) {
   grad_input_span<kTraining>(dy, x, dx, width, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo}, folded,
                              stream);
 }

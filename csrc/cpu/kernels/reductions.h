@@ -174,8 +174,8 @@ constexpr bool in_order_tiles(int64_t C) {
 // and of at least kMinChunkChannels, so that the threads get even shares. Results do not depend on
 // it: a channel's sums over a block are the same whatever chunk it falls in.
 int64_t channel_chunk(const Geometry& g, int64_t blocks) {
-  const int64_t split = std::min(ceil_div(kMinReductionTasksPerThread * at::get_num_threads(), blocks),
-                                 g.C / kMinChunkChannels);
+  const int64_t split =
+      std::min(ceil_div(kMinReductionTasksPerThread * at::get_num_threads(), blocks), g.C / kMinChunkChannels);
   // whole wide tiles where there are any, so that which tile a channel falls in (and so its sums'
   // float32 rounding) depends on C alone
   const int64_t unit = g.C >= kWideTileChannels ? kWideTileChannels : 16;
@@ -185,8 +185,7 @@ int64_t channel_chunk(const Geometry& g, int64_t blocks) {
 // NC(D)HW: the sums of block k of channel c (its flat elements [k * kBlockElems, ...)), each run
 // added by run(offset, len, acc) (sum.run, or a loop that does more beside it).
 template <typename Summand, typename Run>
-inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b,
-                       Run&& run) {
+inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b, Run&& run) {
   const int64_t start = k * kBlockElems;
   LaneSums acc;
   for_each_run_of_channel(g, c, start, std::min(g.rows(), start + kBlockElems),
@@ -276,8 +275,8 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   parallel_pieces(rb.blocks * chunks, Sweep::kForward, [&](int64_t task) {
     const int64_t k = task / chunks, c0 = task % chunks * chunk;
     double* pa = part.data() + k * g.C * 2;
-    sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0, std::min(g.C, c0 + chunk),
-             pa, pa + g.C);
+    sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0, std::min(g.C, c0 + chunk), pa,
+             pa + g.C);
   });
   for (int64_t k = 0; k < rb.blocks; ++k) {  // block order, contiguous reads
     const double* pk = part.data() + k * g.C * 2;
@@ -307,6 +306,5 @@ void stats_kernel(const scalar_t* x, const Geometry& g, std::vector<double>& mea
   const bool streamed = g.layout == Layout::kNSC && should_stream_rows<scalar_t>(g, 1);
   channel_sums(ShiftedSquares<scalar_t>{x, shift.data(), g.C, streamed}, g, s1, s2);
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
-  for (int64_t c = 0; c < g.C; ++c)
-    finish_channel(shift[c], s1[c], s2[c], count, inv_count, &mean[c], &var[c]);
+  for (int64_t c = 0; c < g.C; ++c) finish_channel(shift[c], s1[c], s2[c], count, inv_count, &mean[c], &var[c]);
 }

@@ -68,18 +68,21 @@ inline int64_t grad_sums_row_vectors(const scalar_t* g, const scalar_t* xr, int6
 
 // Gradient sums, with the rounding of the mean to float32 corrected at each flush.
 template <typename scalar_t>
-inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c0, int64_t n,
-                                    int64_t r0, int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
+inline void grad_sums_rows_streamed(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c0, int64_t n, int64_t r0,
+                                    int64_t r1, const double* mean, double* sum_dy, double* sum_dy_xmu) {
   const std::vector<float> mf = rounded_to_float(mean, c0, n);
-  sweep_row_streams(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
-    int64_t c = c0;
+  sweep_row_streams(
+      c0, n, r0, r1,
+      [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
+        int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
-    c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
+        c = grad_sums_row_vectors<Lanes16>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
 #endif
-    grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
-  }, [&](int64_t, const float* fa, const float* fb) {
-    for (int64_t c = c0; c < n; ++c) add_grad_sums(fa[c], fb[c], mean[c], &sum_dy[c], &sum_dy_xmu[c]);
-  });
+        grad_sums_row_vectors<Lanes8>(dy + r * C, x + r * C, step * C, k, c, n, mf.data(), fa, fb);
+      },
+      [&](int64_t, const float* fa, const float* fb) {
+        for (int64_t c = c0; c < n; ++c) add_grad_sums(fa[c], fb[c], mean[c], &sum_dy[c], &sum_dy_xmu[c]);
+      });
 }
 
 // Rows [0, k) (`stride` values apart) of sum(x - shift_f) and sum((x - shift_f)^2) into fa/fb,
@@ -106,15 +109,18 @@ template <typename scalar_t>
 inline void shifted_sums_rows_streamed(const scalar_t* x, int64_t C, int64_t c0, int64_t n, int64_t r0, int64_t r1,
                                        const double* shift, double* s1, double* s2) {
   const std::vector<float> sf = rounded_to_float(shift, c0, n);
-  sweep_row_streams(c0, n, r0, r1, [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
-    int64_t c = c0;
+  sweep_row_streams(
+      c0, n, r0, r1,
+      [&](int64_t r, int64_t k, int64_t step, float* fa, float* fb) {
+        int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
-    c = shifted_sums_row_vectors<Lanes16>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);
+        c = shifted_sums_row_vectors<Lanes16>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);
 #endif
-    shifted_sums_row_vectors<Lanes8>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);
-  }, [&](int64_t rows, const float* fa, const float* fb) {
-    for (int64_t c = c0; c < n; ++c)
-      add_shifted_sums(fa[c], fb[c], static_cast<double>(rows), shift[c], &s1[c], &s2[c]);
-  });
+        shifted_sums_row_vectors<Lanes8>(x + r * C, step * C, k, c, n, sf.data(), fa, fb);
+      },
+      [&](int64_t rows, const float* fa, const float* fb) {
+        for (int64_t c = c0; c < n; ++c)
+          add_shifted_sums(fa[c], fb[c], static_cast<double>(rows), shift[c], &s1[c], &s2[c]);
+      });
 }
 #endif  // BN_EXT_AVX2_INTRINSICS

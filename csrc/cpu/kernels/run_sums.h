@@ -37,11 +37,14 @@ inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double s
     return;
   }
 #endif
-  two_sums_run(len, [&](int64_t i, double* u, double* v) {
-    const double d = static_cast<double>(p[i]) - shift;
-    *u = d;
-    *v = d * d;
-  }, &acc.sa, &acc.sb);
+  two_sums_run(
+      len,
+      [&](int64_t i, double* u, double* v) {
+        const double d = static_cast<double>(p[i]) - shift;
+        *u = d;
+        *v = d * d;
+      },
+      &acc.sa, &acc.sb);
 }
 
 // A block's shifted sums from its LaneSums (the lanes hold sums against the float32 shift).
@@ -83,11 +86,14 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
     return;
   }
 #endif
-  two_sums_run(len, [&](int64_t i, double* u, double* v) {
-    const double g = static_cast<double>(dy[i]);
-    *u = g;
-    *v = g * (static_cast<double>(x[i]) - mean);
-  }, &acc.sa, &acc.sb);
+  two_sums_run(
+      len,
+      [&](int64_t i, double* u, double* v) {
+        const double g = static_cast<double>(dy[i]);
+        *u = g;
+        *v = g * (static_cast<double>(x[i]) - mean);
+      },
+      &acc.sa, &acc.sb);
 }
 
 // A block's gradient sums from its LaneSums (the lanes hold sum(dy) and sum(dy * (x - mean_f))).

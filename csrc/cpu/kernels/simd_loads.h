@@ -13,7 +13,9 @@ inline __m256 load8(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline __m256d lo4(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
 inline __m256d hi4(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
 
@@ -100,8 +102,8 @@ inline void hsum8_pair(__m512d a, __m512d b, double* sa, double* sb) {
   const __m512d pairs = _mm512_add_pd(_mm512_unpacklo_pd(a, b), _mm512_unpackhi_pd(a, b));
   // lanes 0, 1: (a0+a1)+(a2+a3), (b0+b1)+(b2+b3); lanes 4, 5: the same of the upper four
   const __m512d quads = _mm512_add_pd(pairs, _mm512_permutex_pd(pairs, _MM_SHUFFLE(1, 0, 3, 2)));
-  const __m128d sums = _mm_add_pd(_mm512_castpd512_pd128(quads),
-                                  _mm256_castpd256_pd128(_mm512_extractf64x4_pd(quads, 1)));
+  const __m128d sums =
+      _mm_add_pd(_mm512_castpd512_pd128(quads), _mm256_castpd256_pd128(_mm512_extractf64x4_pd(quads, 1)));
   *sa = _mm_cvtsd_f64(sums);
   *sb = _mm_cvtsd_f64(_mm_unpackhi_pd(sums, sums));
 }

@@ -98,18 +98,21 @@ void parallel_pieces(int64_t pieces, Sweep order, Body&& body) {
 template <typename Fn>
 void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
   const int64_t numel = g.numel();
-  parallel_pieces(ceil_div(numel, kElemGrain), order, [&](int64_t p) {
-    const int64_t lo = p * kElemGrain, hi = std::min(numel, lo + kElemGrain);
-    // one division per piece, not per run: planes of a few elements are common (7x7)
-    int64_t plane = lo / g.S;
-    int64_t c = plane % g.C;
-    for (int64_t i = lo; i < hi; ++plane) {
-      const int64_t run_end = std::min(hi, (plane + 1) * g.S);
-      fn(c, i, run_end - i);
-      i = run_end;
-      if (++c == g.C) c = 0;
-    }
-  }, store_fence);
+  parallel_pieces(
+      ceil_div(numel, kElemGrain), order,
+      [&](int64_t p) {
+        const int64_t lo = p * kElemGrain, hi = std::min(numel, lo + kElemGrain);
+        // one division per piece, not per run: planes of a few elements are common (7x7)
+        int64_t plane = lo / g.S;
+        int64_t c = plane % g.C;
+        for (int64_t i = lo; i < hi; ++plane) {
+          const int64_t run_end = std::min(hi, (plane + 1) * g.S);
+          fn(c, i, run_end - i);
+          i = run_end;
+          if (++c == g.C) c = 0;
+        }
+      },
+      store_fence);
 }
 
 // fn(offset) for each row of C channels, channels-last layout, in parallel.
@@ -154,9 +157,12 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
   }
   const int64_t spans = g.rows() / rows;
   const int64_t grain = std::max<int64_t>(1, kElemGrain / width);
-  parallel_pieces(ceil_div(spans, grain), order, [&](int64_t p) {
-    const int64_t hi = std::min(spans, (p + 1) * grain);
-    for (int64_t r = p * grain; r < hi; ++r) fn(r * width, width, spans_arrays);
-  }, store_fence);
+  parallel_pieces(
+      ceil_div(spans, grain), order,
+      [&](int64_t p) {
+        const int64_t hi = std::min(spans, (p + 1) * grain);
+        for (int64_t r = p * grain; r < hi; ++r) fn(r * width, width, spans_arrays);
+      },
+      store_fence);
   for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, arrays);
 }

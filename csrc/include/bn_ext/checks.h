@@ -20,9 +20,7 @@ inline std::string shape_str(const at::Tensor& t) {
   return out + "]";
 }
 
-inline bool is_reduced_float(c10::ScalarType t) {
-  return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
-}
+inline bool is_reduced_float(c10::ScalarType t) { return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16; }
 
 // dtype of the batch statistics we return (saved mean/var): float32, or float64 for float64 input.
 inline c10::ScalarType stat_dtype(c10::ScalarType input_dtype) {
@@ -31,24 +29,24 @@ inline c10::ScalarType stat_dtype(c10::ScalarType input_dtype) {
 
 inline void check_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.defined(), op, ": input: expected a tensor, got None");
-  TORCH_CHECK(input.dim() >= 2, op, ": input: expected at least 2 dimensions (N, C, ...), got ",
-              input.dim(), "-D input of size ", shape_str(input));
+  TORCH_CHECK(input.dim() >= 2, op, ": input: expected at least 2 dimensions (N, C, ...), got ", input.dim(),
+              "-D input of size ", shape_str(input));
   const auto t = input.scalar_type();
-  TORCH_CHECK(t == c10::ScalarType::Float || t == c10::ScalarType::Double || is_reduced_float(t),
-              op, ": input: expected dtype float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(t == c10::ScalarType::Float || t == c10::ScalarType::Double || is_reduced_float(t), op,
+              ": input: expected dtype float32, float64, float16 or bfloat16, got ", t);
 }
 
 // A per-channel tensor: 1-D, `channels` elements, on the input's device, and of a dtype that
 // goes with the input's (the same, or float32 beside float16/bfloat16 input, as PyTorch allows).
-inline void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
-                                 const char* op, bool allow_any_float = false) {
+inline void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input, const char* op,
+                                 bool allow_any_float = false) {
   const int64_t channels = input.size(1);
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, ": expected a 1-D tensor of ", channels,
-              " elements, got ", t.dim(), "-D tensor of size ", shape_str(t));
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, ": expected a 1-D tensor of ", channels, " elements, got ", t.dim(),
+              "-D tensor of size ", shape_str(t));
   TORCH_CHECK(t.numel() == channels, op, ": ", name, ": expected ", channels,
               " elements (one per channel of input of size ", shape_str(input), "), got ", t.numel());
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, ": expected a tensor on ",
-              input.device(), " (the input's device), got one on ", t.device());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, ": expected a tensor on ", input.device(),
+              " (the input's device), got one on ", t.device());
   const auto it = input.scalar_type();
   const auto tt = t.scalar_type();
   if (allow_any_float) {
@@ -56,19 +54,17 @@ inline void check_channel_tensor(const at::Tensor& t, const char* name, const at
     return;
   }
   const bool ok = tt == it || (is_reduced_float(it) && tt == c10::ScalarType::Float);
-  TORCH_CHECK(ok, op, ": ", name, ": expected dtype ", it,
-              (is_reduced_float(it) ? " or float32" : ""), " to match input of dtype ", it,
-              ", got ", tt);
+  TORCH_CHECK(ok, op, ": ", name, ": expected dtype ", it, (is_reduced_float(it) ? " or float32" : ""),
+              " to match input of dtype ", it, ", got ", tt);
 }
 
-inline void check_optional_channel_tensor(const c10::optional<at::Tensor>& t, const char* name,
-                                          const at::Tensor& input, const char* op) {
+inline void check_optional_channel_tensor(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& input,
+                                          const char* op) {
   if (t.has_value() && t->defined()) check_channel_tensor(*t, name, input, op);
 }
 
 // Saved statistics (mean, var) handed back to a backward op: 1-D, C elements, same device.
-inline void check_stat_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
-                              const char* op) {
+inline void check_stat_tensor(const at::Tensor& t, const char* name, const at::Tensor& input, const char* op) {
   check_channel_tensor(t, name, input, op, /*allow_any_float=*/true);
 }
 
@@ -77,14 +73,13 @@ inline void check_eps(double eps, const char* op) {
   TORCH_CHECK(eps >= 0.0, op, ": eps: expected a non-negative value, got ", eps);
 }
 
-inline void check_same_shape(const at::Tensor& a, const char* name, const at::Tensor& input,
-                             const char* op) {
-  TORCH_CHECK(a.sizes() == input.sizes(), op, ": ", name, ": expected size ", shape_str(input),
-              " (the input's), got ", shape_str(a));
-  TORCH_CHECK(a.device() == input.device(), op, ": ", name, ": expected a tensor on ",
-              input.device(), ", got one on ", a.device());
-  TORCH_CHECK(a.scalar_type() == input.scalar_type(), op, ": ", name, ": expected dtype ",
-              input.scalar_type(), " (the input's), got ", a.scalar_type());
+inline void check_same_shape(const at::Tensor& a, const char* name, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(a.sizes() == input.sizes(), op, ": ", name, ": expected size ", shape_str(input), " (the input's), got ",
+              shape_str(a));
+  TORCH_CHECK(a.device() == input.device(), op, ": ", name, ": expected a tensor on ", input.device(), ", got one on ",
+              a.device());
+  TORCH_CHECK(a.scalar_type() == input.scalar_type(), op, ": ", name, ": expected dtype ", input.scalar_type(),
+              " (the input's), got ", a.scalar_type());
 }
 
 inline void check_affine(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -189,19 +184,19 @@ inline void check_counter_and_momentum(const c10::optional<at::Tensor>& num_batc
   // the other devices' counters.
   if (!momentum.has_value() && num_batches_tracked->is_cpu()) {
     const int64_t n = num_batches_tracked->item<int64_t>();
-    TORCH_CHECK(n >= 0, op, ": num_batches_tracked: expected a non-negative count with momentum=None (cumulative "
-                "average), got ", n);
+    TORCH_CHECK(n >= 0, op,
+                ": num_batches_tracked: expected a non-negative count with momentum=None (cumulative "
+                "average), got ",
+                n);
   }
-  if (momentum.has_value())
-    TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
+  if (momentum.has_value()) TORCH_CHECK(!std::isnan(*momentum), op, ": momentum: expected a number or None, got nan");
 }
 
 // Everything batch_norm_update_running_stats needs, checked before it writes anything.
 inline void check_update_running_stats(const c10::optional<at::Tensor>& running_mean,
                                        const c10::optional<at::Tensor>& running_var,
-                                       const c10::optional<at::Tensor>& num_batches_tracked,
-                                       const at::Tensor& mean, const at::Tensor& var,
-                                       c10::optional<double> momentum, int64_t count) {
+                                       const c10::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                                       const at::Tensor& var, c10::optional<double> momentum, int64_t count) {
   const char* op = "bn_ext.batch_norm_update_running_stats";
   TORCH_CHECK(mean.dim() == 1, op, ": mean: expected a 1-D tensor, got size ", shape_str(mean));
   TORCH_CHECK(var.sizes() == mean.sizes(), op, ": var: expected size ", shape_str(mean), " (the mean's), got ",
@@ -223,7 +218,8 @@ inline int64_t check_gather_stats(const at::Tensor& stats, const c10::optional<a
   const char* op = "bn_ext.batch_norm_gather_stats";
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) >= 1 && stats.size(1) % 2 == 1, op,
               ": stats: expected a 2-D tensor with a row per rank of 2 * C + 1 values "
-              "([count, mean (C), var (C)]), got size ", shape_str(stats));
+              "([count, mean (C), var (C)]), got size ",
+              shape_str(stats));
   TORCH_CHECK(stats.scalar_type() == at::kDouble || stats.scalar_type() == at::kFloat, op,
               ": stats: expected dtype float64 or float32, got ", stats.scalar_type());
   const int64_t C = (stats.size(1) - 1) / 2;

@@ -18,7 +18,7 @@ struct Geometry {
   int64_t C;
   int64_t S;
   Layout layout;
-  int64_t rows() const { return N * S; }   // elements per channel
+  int64_t rows() const { return N * S; }  // elements per channel
   int64_t numel() const { return N * C * S; }
 };
 

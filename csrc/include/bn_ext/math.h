@@ -27,8 +27,7 @@ struct WelfordPartial {
 // Chan et al.'s pairwise merge. Stable where a running sum / sum-of-squares is not: the
 // correction term uses the difference of the two means, never the raw sums.
 template <typename acc_t>
-BN_EXT_HOST_DEVICE WelfordPartial<acc_t> welford_merge(
-    const WelfordPartial<acc_t>& a, const WelfordPartial<acc_t>& b) {
+BN_EXT_HOST_DEVICE WelfordPartial<acc_t> welford_merge(const WelfordPartial<acc_t>& a, const WelfordPartial<acc_t>& b) {
   if (b.count == acc_t(0)) return a;
   if (a.count == acc_t(0)) return b;
   const acc_t count = a.count + b.count;
@@ -178,8 +177,8 @@ template <typename opmath_t>
 BN_EXT_HOST_DEVICE BackwardCoeffs<opmath_t> backward_coeffs(double mean, double var, double weight, double sum_dy,
                                                             double sum_dy_xmu, double eps, double count,
                                                             bool training) {
-  return backward_coeffs_from_invstd<opmath_t>(mean, invstd_from_var(var, eps), weight, sum_dy, sum_dy_xmu,
-                                               1.0 / count, training);
+  return backward_coeffs_from_invstd<opmath_t>(mean, invstd_from_var(var, eps), weight, sum_dy, sum_dy_xmu, 1.0 / count,
+                                               training);
 }
 
 }  // namespace bn_ext

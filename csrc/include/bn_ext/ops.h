@@ -19,8 +19,8 @@ using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 
 using StatsFn = Tensor2(const Tensor& input, c10::optional<at::ScalarType> dtype);
-using ElemtFn = Tensor(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& mean,
-                       const Tensor& var, double eps);
+using ElemtFn = Tensor(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                       const Tensor& mean, const Tensor& var, double eps);
 using TrainFn = Tensor3(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, double eps);
 using TrainUpdateFn = Tensor3(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                               const OptionalTensor& running_mean, const OptionalTensor& running_var,
@@ -40,10 +40,10 @@ using GatherStatsFn = Tensor3(const Tensor& stats, const OptionalTensor& running
                               c10::optional<double> momentum);
 
 // The typed handle of op `name` (looked up once; the library must be loaded).
-#define BN_EXT_OP_HANDLE(handle, Fn, name)                                                           \
-  inline const c10::TypedOperatorHandle<Fn>& handle() {                                              \
+#define BN_EXT_OP_HANDLE(handle, Fn, name)                                                       \
+  inline const c10::TypedOperatorHandle<Fn>& handle() {                                          \
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>(); \
-    return op;                                                                                       \
+    return op;                                                                                   \
   }
 BN_EXT_OP_HANDLE(stats_op, StatsFn, "bn_ext::batch_norm_stats")
 BN_EXT_OP_HANDLE(elemt_op, ElemtFn, "bn_ext::batch_norm_elemt")
@@ -96,8 +96,7 @@ inline Tensor3 batch_norm_backward(const Tensor& grad_out, const Tensor& input, 
 inline void batch_norm_update_running_stats(const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                             const OptionalTensor& num_batches_tracked, const Tensor& mean,
                                             const Tensor& var, c10::optional<double> momentum, c10::SymInt count) {
-  update_running_stats_op().call(running_mean, running_var, num_batches_tracked, mean, var, momentum,
-                                 std::move(count));
+  update_running_stats_op().call(running_mean, running_var, num_batches_tracked, mean, var, momentum, std::move(count));
 }
 
 inline Tensor3 batch_norm_gather_stats(const Tensor& stats, const OptionalTensor& running_mean,
