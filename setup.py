@@ -89,9 +89,10 @@ def extension():
     # its twin (AVX2 build: float64 input gradients 1 ulp apart between the per-channel and split
     # paths). FMAs the kernels want are written out (std::fma, intrinsics), so results are the same
     # bits whichever path and build computes them.
-    cxx = (
-        opt + ["-fvisibility=hidden", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
-    )
+    # -fno-trapping-math: no code here reads floating-point exception flags, and without it GCC
+    # keeps a loop with a float comparison in a ternary (ReLU, clamps) scalar. It changes no value.
+    cxx = opt + ["-fvisibility=hidden", "-ffp-contract=off", "-fno-trapping-math"]
+    cxx += ["-fopenmp"] if sys.platform.startswith("linux") else []
     # The C++ runtime must not be mixed. The GPU machine's g++ is a wrapper whose -B search path
     # finds a static libstdc++ (even for an explicit -lstdc++), so the extension got its own
     # copy; that copy's exported symbols then resolved partly to the process's libstdc++.so.6
