@@ -12,7 +12,12 @@ OP_NAMES = (
     "batch_norm_backward",
     "batch_norm_update_running_stats",
     "batch_norm_gather_stats",
+    "batch_norm_act",
+    "batch_norm_act_train",
+    "batch_norm_act_backward",
 )
+
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu")
 
 
 def stat_dtype(dtype):
@@ -161,3 +166,74 @@ def _gather_stats(stats, running_mean, running_var, num_batches_tracked, momentu
     _check_channel_tensor(running_mean, "running_mean", c)
     _check_channel_tensor(running_var, "running_var", c)
     return stats.new_empty((c,)), stats.new_empty((c,)), stats.new_empty((1,))
+
+
+def _check_act(op, input, weight, bias, residual, activation):
+    if activation not in ACTIVATIONS:
+        raise RuntimeError(
+            f"bn_ext.{op}: activation: expected one of {', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}"
+        )
+    c = _channels(input)
+    _check_channel_tensor(weight, "weight", c)
+    _check_channel_tensor(bias, "bias", c)
+    if residual is not None:
+        torch._check(
+            residual.shape == input.shape,
+            lambda: f"residual: expected size {tuple(input.shape)} (the input's), got {tuple(residual.shape)}",
+        )
+    return c
+
+
+@torch.library.register_fake("bn_ext::batch_norm_act")
+def _act(input, weight, bias, residual, mean, var, eps, activation, negative_slope):
+    _check_devices("batch_norm_act", input, weight=weight, bias=bias, residual=residual, mean=mean, var=var)
+    c = _check_act("batch_norm_act", input, weight, bias, residual, activation)
+    _check_channel_tensor(mean, "mean", c)
+    _check_channel_tensor(var, "var", c)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_act_train")
+def _act_train(
+    input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps, activation, slope
+):
+    _check_devices(
+        "batch_norm_act_train",
+        input,
+        weight=weight,
+        bias=bias,
+        residual=residual,
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+    )
+    c = _check_act("batch_norm_act_train", input, weight, bias, residual, activation)
+    _check_channel_tensor(running_mean, "running_mean", c)
+    _check_channel_tensor(running_var, "running_var", c)
+    stats = input.new_empty((c,), dtype=torch.float64)
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_act_backward")
+def _act_backward(
+    grad_out, input, weight, bias, residual, mean, var, eps, training, activation, negative_slope, output_mask
+):
+    _check_devices(
+        "batch_norm_act_backward",
+        input,
+        grad_out=grad_out,
+        weight=weight,
+        bias=bias,
+        residual=residual,
+        mean=mean,
+        var=var,
+    )
+    c = _check_act("batch_norm_act_backward", input, weight, bias, residual, activation)
+    stat = stat_dtype(input.dtype)
+    weight_dtype = weight.dtype if weight is not None else stat
+    bias_dtype = bias.dtype if bias is not None else stat
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+    grad_weight = input.new_empty((c if output_mask[1] else 0,), dtype=weight_dtype)
+    grad_bias = input.new_empty((c if output_mask[2] else 0,), dtype=bias_dtype)
+    grad_residual = torch.empty_like(input) if output_mask[3] and residual is not None else input.new_empty((0,))
+    return grad_input, grad_weight, grad_bias, grad_residual

@@ -54,4 +54,22 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "batch_norm_gather_stats(Tensor stats, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor mean, Tensor var, Tensor count)");
+  // Fused ops: y = act(BN(input) + residual) in one elementwise pass; activation is "identity",
+  // "relu", "relu6", "leaky_relu" (with negative_slope) or "silu". With given statistics (eval):
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, Tensor var, "
+      "float eps, str activation, float negative_slope) -> Tensor");
+  // Training: batch statistics, returned in float64 (the backward recomputes the activation's
+  // input from them, to the bit), and the running stats updated where given, as
+  // batch_norm_train_update does.
+  m.def(
+      "batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, "
+      "float eps, str activation, float negative_slope) -> (Tensor output, Tensor mean, Tensor var)");
+  // Their backward: the activation's input recomputed from input (and residual), then
+  // batch_norm_backward's formulas on dz = grad_out * act'(z); grad_residual is dz.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor mean, Tensor var, float eps, bool training, str activation, float negative_slope, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }

@@ -109,6 +109,41 @@ def samples(device):
                     {},
                 ),
             ]
+            res = torch.randn_like(x)
+            for act, res_or_none in (("relu", res), ("silu", None), ("leaky_relu", res), ("relu6", None)):
+                out += [
+                    ("batch_norm_act", (x, w, b, res_or_none, mean, var, 1e-5, act, 0.2), {}),
+                    (
+                        "batch_norm_act_train",
+                        (
+                            x,
+                            w,
+                            b,
+                            res_or_none,
+                            torch.zeros(c, device=device, dtype=pdt),
+                            torch.ones(c, device=device, dtype=pdt),
+                            torch.tensor(2, device=device),
+                            0.1,
+                            1e-5,
+                            act,
+                            0.01,
+                        ),
+                        {},
+                    ),
+                    (
+                        "batch_norm_act_backward",
+                        (dy, x, w, b, res_or_none, mean, var, 1e-5, True, act, 0.01, [True, True, True, True]),
+                        {},
+                    ),
+                ]
+            out += [
+                ("batch_norm_act_train", (x, None, None, None, None, None, None, None, 1e-5, "identity", 0.0), {}),
+                (
+                    "batch_norm_act_backward",
+                    (dy, x, None, b, res, mean, var, 1e-5, False, "relu", 0.0, [False, False, True, True]),
+                    {},
+                ),
+            ]
     # differentiable samples: inputs that require grad, in float64
     x = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.rand(4, dtype=torch.float64, device=device, requires_grad=True)
@@ -133,6 +168,12 @@ def samples(device):
         ),
         ("batch_norm_elemt", (x, w, b, mean, var, 1e-5), {}),
         ("batch_norm_stats", (x,), {}),
+        (
+            "batch_norm_act_train",
+            (x, w, b, torch.randn_like(x).requires_grad_(), None, None, None, 0.1, 1e-5, "silu", 0.01),
+            {},
+        ),
+        ("batch_norm_act", (x, w, b, None, mean.detach(), var.detach(), 1e-5, "leaky_relu", 0.1), {}),
         (
             "batch_norm_backward",
             (

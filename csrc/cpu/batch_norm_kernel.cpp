@@ -226,12 +226,111 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_gather_stats(const Tensor& stats,
           channel_tensor({total}, stats, stats.scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The fused ops: y = act(BN(x) + residual).
+
+// The kernel operands: input (and the residual, in the input's kernel layout), and the output.
+Operands prepare_act(const Tensor& input, const c10::optional<Tensor>& residual, bool with_output) {
+  return is_given(residual) ? prepare(input, {input, *residual}, with_output) : prepare(input, {input}, with_output);
+}
+
+Tensor act_residual(const Operands& p, bool has_residual, size_t index) {
+  return has_residual ? p.inputs[index] : Tensor();
+}
+
+Tensor batch_norm_act(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                      const c10::optional<Tensor>& residual, const Tensor& mean, const Tensor& var, double eps,
+                      c10::string_view activation, double negative_slope) {
+  const char* op = "bn_ext.batch_norm_act";
+  const Act act = check_act_args(input, weight, bias, residual, eps, std::string(activation), negative_slope, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(var, "var", input, op);
+  Operands p = prepare_act(input, residual, /*with_output=*/true);
+  const int64_t C = p.g.C;
+  if (p.g.numel() > 0)
+    cpu_kernels().act_forward(p.inputs[0], act_residual(p, is_given(residual), 1), p.out, p.g,
+                              channel_values(mean, C, 0.0), channel_values(var, C, 0.0), channel_values(weight, C, 1.0),
+                              channel_values(bias, C, 0.0), eps, act, negative_slope);
+  finish(p);
+  return p.result;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& residual, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked,
+    c10::optional<double> momentum, double eps, c10::string_view activation, double negative_slope) {
+  const Act act = check_act_train_args(input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                                       momentum, eps, std::string(activation), negative_slope);
+  Operands p = prepare_act(input, residual, /*with_output=*/true);
+  const int64_t C = p.g.C;
+  std::vector<double> mean, var;
+  compute_stats(p.inputs[0], p.g, mean, var);
+  if (p.g.numel() > 0)
+    cpu_kernels().act_forward(p.inputs[0], act_residual(p, is_given(residual), 1), p.out, p.g, mean, var,
+                              channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope);
+  finish(p);
+  if (is_given(running_mean) || is_given(running_var) || is_given(num_batches_tracked))
+    update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, p.g.rows());
+  // float64: the backward recomputes the activation's input from exactly these statistics
+  return {p.result, channel_tensor(mean, input, at::kDouble), channel_tensor(var, input, at::kDouble)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
+    const Tensor& grad_out, const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& residual, const Tensor& mean, const Tensor& var, double eps, bool training,
+    c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask) {
+  const char* op = "bn_ext.batch_norm_act_backward";
+  const Act act = check_act_args(input, weight, bias, residual, eps, std::string(activation), negative_slope, op);
+  check_same_shape(grad_out, "grad_out", input, op);
+  check_stat_tensor(mean, "mean", input, op);
+  check_stat_tensor(var, "var", input, op);
+  const bool has_res = is_given(residual);
+  const bool need_dres = output_mask[3] && has_res;
+  const bool sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
+  Operands p = has_res ? prepare(input, {grad_out, input, *residual}, output_mask[0])
+                       : prepare(input, {grad_out, input}, output_mask[0]);
+  const int64_t C = p.g.C;
+  const std::vector<double> var_v = channel_values(var, C, 0.0);
+  std::vector<double> sum_dz(C, 0.0), sum_dz_xmu(C, 0.0);
+  // the residual's gradient in the kernel's layout (that of its input operand)
+  Tensor dres = need_dres ? at::empty_like(p.inputs[1]) : Tensor();
+  if (p.g.numel() > 0 && (sums || output_mask[0] || need_dres))
+    cpu_kernels().act_backward(p.inputs[0], p.inputs[1], act_residual(p, has_res, 2), output_mask[0] ? p.out : Tensor(),
+                               dres, p.g, training, sums, channel_values(mean, C, 0.0), var_v,
+                               channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope,
+                               sum_dz, sum_dz_xmu);
+  Tensor grad_input = at::empty({0}, input.options());
+  if (output_mask[0]) {
+    finish(p);
+    grad_input = p.result;
+  }
+  const auto stat = stat_dtype(input.scalar_type());
+  const auto weight_dtype = is_given(weight) ? weight->scalar_type() : stat;
+  const auto bias_dtype = is_given(bias) ? bias->scalar_type() : stat;
+  Tensor grad_weight = at::empty({0}, input.options().dtype(weight_dtype));
+  if (output_mask[1]) {
+    std::vector<double> gw = cpu_kernels().invstds(var_v, eps);
+    for (int64_t c = 0; c < C; ++c) gw[c] *= sum_dz_xmu[c];
+    grad_weight = channel_tensor(gw, input, weight_dtype);
+  }
+  Tensor grad_bias =
+      output_mask[2] ? channel_tensor(sum_dz, input, bias_dtype) : at::empty({0}, input.options().dtype(bias_dtype));
+  Tensor grad_residual = at::empty({0}, input.options());
+  if (need_dres) {
+    grad_residual = dres;
+    if (dres.strides() != input.strides()) grad_residual = at::empty_like(input).copy_(dres);
+  }
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
 }  // namespace
 
 const Kernels& cpu_kernels() {
-#define BN_EXT_KERNEL_TABLE(ns, name)                                                                            \
-  Kernels {                                                                                                      \
-    name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds \
+#define BN_EXT_KERNEL_TABLE(ns, name)                                                                             \
+  Kernels {                                                                                                       \
+    name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds, \
+        &ns::act_forward, &ns::act_backward                                                                       \
   }
   static const Kernels baseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
   static const Kernels avx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
@@ -311,6 +410,9 @@ TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {
   m.impl("batch_norm_backward", &cpu::batch_norm_backward);
   m.impl("batch_norm_update_running_stats", &cpu::batch_norm_update_running_stats);
   m.impl("batch_norm_gather_stats", &cpu::batch_norm_gather_stats);
+  m.impl("batch_norm_act", &cpu::batch_norm_act);
+  m.impl("batch_norm_act_train", &cpu::batch_norm_act_train);
+  m.impl("batch_norm_act_backward", &cpu::batch_norm_act_backward);
 }
 
 }  // namespace bn_ext

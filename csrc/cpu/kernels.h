@@ -45,6 +45,7 @@ using at::Tensor;
 #include "kernels/reductions.h"
 #include "kernels/elementwise.h"
 #include "kernels/backward.h"
+#include "kernels/activation.h"
 
 }  // namespace
 
@@ -128,6 +129,69 @@ void backward_train(const Tensor& dy, const Tensor& x, const Tensor& dx, const G
     }
     grad_sums_kernel(dyp, xp, g, mean, sum_dy, sum_dy_xmu);
     grad_input(dy, x, dx, g, /*training=*/true, mean, var, weight, sum_dy, sum_dy_xmu, eps, g.rows());
+  });
+}
+
+void act_forward(const Tensor& x, const Tensor& res, const Tensor& y, const Geometry& g,
+                 const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
+                 const std::vector<double>& bias, double eps, Act act, double slope) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_forward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const Affine<opmath_t> a(mean, var, weight, bias, eps);
+    const PreAct<opmath_t> k{a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(),
+                             static_cast<opmath_t>(slope)};
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    dispatch_act(act, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      if (res.defined()) {
+        act_forward_kernel<scalar_t, A, true>(xp, res.const_data_ptr<scalar_t>(), yp, g, k);
+      } else {
+        act_forward_kernel<scalar_t, A, false>(xp, nullptr, yp, g, k);
+      }
+    });
+  });
+}
+
+void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Tensor& dx, const Tensor& dres,
+                  const Geometry& g, bool training, bool sums, const std::vector<double>& mean,
+                  const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,
+                  double eps, Act act, double slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const Affine<opmath_t> a(mean, var, weight, bias, eps);
+    const PreAct<opmath_t> k{a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(),
+                             static_cast<opmath_t>(slope)};
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* drp = dres.defined() ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_act(act, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      auto run = [&](auto res_tag) {
+        constexpr bool kRes = decltype(res_tag)::value;
+        if (sums)
+          channel_sums(ActGradSums<scalar_t, A, kRes>{dyp, xp, rp, k, mean.data(), g.C, g.C}, g, sum_dz, sum_dz_xmu);
+        if (dxp == nullptr && drp == nullptr) return;
+        GradCoeffs<opmath_t> q(g.C);
+        const std::vector<double> invstd = invstd_vector(var, eps);
+        const double inv_count = 1.0 / static_cast<double>(std::max<int64_t>(1, g.rows()));
+        for (int64_t c = 0; c < g.C; ++c)
+          q.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c],
+                                                         inv_count, training));
+        if (training) {
+          act_grad_input_kernel<scalar_t, A, kRes, true>(dyp, xp, rp, dxp, drp, g, k, q);
+        } else {
+          act_grad_input_kernel<scalar_t, A, kRes, false>(dyp, xp, rp, dxp, drp, g, k, q);
+        }
+      };
+      if (rp != nullptr) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
+    });
   });
 }
 

@@ -10,11 +10,14 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
+#include "bn_ext/activation.h"
 #include "bn_ext/layout.h"
 #include "bn_ext/math.h"
 
@@ -70,24 +73,32 @@ inline bool stream_output(const Geometry& g, int64_t tensors, size_t elem_size) 
 // there are at least this many channels per thread; below, work is split within channels.
 constexpr int64_t kPerChannelMinTasksPerThread = 4;
 
-#define BN_EXT_DECLARE_CPU_KERNELS                                                                                    \
-  void stats(const at::Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var);            \
-  void elemt(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& mean,            \
-             const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,      \
-             double eps);                                                                                             \
-  void train(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& weight,          \
-             const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var);       \
-  void grad_sums(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const std::vector<double>& mean,       \
-                 std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu);                                       \
-  void grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g, bool training,  \
-                  const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight, \
-                  const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, double eps,               \
-                  int64_t count);                                                                                     \
-  void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,             \
-                      const std::vector<double>& mean, const std::vector<double>& var,                                \
-                      const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,                     \
-                      std::vector<double>& sum_dy_xmu);                                                               \
-  std::vector<double> invstds(const std::vector<double>& var, double eps);
+#define BN_EXT_DECLARE_CPU_KERNELS                                                                                     \
+  void stats(const at::Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var);             \
+  void elemt(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& mean,             \
+             const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,       \
+             double eps);                                                                                              \
+  void train(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& weight,           \
+             const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var);        \
+  void grad_sums(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const std::vector<double>& mean,        \
+                 std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu);                                        \
+  void grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g, bool training,   \
+                  const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,  \
+                  const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, double eps,                \
+                  int64_t count);                                                                                      \
+  void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,              \
+                      const std::vector<double>& mean, const std::vector<double>& var,                                 \
+                      const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,                      \
+                      std::vector<double>& sum_dy_xmu);                                                                \
+  std::vector<double> invstds(const std::vector<double>& var, double eps);                                             \
+  void act_forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& y, const Geometry& g,                 \
+                   const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight, \
+                   const std::vector<double>& bias, double eps, Act act, double slope);                                \
+  void act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& res, const at::Tensor& dx,            \
+                    const at::Tensor& dres, const Geometry& g, bool training, bool sums,                               \
+                    const std::vector<double>& mean, const std::vector<double>& var,                                   \
+                    const std::vector<double>& weight, const std::vector<double>& bias, double eps, Act act,           \
+                    double slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xmu);
 
 namespace isa_default {
 BN_EXT_DECLARE_CPU_KERNELS
@@ -108,6 +119,8 @@ struct Kernels {
   decltype(&isa_default::grad_input) grad_input;
   decltype(&isa_default::backward_train) backward_train;
   decltype(&isa_default::invstds) invstds;  // 1 / sqrt(var + eps) per channel, invstd_from_var's bits
+  decltype(&isa_default::act_forward) act_forward;
+  decltype(&isa_default::act_backward) act_backward;
 };
 
 // The variant for this CPU: AVX2+FMA where supported, with AVX-512 BF16 conversions where those

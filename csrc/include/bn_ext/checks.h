@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "bn_ext/activation.h"
+
 #include <cmath>
 #include <string>
 
@@ -244,6 +246,38 @@ inline void check_train_update_args(const at::Tensor& input, const c10::optional
   check_running(running_mean, "running_mean", input.size(1), input.device(), op);
   check_running(running_var, "running_var", input.size(1), input.device(), op);
   check_counter_and_momentum(num_batches_tracked, momentum, input, op);
+}
+
+// The fused ops' common arguments: input, weight and bias as batch_norm_train takes them, a
+// residual like the input, eps and the activation. Returns the activation.
+inline Act check_act_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, double eps,
+                          const std::string& activation, double negative_slope, const char* op) {
+  check_input(input, op);
+  check_affine(weight, bias, input, op);
+  if (residual.has_value() && residual->defined()) check_same_shape(*residual, "residual", input, op);
+  check_eps(eps, op);
+  TORCH_CHECK(!std::isnan(negative_slope), op, ": negative_slope: expected a number, got nan");
+  return parse_activation(activation, op);
+}
+
+inline bool is_given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// batch_norm_act_train: check_act_args, and the buffers it will update where any is given.
+inline Act check_act_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                                const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var,
+                                const c10::optional<at::Tensor>& num_batches_tracked, c10::optional<double> momentum,
+                                double eps, const std::string& activation, double negative_slope) {
+  const char* op = "bn_ext.batch_norm_act_train";
+  const Act act = check_act_args(input, weight, bias, residual, eps, activation, negative_slope, op);
+  if (is_given(running_mean) || is_given(running_var) || is_given(num_batches_tracked)) {
+    check_running(running_mean, "running_mean", input.size(1), input.device(), op);
+    check_running(running_var, "running_var", input.size(1), input.device(), op);
+    check_counter_and_momentum(num_batches_tracked, momentum, input, op);
+  }
+  return act;
 }
 
 }  // namespace bn_ext

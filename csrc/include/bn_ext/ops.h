@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymInt.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <tuple>
@@ -38,6 +39,19 @@ using UpdateRunningStatsFn = void(const OptionalTensor& running_mean, const Opti
 using GatherStatsFn = Tensor3(const Tensor& stats, const OptionalTensor& running_mean,
                               const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
                               c10::optional<double> momentum);
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using ActFn = Tensor(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                     const OptionalTensor& residual, const Tensor& mean, const Tensor& var, double eps,
+                     c10::string_view activation, double negative_slope);
+using ActTrainFn = Tensor3(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                           const OptionalTensor& residual, const OptionalTensor& running_mean,
+                           const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
+                           c10::optional<double> momentum, double eps, c10::string_view activation,
+                           double negative_slope);
+using ActBackwardFn = Tensor4(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
+                              const OptionalTensor& bias, const OptionalTensor& residual, const Tensor& mean,
+                              const Tensor& var, double eps, bool training, c10::string_view activation,
+                              double negative_slope, std::array<bool, 4> output_mask);
 
 // The typed handle of op `name` (looked up once; the library must be loaded).
 #define BN_EXT_OP_HANDLE(handle, Fn, name)                                                       \
@@ -54,6 +68,9 @@ BN_EXT_OP_HANDLE(backward_elemt_op, BackwardElemtFn, "bn_ext::batch_norm_backwar
 BN_EXT_OP_HANDLE(backward_op, BackwardFn, "bn_ext::batch_norm_backward")
 BN_EXT_OP_HANDLE(update_running_stats_op, UpdateRunningStatsFn, "bn_ext::batch_norm_update_running_stats")
 BN_EXT_OP_HANDLE(gather_stats_op, GatherStatsFn, "bn_ext::batch_norm_gather_stats")
+BN_EXT_OP_HANDLE(act_op, ActFn, "bn_ext::batch_norm_act")
+BN_EXT_OP_HANDLE(act_train_op, ActTrainFn, "bn_ext::batch_norm_act_train")
+BN_EXT_OP_HANDLE(act_backward_op, ActBackwardFn, "bn_ext::batch_norm_act_backward")
 #undef BN_EXT_OP_HANDLE
 
 inline Tensor2 batch_norm_stats(const Tensor& input, c10::optional<at::ScalarType> dtype = c10::nullopt) {
@@ -103,6 +120,29 @@ inline Tensor3 batch_norm_gather_stats(const Tensor& stats, const OptionalTensor
                                        const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
                                        c10::optional<double> momentum) {
   return gather_stats_op().call(stats, running_mean, running_var, num_batches_tracked, momentum);
+}
+
+inline Tensor batch_norm_act(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                             const OptionalTensor& residual, const Tensor& mean, const Tensor& var, double eps,
+                             c10::string_view activation, double negative_slope) {
+  return act_op().call(input, weight, bias, residual, mean, var, eps, activation, negative_slope);
+}
+
+inline Tensor3 batch_norm_act_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                                    const OptionalTensor& residual, const OptionalTensor& running_mean,
+                                    const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
+                                    c10::optional<double> momentum, double eps, c10::string_view activation,
+                                    double negative_slope) {
+  return act_train_op().call(input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+                             eps, activation, negative_slope);
+}
+
+inline Tensor4 batch_norm_act_backward(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight,
+                                       const OptionalTensor& bias, const OptionalTensor& residual, const Tensor& mean,
+                                       const Tensor& var, double eps, bool training, c10::string_view activation,
+                                       double negative_slope, std::array<bool, 4> output_mask) {
+  return act_backward_op().call(grad_out, input, weight, bias, residual, mean, var, eps, training, activation,
+                                negative_slope, output_mask);
 }
 
 }  // namespace ops

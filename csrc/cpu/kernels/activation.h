@@ -1,0 +1,329 @@
+// Part of kernels.h, included inside the ISA's namespace: it includes nothing itself.
+// BatchNorm fused with an activation and an optional residual add: z = BN(x) + residual,
+// y = act(z) in one elementwise pass; the backward recomputes z from x (and the residual) with
+// the same expression, so it needs neither z nor a mask saved, and its dz = dy * act'(z) is
+// what the residual's gradient is.
+//
+// The loops are plain C++ over the float (double) value, which each build's compiler vectorises
+// for its instruction set; with -ffp-contract=off the vector body and the scalar tail compute
+// the same bits, so results do not depend on where a thread's range starts.
+
+// e^v from additions, multiplications, conversions and a bit pattern only: no libm call (expf and
+// floor are calls in these loops, which stops their vectorisation, and a vectorised expf could
+// round differently from the scalar one). 2^n * e^r, n = v / ln 2 rounded to nearest, |r| <= ln 2
+// / 2, e^r by its Taylor series to r^7 (truncation below 2^-26 relative). v is clamped to
+// [-87, 88], where 2^n stays a normal float; NaN maps into the range too (the callers' other
+// operand carries it on).
+inline float exp_basic(float v) {
+  float k = v > -87.0f ? v : -87.0f;
+  k = k < 88.0f ? k : 88.0f;
+  const float t = k * 1.44269504088896341f;
+  const float n = static_cast<float>(static_cast<int32_t>(t + (t < 0.0f ? -0.5f : 0.5f)));
+  // ln 2 split in two so that n * ln2_hi is exact
+  const float r = (k - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+inline double exp_basic(double v) { return std::exp(v); }
+
+// act(z), matching torch's functions on NaN (it passes through) and at the kinks.
+template <Act A, typename T>
+inline T activate(T z, T slope) {
+  if constexpr (A == Act::kRelu) return z < T(0) ? T(0) : z;
+  if constexpr (A == Act::kRelu6) return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
+  if constexpr (A == Act::kLeakyRelu) return z < T(0) ? z * slope : z;
+  if constexpr (A == Act::kSilu) return z / (T(1) + exp_basic(-z));
+  return z;
+}
+
+// Element loads and stores in opmath_t. bfloat16 by its bits (c10's conversions are calls the
+// loops cannot vectorise): a load shifts them up, a store rounds to nearest even as c10 does,
+// NaN to c10's 0x7FC0; the same bits either way.
+template <typename T, typename scalar_t>
+inline T load_value(scalar_t v) {
+  return static_cast<T>(v);
+}
+template <>
+inline float load_value<float, c10::BFloat16>(c10::BFloat16 v) {
+  return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+}
+template <typename scalar_t, typename T>
+inline scalar_t store_value(T v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline c10::BFloat16 store_value<c10::BFloat16, float>(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+// c ? a : b as a blend of bit patterns: straight-line code, which the vectorisers take inside
+// the unrolled reduction loops too (a float ternary there stays a branch).
+inline float select(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & m) | (std::bit_cast<uint32_t>(b) & ~m));
+}
+inline double select(bool c, double a, double b) {
+  const uint64_t m = uint64_t(0) - static_cast<uint64_t>(c);
+  return std::bit_cast<double>((std::bit_cast<uint64_t>(a) & m) | (std::bit_cast<uint64_t>(b) & ~m));
+}
+
+// dy * act'(z), with torch's conventions at the kinks: ReLU's threshold_backward (z > 0),
+// hardtanh's open interval for ReLU6, leaky_relu_backward (z > 0), silu_backward.
+template <Act A, typename T>
+inline T act_grad(T dy, T z, T slope) {
+  if constexpr (A == Act::kRelu) return select(z > T(0), dy, T(0));
+  if constexpr (A == Act::kRelu6) return select((z > T(0)) & (z < T(6)), dy, T(0));
+  if constexpr (A == Act::kLeakyRelu) return select(z > T(0), dy, dy * slope);
+  if constexpr (A == Act::kSilu) {
+    const T s = T(1) / (T(1) + exp_basic(-z));
+    return dy * (s * (T(1) + z * (T(1) - s)));
+  }
+  return dy;
+}
+
+// The forward's per-channel coefficients (Affine's) and the activation's slope. Every z below is
+// ((x - hi) - lo) * sc + sh (+ residual), the one expression both directions compute.
+template <typename opmath_t>
+struct PreAct {
+  const opmath_t *hi, *lo, *sc, *sh;
+  opmath_t slope;
+};
+
+template <typename T>
+inline T normalized(T x, T hi, T lo, T sc, T sh) {
+  return ((x - hi) - lo) * sc + sh;
+}
+
+template <typename scalar_t, Act A, bool kRes>
+void act_forward_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g,
+                        const PreAct<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t slope = k.slope;
+  if (g.layout == Layout::kNCS) {
+    parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
+      const scalar_t* __restrict xs = x + off;
+      const scalar_t* __restrict rs = kRes ? res + off : nullptr;
+      scalar_t* __restrict ys = y + off;
+      const opmath_t hi = k.hi[c], lo = k.lo[c], sc = k.sc[c], sh = k.sh[c];
+      for (int64_t i = 0; i < len; ++i) {
+        opmath_t z = normalized(load_value<opmath_t>(xs[i]), hi, lo, sc, sh);
+        if constexpr (kRes) z += load_value<opmath_t>(rs[i]);
+        ys[i] = store_value<scalar_t>(activate<A>(z, slope));
+      }
+    });
+    return;
+  }
+  const opmath_t* __restrict hi = k.hi;
+  const opmath_t* __restrict lo = k.lo;
+  const opmath_t* __restrict sc = k.sc;
+  const opmath_t* __restrict sh = k.sh;
+  parallel_rows(g, [&](int64_t off) {
+    const scalar_t* __restrict xs = x + off;
+    const scalar_t* __restrict rs = kRes ? res + off : nullptr;
+    scalar_t* __restrict ys = y + off;
+    for (int64_t c = 0; c < g.C; ++c) {
+      opmath_t z = normalized(load_value<opmath_t>(xs[c]), hi[c], lo[c], sc[c], sh[c]);
+      if constexpr (kRes) z += load_value<opmath_t>(rs[c]);
+      ys[c] = store_value<scalar_t>(activate<A>(z, slope));
+    }
+  });
+}
+
+// dz = dy * act'(z) and t = dz * (x - mean) of n elements of one channel.
+template <Act A, bool kRes, typename scalar_t, typename T>
+inline void act_grad_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const scalar_t* __restrict res,
+                           int64_t n, T hi, T lo, T sc, T sh, T slope, T mean, T* __restrict dz, T* __restrict t) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T xv = load_value<T>(x[i]);
+    T z = normalized(xv, hi, lo, sc, sh);
+    if constexpr (kRes) z += load_value<T>(res[i]);
+    const T d = act_grad<A>(load_value<T>(dy[i]), z, slope);
+    dz[i] = d;
+    t[i] = d * (xv - mean);
+  }
+}
+
+// (sum(dz), sum(dz * (x - mean))) per channel, dz = dy * act'(z): a summand of channel_sums,
+// which owns the blocking and the block-order merge (bitwise the same for any thread count).
+// Channels-last rows of a few channels are summed several rows at a time as one wide row
+// (widened); per-channel values are then looked up at position % C0.
+template <typename scalar_t, Act A, bool kRes>
+struct ActGradSums {
+  using scalar_type = scalar_t;
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* res;
+  PreAct<opmath_t> k;
+  const double* mean;
+  int64_t C;   // row length (channels-last), which widened() multiplies
+  int64_t C0;  // channels
+  bool streamed = false;
+  // A run in chunks: dz and dz * (x - mean) into two buffers (a loop the compiler vectorises,
+  // activation and all), then their sums over 8 lanes in opmath_t (at most 32 terms a lane),
+  // widened to double chunk by chunk. The mean is taken rounded to opmath_t and the rounding
+  // put back in double: sum(dz * (x - mean)) = sum(dz * (x - mean_t)) - (mean - mean_t) * sum(dz).
+  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const {
+    constexpr int64_t kChunk = 256;
+    opmath_t dzs[kChunk], ts[kChunk];
+    const opmath_t mt = static_cast<opmath_t>(mean[c]);
+    const double rest = mean[c] - static_cast<double>(mt);
+    for (int64_t s0 = 0; s0 < len; s0 += kChunk) {
+      const int64_t n = std::min(kChunk, len - s0);
+      act_grad_terms<A, kRes>(dy + off + s0, x + off + s0, kRes ? res + off + s0 : nullptr, n, k.hi[c], k.lo[c],
+                              k.sc[c], k.sh[c], k.slope, mt, dzs, ts);
+      opmath_t a8[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          a8[j] += dzs[i + j];
+          b8[j] += ts[i + j];
+        }
+      }
+      double ta = 0, tb = 0;
+      for (; i < n; ++i) {
+        ta += static_cast<double>(dzs[i]);
+        tb += static_cast<double>(ts[i]);
+      }
+      double sa = ta, sb = tb;
+      for (int j = 0; j < 8; ++j) {
+        sa += static_cast<double>(a8[j]);
+        sb += static_cast<double>(b8[j]);
+      }
+      acc.sa += sa;
+      acc.sb += sb - rest * sa;
+    }
+  }
+  void finish(int64_t, const LaneSums& acc, double* a, double* b) const {
+    *a = acc.sa;
+    *b = acc.sb;
+  }
+  const double* per_channel() const { return mean; }
+  ActGradSums widened(int64_t width, const double*) const {
+    ActGradSums w = *this;
+    w.C = width;
+    return w;
+  }
+  void rows(int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* __restrict a, double* __restrict b) const {
+    if (C != C0) {  // widened rows: position c holds channel c % C0
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) add(r * C + c, c % C0, a + c, b + c);
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict dys = dy + r * C;
+      const scalar_t* __restrict xs = x + r * C;
+      const scalar_t* __restrict rs = kRes ? res + r * C : nullptr;
+      for (int64_t c = c0; c < c1; ++c) {
+        const opmath_t xv = load_value<opmath_t>(xs[c]);
+        opmath_t z = normalized(xv, k.hi[c], k.lo[c], k.sc[c], k.sh[c]);
+        if constexpr (kRes) z += load_value<opmath_t>(rs[c]);
+        const double d = static_cast<double>(act_grad<A>(load_value<opmath_t>(dys[c]), z, k.slope));
+        a[c] += d;
+        b[c] += d * (static_cast<double>(xv) - mean[c]);
+      }
+    }
+  }
+  void add(int64_t i, int64_t ch, double* a, double* b) const {
+    const opmath_t xv = load_value<opmath_t>(x[i]);
+    opmath_t z = normalized(xv, k.hi[ch], k.lo[ch], k.sc[ch], k.sh[ch]);
+    if constexpr (kRes) z += load_value<opmath_t>(res[i]);
+    const double d = static_cast<double>(act_grad<A>(load_value<opmath_t>(dy[i]), z, k.slope));
+    *a += d;
+    *b += d * (static_cast<double>(xv) - mean[ch]);
+  }
+};
+
+// dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 (training; k_dy * dz in eval) and the
+// residual's gradient dz, over `len` elements whose coefficients are at index `step * i` of the
+// arrays (step 0: one channel's run; 1: a channels-last row). kDx, kDres: which are written.
+template <Act A, bool kRes, bool kTraining, bool kDx, bool kDres, int64_t kStep, typename scalar_t, typename T>
+inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restrict x, const scalar_t* __restrict res,
+                          scalar_t* __restrict dx, scalar_t* __restrict dres, int64_t len, const T* __restrict hi,
+                          const T* __restrict lo, const T* __restrict sc, const T* __restrict sh,
+                          const T* __restrict kdy, const T* __restrict kx, const T* __restrict k0,
+                          const T* __restrict mhi, const T* __restrict mlo, T slope) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t j = kStep * i;
+    const T xv = load_value<T>(x[i]);
+    T z = normalized(xv, hi[j], lo[j], sc[j], sh[j]);
+    if constexpr (kRes) z += load_value<T>(res[i]);
+    const T dz = act_grad<A>(load_value<T>(dy[i]), z, slope);
+    if constexpr (kDres) dres[i] = store_value<scalar_t>(dz);
+    if constexpr (kDx) {
+      T v = kdy[j] * dz;
+      if constexpr (kTraining) v += kx[j] * ((xv - mhi[j]) - mlo[j]) + k0[j];
+      dx[i] = store_value<scalar_t>(v);
+    }
+  }
+}
+
+template <typename scalar_t, Act A, bool kRes, bool kTraining, bool kDx, bool kDres>
+void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
+                         const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
+                         const GradCoeffs<at::opmath_type<scalar_t>>& q) {
+  using T = at::opmath_type<scalar_t>;
+  const T *kdy = q.k_dy.data(), *kx = q.k_x.data(), *k0 = q.k_0.data(), *mhi = q.mean_hi.data(),
+          *mlo = q.mean_lo.data();
+  if (g.layout == Layout::kNCS) {
+    parallel_runs(
+        g,
+        [&](int64_t c, int64_t off, int64_t len) {
+          act_grad_span<A, kRes, kTraining, kDx, kDres, 0>(
+              dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
+              len, k.hi + c, k.lo + c, k.sc + c, k.sh + c, kdy + c, kx + c, k0 + c, mhi + c, mlo + c, k.slope);
+        },
+        Sweep::kBackward);
+    return;
+  }
+  parallel_rows(
+      g,
+      [&](int64_t off) {
+        act_grad_span<A, kRes, kTraining, kDx, kDres, 1>(dy + off, x + off, kRes ? res + off : nullptr,
+                                                         kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, g.C,
+                                                         k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo, k.slope);
+      },
+      Sweep::kBackward);
+}
+
+// The input gradient (dx null: not asked for) and the residual's (dres null: none).
+template <typename scalar_t, Act A, bool kRes, bool kTraining>
+void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
+                           const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
+                           const GradCoeffs<at::opmath_type<scalar_t>>& q) {
+  if (dx != nullptr && dres != nullptr) {
+    act_grad_input_pass<scalar_t, A, kRes, kTraining, true, true>(dy, x, res, dx, dres, g, k, q);
+  } else if (dx != nullptr) {
+    act_grad_input_pass<scalar_t, A, kRes, kTraining, true, false>(dy, x, res, dx, dres, g, k, q);
+  } else {
+    act_grad_input_pass<scalar_t, A, kRes, kTraining, false, true>(dy, x, res, dx, dres, g, k, q);
+  }
+}
+
+// Calls fn(std::integral_constant<Act, A>{}) for the runtime activation.
+template <typename Fn>
+inline void dispatch_act(Act act, Fn&& fn) {
+  switch (act) {
+    case Act::kIdentity:
+      return fn(std::integral_constant<Act, Act::kIdentity>{});
+    case Act::kRelu:
+      return fn(std::integral_constant<Act, Act::kRelu>{});
+    case Act::kRelu6:
+      return fn(std::integral_constant<Act, Act::kRelu6>{});
+    case Act::kLeakyRelu:
+      return fn(std::integral_constant<Act, Act::kLeakyRelu>{});
+    case Act::kSilu:
+      return fn(std::integral_constant<Act, Act::kSilu>{});
+  }
+}
