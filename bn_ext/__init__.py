@@ -6,9 +6,12 @@ from . import _C  # noqa: F401  loads the library, which registers the bn_ext op
 from . import _autograd, _fake, _vmap  # noqa: F401  fake kernels, autograd and vmap rules for those ops
 from ._build import build_info
 from .convert import convert_model
-from .functional import batch_norm
+from .functional import batch_norm, batch_norm_act
 from . import _toolchain
 from .modules import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
@@ -27,6 +30,9 @@ _toolchain.install()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -36,6 +42,7 @@ __all__ = [
     "SyncBatchNorm",
     "_BatchNorm",
     "batch_norm",
+    "batch_norm_act",
     "build_info",
     "convert_model",
     "ops",

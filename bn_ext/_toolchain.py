@@ -6,7 +6,8 @@ import; each hook leaves everything but bn_ext's layers to torch's own code, and
 torch function is missing (another torch release) is skipped.
 
 - torch.fx tracing (symbolic_trace, and the quantization tracer): bn_ext layers are leaf modules,
-  one call_module node each, as torch.nn's are.
+  one call_module node each, as torch.nn's are (the fused BatchNormAct layers too; the fusers
+  below match exact classes, so those are never folded, which would drop their activation).
 - torch.fx.experimental.optimization.fuse: conv/linear + bn_ext BatchNorm fold as with torch.nn's.
 - torch.ao.quantization.fuse_modules (eager mode): the same fuser methods as for torch.nn's.
 - prepare_fx / prepare_qat_fx / fuse_fx: bn_ext layers of the traced copy are swapped for torch.nn
@@ -32,7 +33,7 @@ def _torch_type(cls):
 def _leaf_tracers():
     def leaf(original):
         def is_leaf_module(self, m, module_qualified_name):
-            return type(m) in _BN_TYPES or original(self, m, module_qualified_name)
+            return type(m) in _BN_TYPES or isinstance(m, modules._ActMixin) or original(self, m, module_qualified_name)
 
         is_leaf_module.__wrapped__ = original
         return is_leaf_module

@@ -125,6 +125,10 @@ def _target(module, to):
 
 
 def _convert(module, to, process_group, name, left):
+    if to != "bn_ext" and isinstance(module, modules._ActMixin):
+        # torch.nn and SyncBatchNorm have no fused activation: converting would drop it
+        left.append(f"{name or '(the model itself)'} ({type(module).__module__}.{type(module).__qualname__})")
+        return module
     cls = _target(module, to)
     if cls is not None:
         group = process_group if to == "sync" else getattr(module, "process_group", None)

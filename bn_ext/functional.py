@@ -153,3 +153,130 @@ def batch_norm(
     if not isinstance(training, bool):
         raise TypeError(f"batch_norm: training: expected a bool, got {type(training).__name__}")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu")
+
+
+def _check_activation(activation, negative_slope) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"batch_norm_act: activation: expected one of {', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}"
+        )
+    if negative_slope != negative_slope:
+        raise ValueError("batch_norm_act: negative_slope: expected a number, got nan")
+
+
+def _activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """torch's own activation: the composite path and the ONNX export."""
+    if activation == "relu":
+        return torch.nn.functional.relu(z)
+    if activation == "relu6":
+        return torch.nn.functional.relu6(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    return z
+
+
+def _batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation: str,
+    negative_slope: float,
+) -> Tensor:
+    """_batch_norm's checks and buffer rules, then the fused op (or its torch composite where
+    the op cannot serve: torch.func transforms, forward AD, statistics that require grad)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm_act: input: expected a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm_act: input: expected at least 2 dimensions (N, C, ...), got {input.dim()}-D input"
+        )
+    _check_activation(activation, negative_slope)
+    _check_args(training, momentum, eps)
+    _check_running_pair(running_mean, running_var)
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError(f"batch_norm_act: residual: expected a Tensor or None, got {type(residual).__name__}")
+    updating = False
+    if training:
+        _verify_batch_size(input.size())
+        updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
+    elif running_mean is None or running_var is None:
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{missing} must be defined in evaluation mode")
+    stats_need_grad = not training and (running_mean.requires_grad or running_var.requires_grad)
+    if _composite.needed() or stats_need_grad:
+        if training and updating:
+            _check_buffers(input, running_mean, running_var, num_batches_tracked, momentum)
+        z = _composite.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+        )
+        return _activate(z if residual is None else z + residual, activation, negative_slope)
+    if not training:
+        return _ops.batch_norm_act.default(
+            input, weight, bias, residual, running_mean, running_var, eps, activation, negative_slope
+        )
+    if updating:
+        # batch_norm_act_train checks the buffers before its statistics pass
+        _check_counter(num_batches_tracked, momentum)
+    return _ops.batch_norm_act_train.default(
+        input,
+        weight,
+        bias,
+        residual,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        eps,
+        activation,
+        negative_slope,
+    )[0]
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act(batch_norm(input, ...) + residual)`` in one fused pass.
+
+    The BatchNorm arguments and behaviour are :func:`batch_norm`'s; ``residual`` (optional) is a
+    tensor of the input's shape added before the activation, which is ``"identity"``, ``"relu"``,
+    ``"relu6"``, ``"leaky_relu"`` (with ``negative_slope``) or ``"silu"``.
+    """
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm_act: training: expected a bool, got {type(training).__name__}")
+    return _batch_norm_act(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        None,
+        residual,
+        activation,
+        negative_slope,
+    )

@@ -5,7 +5,16 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
 
 from . import _composite, _sync
-from .functional import _batch_norm, _check_args, _check_buffers, _ops, _verify_batch_size
+from .functional import (
+    _activate,
+    _batch_norm,
+    _batch_norm_act,
+    _check_activation,
+    _check_args,
+    _check_buffers,
+    _ops,
+    _verify_batch_size,
+)
 
 _elemt = _ops.batch_norm_elemt.default
 
@@ -143,6 +152,89 @@ class BatchNorm2d(_BatchNorm, _torch_bn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNorm, _torch_bn.BatchNorm3d):
     """BatchNorm over (N, C, D, H, W) input; see torch.nn.BatchNorm3d."""
+
+
+def _fusable_residual(input: Tensor, residual) -> bool:
+    """Whether the fused op takes the residual as it is: a tensor of the input's shape, dtype and
+    device."""
+    return (
+        isinstance(residual, Tensor)
+        and residual.shape == input.shape
+        and residual.dtype == input.dtype
+        and residual.device == input.device
+    )
+
+
+class _ActMixin:
+    """BatchNorm followed by an activation, with an optional residual added in between:
+    forward(input, residual=None) is act(BN(input) + residual), in one fused pass."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum=0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> None:
+        _check_activation(activation, negative_slope)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + extra
+
+    @torch.jit.unused
+    def forward(self, input: Tensor, residual=None) -> Tensor:
+        if _composite.onnx_exporting():
+            # torch.nn's BatchNorm and torch's activation, which the exporters know
+            z = _torch_bn._BatchNorm.forward(self, input)
+            return _activate(z if residual is None else z + residual, self.activation, self.negative_slope)
+        if residual is not None and not _fusable_residual(input, residual):
+            # a residual that broadcasts or promotes: torch's add semantics, in separate passes
+            return _activate(super().forward(input) + residual, self.activation, self.negative_slope)
+        self._check_input_dim(input)
+        self._check_channels(input)
+        params = self._parameters
+        weight, bias = _member(self, params, "weight"), _member(self, params, "bias")
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean, running_var, nbt, momentum = self._buffers_and_momentum()
+        return _batch_norm_act(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            nbt,
+            residual,
+            self.activation,
+            self.negative_slope,
+        )
+
+
+class BatchNormAct1d(_ActMixin, BatchNorm1d):
+    """BatchNorm1d fused with an activation (and a residual add); see bn_ext.functional.batch_norm_act."""
+
+
+class BatchNormAct2d(_ActMixin, BatchNorm2d):
+    """BatchNorm2d fused with an activation (and a residual add); see bn_ext.functional.batch_norm_act."""
+
+
+class BatchNormAct3d(_ActMixin, BatchNorm3d):
+    """BatchNorm3d fused with an activation (and a residual add); see bn_ext.functional.batch_norm_act."""
 
 
 class LazyBatchNorm1d(_torch_bn.LazyBatchNorm1d, _BatchNorm):
