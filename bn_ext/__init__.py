@@ -7,6 +7,7 @@ from . import _autograd, _fake, _vmap  # noqa: F401  fake kernels, autograd and 
 from ._build import build_info
 from .convert import convert_model
 from .functional import batch_norm, batch_norm_act
+from ._fuse import fuse
 from . import _toolchain
 from .modules import (
     BatchNormAct1d,
@@ -45,5 +46,6 @@ __all__ = [
     "batch_norm_act",
     "build_info",
     "convert_model",
+    "fuse",
     "ops",
 ]
