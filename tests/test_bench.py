@@ -159,3 +159,21 @@ def test_bench_cli_reports_the_two_reads_reference(tmp_path):
     assert row["tensor_MB"] >= 8 and row["two_reads_ms"] > 0
     copy_s = 2 * row["tensor_MB"] * 1e6 / (row["copy_GBps"] * 1e9)  # the copy's time, from its bandwidth
     assert row["two_reads_fraction_of_copy"] == pytest.approx(copy_s / (row["two_reads_ms"] / 1e3))
+
+
+def test_fused_suite_writes_its_results(tmp_path):
+    cmd = [sys.executable, "-m", "bn_ext.bench", "--suite", "fused", "--shapes", "resnet50.layer3"]
+    cmd += ["--dtype", "float32", "--mode", "eval_fwd,train_fwd_bwd", "--repeats", "1", "--warmup", "0"]
+    cmd += ["--rounds", "1", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(), timeout=600)
+    assert run.returncode == 0, run.stderr
+    kernels = bn_ext.build_info()["cpu_kernels"]
+    with open(tmp_path / f"bench-cpu-{kernels}-fused-partial.json") as f:
+        rows = json.load(f)["results"]
+    # two layouts x two modes of the one case, each against both references
+    assert len(rows) == 4 and {r["pattern"] for r in rows} == {"bn+add+relu"}
+    for r in rows:
+        assert r["parity"] == "ok"
+        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["fused_ms"])
+        assert r["speedup_vs_unfused"] == pytest.approx(r["unfused_ms"] / r["fused_ms"])
+    assert "geomean train_fwd_bwd float32" in (tmp_path / f"bench-cpu-{kernels}-fused-partial.txt").read_text()

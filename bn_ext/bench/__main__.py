@@ -452,6 +452,12 @@ def main(argv=None):
     p.add_argument("--tag", default=None, help="results file name tag (default: the CPU kernel build or the GPU model)")
     p.add_argument("--render", metavar="JSON", default=None, help="only render .txt/.png from a results file")
     p.add_argument(
+        "--suite",
+        default="batchnorm",
+        choices=["batchnorm", "fused"],
+        help="batchnorm: BatchNorm alone; fused: BatchNorm + activation (+ add) against torch's composite",
+    )
+    p.add_argument(
         "--malloc-defaults",
         action="store_true",
         help="keep glibc's malloc thresholds (by default freed blocks stay in the heap: see keep_freed_memory)",
@@ -476,6 +482,15 @@ def main(argv=None):
         args.repeats = 5 if args.quick else (25 if args.device == "cpu" else 20)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
+    if args.suite == "fused":
+        from .fused import run_fused, write_fused
+
+        rows = run_fused(args, interleaved_times)
+        info = machine_info(args.device, allocator)
+        tag = args.tag or f"{default_tag(args.device, info)}-fused{'-partial' if partial else ''}"
+        base, text = write_fused(rows, info, args.out, tag, geomean)
+        print(text + f"wrote {base}.json and {base}.txt")
+        return 0 if all(r["parity"] == "ok" for r in rows) else 1
     rows = run(args)
     info = machine_info(args.device, allocator)
     print_table(rows, info)
