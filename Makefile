@@ -34,7 +34,7 @@ build: $(BUILT)
 
 # The tests whose results depend on the CPU kernel build run again under each build below the
 # one this CPU picks (BN_EXT_CPU_ISA caps it), so every build is checked whatever CPU runs CI.
-ISA_TESTS ?= tests/test_numerics.py tests/test_parity.py
+ISA_TESTS ?= tests/test_numerics.py tests/test_parity.py tests/test_act.py
 ISA_BUILD = $(PY) -c 'import bn_ext; print(bn_ext.build_info()["cpu_kernels"])'
 
 test: $(BUILT)
