@@ -20,6 +20,9 @@ _FUSABLE = {
     modules.BatchNorm1d: modules.BatchNormAct1d,
     modules.BatchNorm2d: modules.BatchNormAct2d,
     modules.BatchNorm3d: modules.BatchNormAct3d,
+    # SyncBatchNorm takes the epilogue itself
+    nn.SyncBatchNorm: modules.SyncBatchNorm,
+    modules.SyncBatchNorm: modules.SyncBatchNorm,
 }
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -85,6 +88,9 @@ def _fused_layer(bn, activation, negative_slope, cls=None):
     nn.Module.__init__(new)
     for key in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
         setattr(new, key, getattr(bn, key))
+    if cls is modules.SyncBatchNorm:
+        new.process_group = bn.process_group
+        new._num_features_checked = set()
     for name, p in bn._parameters.items():
         new.register_parameter(name, p)
     for name, b in bn._buffers.items():
@@ -119,8 +125,11 @@ def _fuse_graph(graph, named):
     and the count. A BN whose output (or whose add's output) has another user stays."""
     fused = {}
     for bn in list(graph.nodes):
-        if bn.op != "call_module" or type(named.get(bn.target)) not in _FUSABLE:
+        layer = named.get(bn.target)
+        if bn.op != "call_module" or type(layer) not in _FUSABLE:
             continue
+        if getattr(layer, "activation", "identity") != "identity":
+            continue  # a SyncBatchNorm with an epilogue already
         if len(bn.users) != 1 or len(bn.args) != 1 or bn.kwargs or bn.target in fused:
             continue
         if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == bn.target) != 1:
@@ -199,7 +208,8 @@ def _fuse_tree(module):
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """Fuses each BatchNorm (torch.nn's or bn_ext's BatchNorm1d/2d/3d) that is followed by an
+    """Fuses each BatchNorm (torch.nn's or bn_ext's BatchNorm1d/2d/3d or SyncBatchNorm; the latter
+    become bn_ext.SyncBatchNorm with an activation) that is followed by an
     activation (ReLU, ReLU6, LeakyReLU, SiLU; module, function or method, in-place or not), or by
     an add and then an activation (``out = bn(x); out += identity; out = relu(out)``), into one
     bn_ext BatchNormAct layer. timm's BatchNormAct2d layers are converted directly.

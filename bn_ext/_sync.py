@@ -108,26 +108,81 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         input, weight, mean, var, count = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_input = grad_weight = grad_bias = None
-        sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(grad_out, input, mean)
-        if need_weight:
-            invstd = 1.0 / torch.sqrt(var + ctx.eps)
-            grad_weight = (sum_dy_xmu.to(torch.float64) * invstd).to(ctx.weight_dtype)
-        if need_bias:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
-        if need_input:
-            channels = input.shape[1]
-            sums = all_reduce_sum(
-                torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64),
-                ctx.group,
-                ctx.group_size,
-                "all-reduce of gradient sums",
-            )
-            # backward_elemt divides the sums by `count`: hand it means over the global count.
-            mean_dy = sums[:channels] / count
-            mean_dy_xmu = sums[channels:] / count
-            grad_input = _ops.batch_norm_backward_elemt(
-                grad_out, input, weight, mean, var, mean_dy, mean_dy_xmu, ctx.eps, 1
-            )
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        grads = _sync_backward(ctx, grad_out, input, weight, mean, var, count, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None)
+
+
+def _sync_backward(ctx, grad_out, input, weight, mean, var, count, needs):
+    """(grad_input, grad_weight, grad_bias) of y = BN(x) with the group's statistics, from this
+    rank's grad_out; the input gradient takes one all-reduce of the gradient sums."""
+    need_input, need_weight, need_bias = needs
+    grad_input = grad_weight = grad_bias = None
+    sum_dy, sum_dy_xmu = _ops.batch_norm_backward_reduce(grad_out, input, mean)
+    if need_weight:
+        invstd = 1.0 / torch.sqrt(var + ctx.eps)
+        grad_weight = (sum_dy_xmu.to(torch.float64) * invstd).to(ctx.weight_dtype)
+    if need_bias:
+        grad_bias = sum_dy.to(ctx.bias_dtype)
+    if need_input:
+        channels = input.shape[1]
+        sums = all_reduce_sum(
+            torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64),
+            ctx.group,
+            ctx.group_size,
+            "all-reduce of gradient sums",
+        )
+        # backward_elemt divides the sums by `count`: hand it means over the global count.
+        mean_dy = sums[:channels] / count
+        mean_dy_xmu = sums[channels:] / count
+        grad_input = _ops.batch_norm_backward_elemt(
+            grad_out, input, weight, mean, var, mean_dy, mean_dy_xmu, ctx.eps, 1
+        )
+    return grad_input, grad_weight, grad_bias
+
+
+def _activation_backward(grad_out: Tensor, z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """grad_out * act'(z), by torch's own activation backward functions (their conventions at the
+    kinks, as the fused kernels follow)."""
+    aten = torch.ops.aten
+    if activation == "relu":
+        return aten.threshold_backward(grad_out, z, 0.0)
+    if activation == "relu6":
+        return aten.hardtanh_backward(grad_out, z, 0.0, 6.0)
+    if activation == "leaky_relu":
+        return aten.leaky_relu_backward(grad_out, z, negative_slope, False)
+    if activation == "silu":
+        return aten.silu_backward(grad_out, z)
+    return grad_out
+
+
+class SyncBatchNormActFunction(torch.autograd.Function):
+    """y = act(BN(x) + residual) with the global statistics, in one pass (batch_norm_act). The
+    backward recomputes z = BN(x) + residual from the saved statistics (no activation-sized tensor
+    is kept from the forward), takes dz = dy * act'(z), which is the residual's gradient, and runs
+    SyncBatchNormFunction's backward on dz."""
+
+    @staticmethod
+    def forward(
+        ctx, input, weight, bias, residual, mean, var, count, eps, activation, negative_slope, group, group_size
+    ):
+        ctx.save_for_backward(input, weight, bias, residual, mean, var, count)
+        ctx.eps = eps
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.group = group
+        ctx.group_size = group_size
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _ops.batch_norm_act(input, weight, bias, residual, mean, var, eps, activation, negative_slope)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, bias, residual, mean, var, count = ctx.saved_tensors
+        if ctx.activation == "identity":
+            dz = grad_out
+        else:
+            z = _ops.batch_norm_act(input, weight, bias, residual, mean, var, ctx.eps, "identity", 0.0)
+            dz = _activation_backward(grad_out, z, ctx.activation, ctx.negative_slope)
+        grads = _sync_backward(ctx, dz, input, weight, mean, var, count, ctx.needs_input_grad[:3])
+        grad_residual = dz if ctx.needs_input_grad[3] else None
+        return (*grads, grad_residual, None, None, None, None, None, None, None, None)

@@ -39,6 +39,10 @@ def _swap(bn, cls, process_group=None):
         setattr(new, name, getattr(bn, name)) if getattr(bn, name) is not None else new.register_parameter(name, None)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new.register_buffer(name, getattr(bn, name))
+    if issubclass(cls, modules.SyncBatchNorm):
+        # a fused layer's epilogue carries over (SyncBatchNorm has the same one)
+        new.activation = getattr(bn, "activation", "identity")
+        new.negative_slope = getattr(bn, "negative_slope", 0.01)
     new.train(bn.training)
     if hasattr(bn, "qconfig"):
         new.qconfig = bn.qconfig
@@ -124,9 +128,13 @@ def _target(module, to):
     return mapping.get(type(module))
 
 
+def _has_epilogue(module) -> bool:
+    return isinstance(module, modules._ActMixin) or getattr(module, "activation", "identity") != "identity"
+
+
 def _convert(module, to, process_group, name, left):
-    if to != "bn_ext" and isinstance(module, modules._ActMixin):
-        # torch.nn and SyncBatchNorm have no fused activation: converting would drop it
+    if to == "torch" and isinstance(module, modules._BatchNorm) and _has_epilogue(module):
+        # torch.nn's BatchNorm layers have no fused activation: converting would drop it
         left.append(f"{name or '(the model itself)'} ({type(module).__module__}.{type(module).__qualname__})")
         return module
     cls = _target(module, to)
@@ -155,6 +163,9 @@ def convert_model(module: torch.nn.Module, to: str = "bn_ext", *, process_group=
     - ``to="torch"``: the reverse;
     - ``to="sync"``: every BatchNorm (torch.nn's or bn_ext's, sync or not) by bn_ext.SyncBatchNorm
       over ``process_group`` (None: the default group), as SyncBatchNorm.convert_sync_batchnorm.
+      A fused layer (BatchNormAct*d, from bn_ext.fuse) keeps its activation and residual input.
+
+    Going to torch, layers with a fused activation are left as they are, with the warning.
 
     Parameters and buffers are the same tensor objects, so device, dtype, values, requires_grad
     and optimiser state carry over, and so does train/eval mode. A SyncBatchNorm converted to or

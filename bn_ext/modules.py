@@ -189,40 +189,52 @@ class _ActMixin:
         self.negative_slope = negative_slope
 
     def extra_repr(self) -> str:
-        extra = f", activation={self.activation!r}"
-        if self.activation == "leaky_relu":
-            extra += f", negative_slope={self.negative_slope}"
-        return super().extra_repr() + extra
+        return super().extra_repr() + (_act_extra_repr(self) or ", activation='identity'")
 
     @torch.jit.unused
     def forward(self, input: Tensor, residual=None) -> Tensor:
-        if _composite.onnx_exporting():
-            # torch.nn's BatchNorm and torch's activation, which the exporters know
-            z = _torch_bn._BatchNorm.forward(self, input)
-            return _activate(z if residual is None else z + residual, self.activation, self.negative_slope)
-        if residual is not None and not _fusable_residual(input, residual):
-            # a residual that broadcasts or promotes: torch's add semantics, in separate passes
-            return _activate(super().forward(input) + residual, self.activation, self.negative_slope)
-        self._check_input_dim(input)
-        self._check_channels(input)
-        params = self._parameters
-        weight, bias = _member(self, params, "weight"), _member(self, params, "bias")
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        running_mean, running_var, nbt, momentum = self._buffers_and_momentum()
-        return _batch_norm_act(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            nbt,
-            residual,
-            self.activation,
-            self.negative_slope,
-        )
+        return _act_forward(self, input, residual, super().forward)
+
+
+def _act_extra_repr(module) -> str:
+    if module.activation == "identity":
+        return ""
+    extra = f", activation={module.activation!r}"
+    if module.activation == "leaky_relu":
+        extra += f", negative_slope={module.negative_slope}"
+    return extra
+
+
+def _act_forward(module, input: Tensor, residual, plain_forward) -> Tensor:
+    """act(BN(input) + residual) for a BatchNorm module with `activation` and `negative_slope`
+    attributes, on its own statistics (no collective); plain_forward is its BatchNorm alone."""
+    if _composite.onnx_exporting():
+        # torch.nn's BatchNorm and torch's activation, which the exporters know
+        z = _torch_bn._BatchNorm.forward(module, input)
+        return _activate(z if residual is None else z + residual, module.activation, module.negative_slope)
+    if residual is not None and not _fusable_residual(input, residual):
+        # a residual that broadcasts or promotes: torch's add semantics, in separate passes
+        return _activate(plain_forward(input) + residual, module.activation, module.negative_slope)
+    module._check_input_dim(input)
+    module._check_channels(input)
+    params = module._parameters
+    weight, bias = _member(module, params, "weight"), _member(module, params, "bias")
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    running_mean, running_var, nbt, momentum = module._buffers_and_momentum()
+    return _batch_norm_act(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        use_batch_stats,
+        momentum,
+        module.eps,
+        nbt,
+        residual,
+        module.activation,
+        module.negative_slope,
+    )
 
 
 class BatchNormAct1d(_ActMixin, BatchNorm1d):
@@ -264,6 +276,10 @@ class SyncBatchNorm(_BatchNorm):
     2 to 5 dimensions, any memory format. In eval mode, with a group of one, or without an
     initialised torch.distributed it is a plain bn_ext BatchNorm and runs no collective.
     See bn_ext/_sync.py for the collectives of a training step.
+
+    ``activation`` (default ``"identity"``: plain BatchNorm) and ``negative_slope`` give it the
+    fused epilogue of the BatchNormAct layers: ``forward(input, residual=None)`` is then
+    ``act(BN(input) + residual)``, applied in the pass that writes the output.
     """
 
     def __init__(
@@ -278,10 +294,24 @@ class SyncBatchNorm(_BatchNorm):
         dtype=None,
         *,
         bias: bool = True,
+        activation: str = "identity",
+        negative_slope: float = 0.01,
     ) -> None:
+        _check_activation(activation, negative_slope)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
+        self.activation = activation
+        self.negative_slope = negative_slope
         self._num_features_checked = set()  # names of the groups that agreed on num_features
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _act_extra_repr(self)
+
+    def __setstate__(self, state):
+        # modules pickled before the fused epilogue existed are plain BatchNorm
+        state.setdefault("activation", "identity")
+        state.setdefault("negative_slope", 0.01)
+        super().__setstate__(state)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -291,13 +321,14 @@ class SyncBatchNorm(_BatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual=None) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         self._check_channels(input)
+        plain = self.activation == "identity" and residual is None
         group = _sync.sync_group(self.process_group) if self.training else None
         if group is None:
-            return super().forward(input)
+            return super().forward(input) if plain else _act_forward(self, input, residual, super().forward)
         group_size = torch.distributed.get_world_size(group)
         _check_args(True, self.momentum, self.eps)
         running_mean, running_var, nbt, momentum = self._buffers_and_momentum()
@@ -310,8 +341,27 @@ class SyncBatchNorm(_BatchNorm):
             mean, var, count = _sync.gather_batch_stats(
                 input.detach(), running_mean, running_var, nbt, momentum, group, group_size
             )
-        return _sync.SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, var, count, self.eps, group, group_size
+        if plain or (residual is not None and not _fusable_residual(input, residual)):
+            y = _sync.SyncBatchNormFunction.apply(
+                input, self.weight, self.bias, mean, var, count, self.eps, group, group_size
+            )
+            if plain:
+                return y
+            # a residual that broadcasts or promotes: torch's add semantics, in separate passes
+            return _activate(y + residual, self.activation, self.negative_slope)
+        return _sync.SyncBatchNormActFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            residual,
+            mean,
+            var,
+            count,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            group,
+            group_size,
         )
 
     @classmethod

@@ -145,6 +145,76 @@ def parity(rank, world, store_file, sizes, dtypes, device="cpu", backend="gloo")
     dist.destroy_process_group()
 
 
+ACT_CASES = [
+    # (activation, negative_slope, shape after (N, C), memory format, with a residual)
+    ("relu", 0.01, (5, 6), torch.contiguous_format, True),
+    ("relu", 0.01, (5, 6), torch.channels_last, False),
+    ("relu6", 0.01, (7,), torch.contiguous_format, True),
+    ("leaky_relu", 0.2, (3, 4, 5), torch.channels_last_3d, True),
+    ("silu", 0.01, (), torch.contiguous_format, True),
+    ("identity", 0.01, (4, 3), torch.contiguous_format, True),
+]
+
+
+def _torch_act(z, activation, negative_slope):
+    F = torch.nn.functional
+    return {
+        "relu": F.relu,
+        "relu6": F.relu6,
+        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
+        "silu": F.silu,
+        "identity": lambda t: t,
+    }[activation](z)
+
+
+def parity_act(rank, world, store_file, sizes, dtypes):
+    """bn_ext.SyncBatchNorm with a fused activation (and residual) on uneven per-rank batches
+    equals torch.nn.BatchNorm, the add and torch's activation over the concatenated batch:
+    output, input/residual/parameter gradients, running stats."""
+    _init(rank, world, store_file)
+    channels = 4
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    for dtype in dtypes:
+        tol = {torch.float64: F64, torch.float32: F32}[dtype]
+        for case, (activation, slope, tail, fmt, with_res) in enumerate(ACT_CASES):
+            what = f"[rank {rank}, {dtype}, {activation}, {tail}, residual={with_res}, sizes {sizes}]"
+            ref = getattr(torch.nn, f"BatchNorm{max(len(tail), 1)}d")(channels, dtype=dtype)
+            with torch.no_grad():
+                ref.weight.uniform_(-1.5, 1.5, generator=torch.Generator().manual_seed(case))
+                ref.bias.normal_(generator=torch.Generator().manual_seed(case + 100))
+            sync = bn_ext.SyncBatchNorm(channels, dtype=dtype, activation=activation, negative_slope=slope)
+            sync.load_state_dict(ref.state_dict())
+            xs, dys = _shared_batch(sizes, tail, channels, dtype, "cpu", fmt, seed=500 + case)
+            rs, _ = _shared_batch(sizes, tail, channels, dtype, "cpu", fmt, seed=900 + case)
+            x_full = torch.cat(xs).contiguous(memory_format=fmt).requires_grad_()
+            r_full = (torch.cat(rs) - 3.0).contiguous(memory_format=fmt).requires_grad_()
+            z = ref(x_full)
+            y_ref = _torch_act(z + r_full if with_res else z, activation, slope)
+            y_ref.backward(torch.cat(dys).contiguous(memory_format=fmt))
+
+            x = xs[rank].clone().requires_grad_()
+            r = (rs[rank] - 3.0).requires_grad_()
+            y = sync(x, r) if with_res else sync(x)
+            y.backward(dys[rank])
+            _check_close(y, y_ref.detach()[lo:hi], tol, f"{what} output")
+            _check_close(x.grad, x_full.grad[lo:hi], tol, f"{what} input grad")
+            if with_res:
+                _check_close(r.grad, r_full.grad[lo:hi], tol, f"{what} residual grad")
+            grad_tol = {torch.float64: F64, torch.float32: dict(rtol=1e-4, atol=1e-4)}[dtype]
+            for p_name in ("weight", "bias"):
+                g = getattr(sync, p_name).grad.clone()
+                dist.all_reduce(g)
+                _check_close(g, getattr(ref, p_name).grad, grad_tol, f"{what} {p_name} grad")
+            for b_name in ("running_mean", "running_var"):
+                _check_close(getattr(sync, b_name), getattr(ref, b_name), tol, f"{what} {b_name}")
+            sync.eval()
+            ref.eval()
+            x_eval = xs[rank].detach()
+            expected = _torch_act(ref(x_eval) + r.detach() if with_res else ref(x_eval), activation, slope)
+            _check_close(sync(x_eval, r.detach()) if with_res else sync(x_eval), expected, tol, f"{what} eval output")
+    dist.destroy_process_group()
+
+
 def subgroup(rank, world, store_file):
     """A process_group of ranks 0 and 2 out of 3: those two synchronise, rank 1 stays alone."""
     _init(rank, world, store_file)

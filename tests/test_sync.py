@@ -47,6 +47,14 @@ def test_matches_single_process_bfloat16(tmp_path):
 
 
 @requires_gloo
+@pytest.mark.parametrize(
+    "sizes", [pytest.param([3, 6], id="2 ranks, N=3,6"), pytest.param([0, 5, 2], id="3 ranks, N=0,5,2")]
+)
+def test_fused_activation_matches_single_process(tmp_path, sizes):
+    spawn(sync_workers.parity_act, len(sizes), tmp_path, sizes, [torch.float64, torch.float32])
+
+
+@requires_gloo
 def test_process_group_subset(tmp_path):
     spawn(sync_workers.subgroup, 3, tmp_path)
 
@@ -171,6 +179,59 @@ def test_convert_model_to_sync_and_back():
     assert sum(type(m) is bn_ext.SyncBatchNorm for m in again.modules()) == 4
     with pytest.raises(ValueError, match="'bn_ext', 'torch' or 'sync'"):
         bn_ext.convert_model(model, to="nccl")
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_fused_activation_without_torch_distributed_is_batch_norm_act(activation):
+    x = torch.randn(6, 4, 5, 3, dtype=torch.float64)
+    res = torch.randn(6, 4, 5, 3, dtype=torch.float64)
+    ref = bn_ext.BatchNormAct2d(4, dtype=torch.float64, activation=activation, negative_slope=0.3)
+    ours = bn_ext.SyncBatchNorm(4, dtype=torch.float64, activation=activation, negative_slope=0.3)
+    assert f"activation='{activation}'" in repr(ours) and "activation" not in repr(bn_ext.SyncBatchNorm(4))
+    for mode in ("train", "eval"):
+        getattr(ref, mode)()
+        getattr(ours, mode)()
+        assert torch.equal(ours(x, res), ref(x, res)), mode
+        assert torch.equal(ours(x), ref(x)), mode
+    assert torch.equal(ours.running_var, ref.running_var)
+    with pytest.raises(ValueError, match="expected one of"):
+        bn_ext.SyncBatchNorm(4, activation="gelu")
+
+
+def test_convert_keeps_the_fused_activation():
+    model = torch.nn.Sequential(
+        bn_ext.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2), bn_ext.BatchNorm2d(4)
+    )
+    sync = bn_ext.convert_model(model, to="sync")
+    assert type(sync[0]) is bn_ext.SyncBatchNorm and type(sync[1]) is bn_ext.SyncBatchNorm
+    assert (sync[0].activation, sync[0].negative_slope) == ("leaky_relu", 0.2) and sync[1].activation == "identity"
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(sync[0](x), torch.nn.functional.leaky_relu(torch.nn.BatchNorm2d(4)(x), 0.2))
+    with pytest.warns(UserWarning, match=r"left 1 BatchNorm layer.*0 \(bn_ext.modules.SyncBatchNorm\)"):
+        back = bn_ext.convert_model(sync, to="torch")
+    assert type(back[0]) is bn_ext.SyncBatchNorm and type(back[1]) is torch.nn.SyncBatchNorm
+
+
+def test_fuse_gives_sync_batch_norm_the_activation():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1 = torch.nn.SyncBatchNorm(4)
+            self.bn2 = bn_ext.SyncBatchNorm(4, process_group="g")
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(x))
+            out = self.bn2(out)
+            out += x
+            return torch.nn.functional.silu(out)
+
+    x = torch.randn(3, 4, 5, 5)
+    expected = Block()(x)
+    fused = bn_ext.fuse(Block())
+    assert fused.bn_ext_fused == 2
+    assert type(fused.bn1) is bn_ext.SyncBatchNorm and fused.bn1.activation == "relu"
+    assert fused.bn2.activation == "silu" and fused.bn2.process_group == "g"
+    torch.testing.assert_close(fused(x), expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
