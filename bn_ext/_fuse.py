@@ -219,8 +219,12 @@ def fuse(model: nn.Module) -> nn.Module:
     changed becomes a ``torch.fx.GraphModule`` with the same submodules; modules FX cannot trace,
     and patterns whose BatchNorm or add output is also used elsewhere, are left as they are.
     Changes ``model`` in place where it can and returns the fused model; its ``bn_ext_fused``
-    attribute says how many layers were fused.
+    attribute says how many layers were fused. Also turns on bn_ext.enable_compile_fusion, so
+    torch.compile fuses the patterns this left (untraceable modules, functional calls).
     """
+    from . import enable_compile_fusion
+
+    enable_compile_fusion()  # what module fusion cannot see, compiled graphs still fuse
     root = _timm_batch_norm_act(model)
     if root is not None:
         root.bn_ext_fused = 1
