@@ -250,7 +250,7 @@ Tensor batch_norm_act(const Tensor& input, const c10::optional<Tensor>& weight, 
   if (p.g.numel() > 0)
     cpu_kernels().act_forward(p.inputs[0], act_residual(p, is_given(residual), 1), p.out, p.g,
                               channel_values(mean, C, 0.0), channel_values(var, C, 0.0), channel_values(weight, C, 1.0),
-                              channel_values(bias, C, 0.0), eps, act, negative_slope);
+                              channel_values(bias, C, 0.0), eps, act, negative_slope, /*after_stats=*/false);
   finish(p);
   return p.result;
 }
@@ -268,7 +268,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train(
   compute_stats(p.inputs[0], p.g, mean, var);
   if (p.g.numel() > 0)
     cpu_kernels().act_forward(p.inputs[0], act_residual(p, is_given(residual), 1), p.out, p.g, mean, var,
-                              channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope);
+                              channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope,
+                              /*after_stats=*/true);
   finish(p);
   if (is_given(running_mean) || is_given(running_var) || is_given(num_batches_tracked))
     update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, p.g.rows());

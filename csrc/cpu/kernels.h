@@ -45,6 +45,7 @@ using at::Tensor;
 #include "kernels/reductions.h"
 #include "kernels/elementwise.h"
 #include "kernels/backward.h"
+#include "kernels/activation_vectors.h"
 #include "kernels/activation.h"
 
 }  // namespace
@@ -134,7 +135,7 @@ void backward_train(const Tensor& dy, const Tensor& x, const Tensor& dx, const G
 
 void act_forward(const Tensor& x, const Tensor& res, const Tensor& y, const Geometry& g,
                  const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
-                 const std::vector<double>& bias, double eps, Act act, double slope) {
+                 const std::vector<double>& bias, double eps, Act act, double slope, bool after_stats) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const Affine<opmath_t> a(mean, var, weight, bias, eps);
@@ -142,12 +143,14 @@ void act_forward(const Tensor& x, const Tensor& res, const Tensor& y, const Geom
                              static_cast<opmath_t>(slope)};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_output(g, res.defined() ? 3 : 2, sizeof(scalar_t));  // x (, residual), y
+    const Sweep order = after_stats ? Sweep::kBackward : Sweep::kForward;
     dispatch_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       if (res.defined()) {
-        act_forward_kernel<scalar_t, A, true>(xp, res.const_data_ptr<scalar_t>(), yp, g, k);
+        act_forward_kernel<scalar_t, A, true>(xp, res.const_data_ptr<scalar_t>(), yp, g, k, order, stream);
       } else {
-        act_forward_kernel<scalar_t, A, false>(xp, nullptr, yp, g, k);
+        act_forward_kernel<scalar_t, A, false>(xp, nullptr, yp, g, k, order, stream);
       }
     });
   });
@@ -174,6 +177,9 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
         if (sums)
           channel_sums(ActGradSums<scalar_t, A, kRes>{dyp, xp, rp, k, mean.data(), g.C, g.C}, g, sum_dz, sum_dz_xmu);
         if (dxp == nullptr && drp == nullptr) return;
+        // dy, x (, residual) in, dx (, the residual's gradient) out
+        const bool stream =
+            stream_output(g, 2 + (rp != nullptr) + (dxp != nullptr) + (drp != nullptr), sizeof(scalar_t));
         GradCoeffs<opmath_t> q(g.C);
         const std::vector<double> invstd = invstd_vector(var, eps);
         const double inv_count = 1.0 / static_cast<double>(std::max<int64_t>(1, g.rows()));
@@ -181,9 +187,9 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
           q.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c],
                                                          inv_count, training));
         if (training) {
-          act_grad_input_kernel<scalar_t, A, kRes, true>(dyp, xp, rp, dxp, drp, g, k, q);
+          act_grad_input_kernel<scalar_t, A, kRes, true>(dyp, xp, rp, dxp, drp, g, k, q, stream);
         } else {
-          act_grad_input_kernel<scalar_t, A, kRes, false>(dyp, xp, rp, dxp, drp, g, k, q);
+          act_grad_input_kernel<scalar_t, A, kRes, false>(dyp, xp, rp, dxp, drp, g, k, q, stream);
         }
       };
       if (rp != nullptr) {

@@ -93,7 +93,7 @@ constexpr int64_t kPerChannelMinTasksPerThread = 4;
   std::vector<double> invstds(const std::vector<double>& var, double eps);                                             \
   void act_forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& y, const Geometry& g,                 \
                    const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight, \
-                   const std::vector<double>& bias, double eps, Act act, double slope);                                \
+                   const std::vector<double>& bias, double eps, Act act, double slope, bool after_stats);              \
   void act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& res, const at::Tensor& dx,            \
                     const at::Tensor& dres, const Geometry& g, bool training, bool sums,                               \
                     const std::vector<double>& mean, const std::vector<double>& var,                                   \

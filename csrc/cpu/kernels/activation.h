@@ -104,39 +104,72 @@ inline T normalized(T x, T hi, T lo, T sc, T sh) {
   return ((x - hi) - lo) * sc + sh;
 }
 
-template <typename scalar_t, Act A, bool kRes>
-void act_forward_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g,
-                        const PreAct<at::opmath_type<scalar_t>>& k) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t slope = k.slope;
-  if (g.layout == Layout::kNCS) {
-    parallel_runs(g, [&](int64_t c, int64_t off, int64_t len) {
-      const scalar_t* __restrict xs = x + off;
-      const scalar_t* __restrict rs = kRes ? res + off : nullptr;
-      scalar_t* __restrict ys = y + off;
-      const opmath_t hi = k.hi[c], lo = k.lo[c], sc = k.sc[c], sh = k.sh[c];
-      for (int64_t i = 0; i < len; ++i) {
-        opmath_t z = normalized(load_value<opmath_t>(xs[i]), hi, lo, sc, sh);
-        if constexpr (kRes) z += load_value<opmath_t>(rs[i]);
-        ys[i] = store_value<scalar_t>(activate<A>(z, slope));
-      }
-    });
-    return;
+#ifdef BN_EXT_AVX2_INTRINSICS
+// The vector loops' share of a span (activation_vectors.h): whole vectors from position 0 on,
+// 16 wide first in the AVX-512 build; float32 arithmetic only (double stays scalar). Returns
+// where the scalar loop takes over.
+template <typename scalar_t, typename Fn>
+inline int64_t vector_share(Fn&& fn) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return 0;
+  } else {
+    int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+    i = fn(ActOps16{}, i);
+#endif
+    return fn(ActOps8{}, i);
   }
-  const opmath_t* __restrict hi = k.hi;
-  const opmath_t* __restrict lo = k.lo;
-  const opmath_t* __restrict sc = k.sc;
-  const opmath_t* __restrict sh = k.sh;
-  parallel_rows(g, [&](int64_t off) {
-    const scalar_t* __restrict xs = x + off;
-    const scalar_t* __restrict rs = kRes ? res + off : nullptr;
-    scalar_t* __restrict ys = y + off;
-    for (int64_t c = 0; c < g.C; ++c) {
-      opmath_t z = normalized(load_value<opmath_t>(xs[c]), hi[c], lo[c], sc[c], sh[c]);
-      if constexpr (kRes) z += load_value<opmath_t>(rs[c]);
-      ys[c] = store_value<scalar_t>(activate<A>(z, slope));
+}
+#endif
+
+template <typename scalar_t, Act A, bool kRes, typename T, int64_t kStep>
+inline void act_forward_span(const scalar_t* __restrict xs, const scalar_t* __restrict rs, scalar_t* __restrict ys,
+                             int64_t len, const T* hi, const T* lo, const T* sc, const T* sh, T slope, bool stream) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+  i = vector_share<scalar_t>([&](auto ops, int64_t from) {
+    using O = decltype(ops);
+    if constexpr (kStep == 0) {
+      return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc},
+                                             Broadcast{*sh}, slope, stream);
+    } else {
+      return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh},
+                                             slope, stream);
     }
   });
+#endif
+  for (; i < len; ++i) {
+    const int64_t j = kStep * i;
+    T z = normalized(load_value<T>(xs[i]), hi[j], lo[j], sc[j], sh[j]);
+    if constexpr (kRes) z += load_value<T>(rs[i]);
+    ys[i] = store_value<scalar_t>(activate<A>(z, slope));
+  }
+}
+
+// order: Sweep::kBackward after the statistics pass (its last reads are still in cache); stream:
+// streaming stores for an output that does not fit in the cache (stream_output).
+template <typename scalar_t, Act A, bool kRes>
+void act_forward_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g,
+                        const PreAct<at::opmath_type<scalar_t>>& k, Sweep order, bool stream) {
+  using T = at::opmath_type<scalar_t>;
+  if (g.layout == Layout::kNCS) {
+    parallel_runs(
+        g,
+        [&](int64_t c, int64_t off, int64_t len) {
+          act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, k.hi + c,
+                                                    k.lo + c, k.sc + c, k.sh + c, k.slope, stream);
+        },
+        order);
+    return;
+  }
+  // spans of whole rows with the coefficients tiled to their width (rows of few channels)
+  parallel_row_spans<T, 4>(
+      g, {k.hi, k.lo, k.sc, k.sh},
+      [&](int64_t off, int64_t width, const auto& c) {
+        act_forward_span<scalar_t, A, kRes, T, 1>(x + off, kRes ? res + off : nullptr, y + off, width, c[0], c[1], c[2],
+                                                  c[3], k.slope, stream);
+      },
+      order);
 }
 
 // dz = dy * act'(z) and t = dz * (x - mean) of n elements of one channel.
@@ -180,21 +213,31 @@ struct ActGradSums {
     const double rest = mean[c] - static_cast<double>(mt);
     for (int64_t s0 = 0; s0 < len; s0 += kChunk) {
       const int64_t n = std::min(kChunk, len - s0);
-      act_grad_terms<A, kRes>(dy + off + s0, x + off + s0, kRes ? res + off + s0 : nullptr, n, k.hi[c], k.lo[c],
-                              k.sc[c], k.sh[c], k.slope, mt, dzs, ts);
+      const scalar_t* dys = dy + off + s0;
+      const scalar_t* xs = x + off + s0;
+      const scalar_t* rs = kRes ? res + off + s0 : nullptr;
       opmath_t a8[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t i = 0;
+      int64_t v = 0;  // values [0, v) summed by the vector loop (whole vectors of 8)
+#ifdef BN_EXT_AVX2_INTRINSICS
+      if constexpr (!std::is_same_v<opmath_t, double>)
+        v = act_grad_sums8<A, kRes>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt, a8, b8);
+#endif
+      // the rest: terms into the buffers (index i - v), whole groups of 8 into the lanes as the
+      // vector loop adds them, the last values in double
+      act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c], k.sh[c],
+                              k.slope, mt, dzs, ts);
+      int64_t i = v;
       for (; i + 8 <= n; i += 8) {
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
-          a8[j] += dzs[i + j];
-          b8[j] += ts[i + j];
+          a8[j] += dzs[i - v + j];
+          b8[j] += ts[i - v + j];
         }
       }
       double ta = 0, tb = 0;
       for (; i < n; ++i) {
-        ta += static_cast<double>(dzs[i]);
-        tb += static_cast<double>(ts[i]);
+        ta += static_cast<double>(dzs[i - v]);
+        tb += static_cast<double>(ts[i - v]);
       }
       double sa = ta, sb = tb;
       for (int j = 0; j < 8; ++j) {
@@ -225,7 +268,12 @@ struct ActGradSums {
       const scalar_t* __restrict dys = dy + r * C;
       const scalar_t* __restrict xs = x + r * C;
       const scalar_t* __restrict rs = kRes ? res + r * C : nullptr;
-      for (int64_t c = c0; c < c1; ++c) {
+      int64_t c = c0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+      if constexpr (!std::is_same_v<opmath_t, double>)
+        c = act_grad_row_sums<A, kRes>(dys, xs, rs, c0, c1, k.hi, k.lo, k.sc, k.sh, k.slope, mean, a, b);
+#endif
+      for (; c < c1; ++c) {
         const opmath_t xv = load_value<opmath_t>(xs[c]);
         opmath_t z = normalized(xv, k.hi[c], k.lo[c], k.sc[c], k.sh[c]);
         if constexpr (kRes) z += load_value<opmath_t>(rs[c]);
@@ -253,8 +301,23 @@ inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restr
                           scalar_t* __restrict dx, scalar_t* __restrict dres, int64_t len, const T* __restrict hi,
                           const T* __restrict lo, const T* __restrict sc, const T* __restrict sh,
                           const T* __restrict kdy, const T* __restrict kx, const T* __restrict k0,
-                          const T* __restrict mhi, const T* __restrict mlo, T slope) {
-  for (int64_t i = 0; i < len; ++i) {
+                          const T* __restrict mhi, const T* __restrict mlo, T slope, bool stream) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+  i = vector_share<scalar_t>([&](auto ops, int64_t from) {
+    using O = decltype(ops);
+    if constexpr (kStep == 0) {
+      return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
+          dy, x, res, dx, dres, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc}, Broadcast{*sh},
+          Broadcast{*kdy}, Broadcast{*kx}, Broadcast{*k0}, Broadcast{*mhi}, Broadcast{*mlo}, slope, stream);
+    } else {
+      return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
+          dy, x, res, dx, dres, from, len, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, PerLane{kdy},
+          PerLane{kx}, PerLane{k0}, PerLane{mhi}, PerLane{mlo}, slope, stream);
+    }
+  });
+#endif
+  for (; i < len; ++i) {
     const int64_t j = kStep * i;
     const T xv = load_value<T>(x[i]);
     T z = normalized(xv, hi[j], lo[j], sc[j], sh[j]);
@@ -272,7 +335,7 @@ inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restr
 template <typename scalar_t, Act A, bool kRes, bool kTraining, bool kDx, bool kDres>
 void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
                          const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
-                         const GradCoeffs<at::opmath_type<scalar_t>>& q) {
+                         const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
   using T = at::opmath_type<scalar_t>;
   const T *kdy = q.k_dy.data(), *kx = q.k_x.data(), *k0 = q.k_0.data(), *mhi = q.mean_hi.data(),
           *mlo = q.mean_lo.data();
@@ -282,17 +345,17 @@ void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* 
         [&](int64_t c, int64_t off, int64_t len) {
           act_grad_span<A, kRes, kTraining, kDx, kDres, 0>(
               dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
-              len, k.hi + c, k.lo + c, k.sc + c, k.sh + c, kdy + c, kx + c, k0 + c, mhi + c, mlo + c, k.slope);
+              len, k.hi + c, k.lo + c, k.sc + c, k.sh + c, kdy + c, kx + c, k0 + c, mhi + c, mlo + c, k.slope, stream);
         },
         Sweep::kBackward);
     return;
   }
-  parallel_rows(
-      g,
-      [&](int64_t off) {
-        act_grad_span<A, kRes, kTraining, kDx, kDres, 1>(dy + off, x + off, kRes ? res + off : nullptr,
-                                                         kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, g.C,
-                                                         k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo, k.slope);
+  parallel_row_spans<T, 9>(
+      g, {k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo},
+      [&](int64_t off, int64_t width, const auto& c) {
+        act_grad_span<A, kRes, kTraining, kDx, kDres, 1>(
+            dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
+            width, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], k.slope, stream);
       },
       Sweep::kBackward);
 }
@@ -301,13 +364,13 @@ void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* 
 template <typename scalar_t, Act A, bool kRes, bool kTraining>
 void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
                            const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
-                           const GradCoeffs<at::opmath_type<scalar_t>>& q) {
+                           const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
   if (dx != nullptr && dres != nullptr) {
-    act_grad_input_pass<scalar_t, A, kRes, kTraining, true, true>(dy, x, res, dx, dres, g, k, q);
+    act_grad_input_pass<scalar_t, A, kRes, kTraining, true, true>(dy, x, res, dx, dres, g, k, q, stream);
   } else if (dx != nullptr) {
-    act_grad_input_pass<scalar_t, A, kRes, kTraining, true, false>(dy, x, res, dx, dres, g, k, q);
+    act_grad_input_pass<scalar_t, A, kRes, kTraining, true, false>(dy, x, res, dx, dres, g, k, q, stream);
   } else {
-    act_grad_input_pass<scalar_t, A, kRes, kTraining, false, true>(dy, x, res, dx, dres, g, k, q);
+    act_grad_input_pass<scalar_t, A, kRes, kTraining, false, true>(dy, x, res, dx, dres, g, k, q, stream);
   }
 }
 

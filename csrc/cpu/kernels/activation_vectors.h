@@ -1,0 +1,209 @@
+// Part of kernels.h, included inside the ISA's namespace: it includes nothing itself.
+// The fused ops' loops over a vector width (Lanes8; the AVX-512 build runs Lanes16 first):
+// activation.h's scalar formulas, operation for operation (no fused multiply-add, the same
+// comparisons and selects), so a vector and the scalar tail give the same bits and nothing
+// depends on where a thread's range starts. Lanes8's compiler-vectorised counterparts ran at a
+// third of the plain BatchNorm loops' speed (bfloat16 loads and stores, the selects).
+
+#ifdef BN_EXT_AVX2_INTRINSICS
+
+// What the activations need beyond Lanes8/Lanes16: ordered comparisons, selects, and the bits of
+// exp_basic's 2^n.
+struct ActOps8 {
+  using L = Lanes8;
+  using vec = __m256;
+  using mask = __m256;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static mask gt(vec a, vec b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static mask lt(vec a, vec b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static mask both(mask a, mask b) { return _mm256_and_ps(a, b); }
+  static vec select(mask m, vec a, vec b) { return _mm256_blendv_ps(b, a, m); }  // m ? a : b
+  static vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+  static vec neg(vec a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+  // n = float(int(t)) (truncation) and 2^int(t) as a float's bit pattern
+  static void trunc_pow2(vec t, vec& n, vec& pow2) {
+    const __m256i i = _mm256_cvttps_epi32(t);
+    n = _mm256_cvtepi32_ps(i);
+    pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(127)), 23));
+  }
+};
+#ifdef BN_EXT_AVX512BF16
+struct ActOps16 {
+  using L = Lanes16;
+  using vec = __m512;
+  using mask = __mmask16;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static mask gt(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static mask lt(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static mask both(mask a, mask b) { return static_cast<mask>(a & b); }
+  static vec select(mask m, vec a, vec b) { return _mm512_mask_blend_ps(m, b, a); }
+  static vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
+  static vec neg(vec a) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+  }
+  static void trunc_pow2(vec t, vec& n, vec& pow2) {
+    const __m512i i = _mm512_cvttps_epi32(t);
+    n = _mm512_cvtepi32_ps(i);
+    pow2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(i, _mm512_set1_epi32(127)), 23));
+  }
+};
+#endif
+
+// exp_basic, lane by lane.
+template <typename O>
+inline typename O::vec exp_basic_vec(typename O::vec v) {
+  using L = typename O::L;
+  using vec = typename O::vec;
+  const vec lo = L::coef(-87.0f), hi = L::coef(88.0f);
+  vec k = O::select(O::gt(v, lo), v, lo);
+  k = O::select(O::lt(k, hi), k, hi);
+  const vec t = L::mul(k, L::coef(1.44269504088896341f));
+  const vec half = O::select(O::lt(t, O::zero()), L::coef(-0.5f), L::coef(0.5f));
+  vec n, pow2;
+  O::trunc_pow2(L::add(t, half), n, pow2);
+  const vec r = L::add(L::sub(k, L::mul(n, L::coef(0.693359375f))), L::mul(n, L::coef(2.12194440e-4f)));
+  vec p = L::coef(1.0f / 5040.0f);
+  p = L::add(L::mul(p, r), L::coef(1.0f / 720.0f));
+  p = L::add(L::mul(p, r), L::coef(1.0f / 120.0f));
+  p = L::add(L::mul(p, r), L::coef(1.0f / 24.0f));
+  p = L::add(L::mul(p, r), L::coef(1.0f / 6.0f));
+  p = L::add(L::mul(p, r), L::coef(0.5f));
+  p = L::add(L::mul(p, r), L::coef(1.0f));
+  p = L::add(L::mul(p, r), L::coef(1.0f));
+  return L::mul(p, pow2);
+}
+
+// activate<A>, lane by lane.
+template <typename O, Act A>
+inline typename O::vec activate_vec(typename O::vec z, typename O::vec slope) {
+  using L = typename O::L;
+  if constexpr (A == Act::kRelu) return O::select(O::lt(z, O::zero()), O::zero(), z);
+  if constexpr (A == Act::kRelu6) {
+    const typename O::vec six = L::coef(6.0f);
+    return O::select(O::lt(z, O::zero()), O::zero(), O::select(O::gt(z, six), six, z));
+  }
+  if constexpr (A == Act::kLeakyRelu) return O::select(O::lt(z, O::zero()), L::mul(z, slope), z);
+  if constexpr (A == Act::kSilu) return O::div(z, L::add(L::coef(1.0f), exp_basic_vec<O>(O::neg(z))));
+  return z;
+}
+
+// act_grad<A>, lane by lane.
+template <typename O, Act A>
+inline typename O::vec act_grad_vec(typename O::vec dy, typename O::vec z, typename O::vec slope) {
+  using L = typename O::L;
+  if constexpr (A == Act::kRelu) return O::select(O::gt(z, O::zero()), dy, O::zero());
+  if constexpr (A == Act::kRelu6)
+    return O::select(O::both(O::gt(z, O::zero()), O::lt(z, L::coef(6.0f))), dy, O::zero());
+  if constexpr (A == Act::kLeakyRelu) return O::select(O::gt(z, O::zero()), dy, L::mul(dy, slope));
+  if constexpr (A == Act::kSilu) {
+    const typename O::vec one = L::coef(1.0f);
+    const typename O::vec s = O::div(one, L::add(one, exp_basic_vec<O>(O::neg(z))));
+    return L::mul(dy, L::mul(s, L::add(one, L::mul(z, L::sub(one, s)))));
+  }
+  return dy;
+}
+
+// normalized(x, ...) (+ residual) at position i, coefficients from K (Broadcast or PerLane).
+template <typename O, bool kRes, typename scalar_t, typename K>
+inline typename O::vec pre_act_vec(const scalar_t* x, const scalar_t* res, int64_t i, const K& hi, const K& lo,
+                                   const K& sc, const K& sh, typename O::vec& xv) {
+  using L = typename O::L;
+  xv = L::load(x + i);
+  typename O::vec z =
+      L::add(L::mul(L::sub(L::sub(xv, hi.template at<L>(i)), lo.template at<L>(i)), sc.template at<L>(i)),
+             sh.template at<L>(i));
+  if constexpr (kRes) z = L::add(z, L::load(res + i));
+  return z;
+}
+
+// y = act(z) for whole vectors from position i on; returns where it stopped.
+template <typename O, Act A, bool kRes, typename scalar_t, typename K>
+inline int64_t act_forward_vectors(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t i, int64_t n,
+                                   const K& hi, const K& lo, const K& sc, const K& sh, float slope, bool stream) {
+  using L = typename O::L;
+  const typename O::vec s = L::coef(slope);
+  for (; i + L::width <= n; i += L::width) {
+    typename O::vec xv;
+    L::store_out(y + i, activate_vec<O, A>(pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, xv), s), stream);
+  }
+  return i;
+}
+
+// dz = dy * act'(z), the residual's gradient and dx (activation.h's act_grad_span) for whole
+// vectors from position i on; returns where it stopped.
+template <typename O, Act A, bool kRes, bool kTraining, bool kDx, bool kDres, typename scalar_t, typename K>
+inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx,
+                                scalar_t* dres, int64_t i, int64_t n, const K& hi, const K& lo, const K& sc,
+                                const K& sh, const K& kdy, const K& kx, const K& k0, const K& mhi, const K& mlo,
+                                float slope, bool stream) {
+  using L = typename O::L;
+  const typename O::vec s = L::coef(slope);
+  for (; i + L::width <= n; i += L::width) {
+    typename O::vec xv;
+    const typename O::vec z = pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, xv);
+    const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
+    if constexpr (kDres) L::store_out(dres + i, dz, stream);
+    if constexpr (kDx) {
+      typename O::vec v = L::mul(kdy.template at<L>(i), dz);
+      if constexpr (kTraining)
+        v = L::add(
+            v, L::add(L::mul(kx.template at<L>(i), L::sub(L::sub(xv, mhi.template at<L>(i)), mlo.template at<L>(i))),
+                      k0.template at<L>(i)));
+      L::store_out(dx + i, v, stream);
+    }
+  }
+  return i;
+}
+
+// The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
+// dz and of dz * (x - mean) in eight float32 lanes, lane j taking positions j, j + 8, ..., as
+// the scalar loop it replaces; returns how many values were taken (whole vectors of 8).
+template <Act A, bool kRes, typename scalar_t>
+inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
+                              float sc, float sh, float slope, float mean, float* a8, float* b8) {
+  using L = Lanes8;
+  using O = ActOps8;
+  const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
+  const __m256 s = L::coef(slope), m = L::coef(mean);
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 xv;
+    const __m256 z = pre_act_vec<O, kRes>(x, res, i, bh, bl, bs, bt, xv);
+    const __m256 dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
+    a = L::add(a, dz);
+    b = L::add(b, L::mul(dz, L::sub(xv, m)));
+  }
+  _mm256_storeu_ps(a8, a);
+  _mm256_storeu_ps(b8, b);
+  return i;
+}
+
+// ActGradSums::rows over one channels-last row: a[c] += dz, b[c] += dz * (x - mean[c]) in float64
+// for positions [c0, c1), as the scalar loop does, four channels at a time; returns where it
+// stopped.
+template <Act A, bool kRes, typename scalar_t>
+inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t c0, int64_t c1,
+                                 const float* hi, const float* lo, const float* sc, const float* sh, float slope,
+                                 const double* mean, double* a, double* b) {
+  using L = Lanes8;
+  using O = ActOps8;
+  const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
+  const __m256 s = L::coef(slope);
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    __m256 xv;
+    const __m256 z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, xv);
+    const __m256 dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
+    const __m256d d0 = lo4(dz), d1 = hi4(dz);
+    _mm256_storeu_pd(a + c, _mm256_add_pd(_mm256_loadu_pd(a + c), d0));
+    _mm256_storeu_pd(a + c + 4, _mm256_add_pd(_mm256_loadu_pd(a + c + 4), d1));
+    const __m256d x0 = _mm256_sub_pd(lo4(xv), _mm256_loadu_pd(mean + c));
+    const __m256d x1 = _mm256_sub_pd(hi4(xv), _mm256_loadu_pd(mean + c + 4));
+    _mm256_storeu_pd(b + c, _mm256_add_pd(_mm256_loadu_pd(b + c), _mm256_mul_pd(d0, x0)));
+    _mm256_storeu_pd(b + c + 4, _mm256_add_pd(_mm256_loadu_pd(b + c + 4), _mm256_mul_pd(d1, x1)));
+  }
+  return c;
+}
+
+#endif  // BN_EXT_AVX2_INTRINSICS
