@@ -177,3 +177,15 @@ def test_fused_suite_writes_its_results(tmp_path):
         assert r["speedup"] == pytest.approx(r["torch_ms"] / r["fused_ms"])
         assert r["speedup_vs_unfused"] == pytest.approx(r["unfused_ms"] / r["fused_ms"])
     assert "geomean train_fwd_bwd float32" in (tmp_path / f"bench-cpu-{kernels}-fused-partial.txt").read_text()
+
+
+def test_model_bench_runs_each_variant(capsys):
+    pytest.importorskip("torchvision")
+    from bn_ext.bench import model
+
+    model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1"])
+    model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--eval"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6, lines
+    assert [line.split()[4] for line in lines] == ["torch.nn", "bn_ext", "bn_ext.fuse"] * 2
+    assert all("eager train" in line for line in lines[:3]) and all("eager eval" in line for line in lines[3:])

@@ -1,10 +1,12 @@
-"""python -m bn_ext.bench.model [contiguous|channels_last]: a torchvision ResNet-50 training
-step (batch 8, 112x112, SGD) with torch.nn's BatchNorm, with bn_ext's (convert_model) and with
-bn_ext.fuse, the three taking turns step by step; median ms per step and speed against torch.nn."""
+"""python -m bn_ext.bench.model [--model resnet50] [--layout contiguous|channels_last]
+[--compile] [--eval] [--steps 6]: a torchvision model's training step (batch 8, 112x112, SGD),
+or its eval forward, with torch.nn's BatchNorm, with bn_ext's (convert_model) and with
+bn_ext.fuse, the three taking turns step by step; median ms per step and speed against torch.nn.
+--compile runs each through torch.compile (inductor; bn_ext.enable_compile_fusion on)."""
 
+import argparse
 import copy
 import statistics
-import sys
 import time
 
 import torch
@@ -12,42 +14,69 @@ import torch
 import bn_ext
 
 
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m bn_ext.bench.model", description=__doc__.split(":", 1)[1])
+    p.add_argument("--model", default="resnet50", help="a torchvision.models constructor name")
+    p.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--eval", action="store_true", help="time the eval forward instead of a training step")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=112)
+    return p
+
+
 def main(argv=None):
     import torchvision
 
-    layout = (argv or sys.argv[1:] or ["contiguous"])[0]
+    args = _parser().parse_args(argv)
     torch.manual_seed(0)
-    base = torchvision.models.resnet50(num_classes=100)
+    base = getattr(torchvision.models, args.model)(num_classes=100)
     nets = {
         "torch.nn": copy.deepcopy(base),
         "bn_ext": bn_ext.convert_model(copy.deepcopy(base)),
         "bn_ext.fuse": bn_ext.fuse(copy.deepcopy(base)),
     }
-    x = torch.randn(8, 3, 112, 112)
-    if layout == "channels_last":
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    if args.layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
         nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}
-    y = torch.randint(0, 100, (8,))
+    y = torch.randint(0, 100, (args.batch,))
     opts = {k: torch.optim.SGD(v.parameters(), lr=0.01) for k, v in nets.items()}
+    calls = dict(nets)
+    if args.compile:
+        bn_ext.enable_compile_fusion()
+        calls = {k: torch.compile(v) for k, v in nets.items()}
+    if args.eval:
+        for v in nets.values():
+            v.eval()
 
     def step(k):
+        if args.eval:
+            with torch.no_grad():
+                calls[k](x)
+            return
         opts[k].zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(nets[k](x), y).backward()
+        torch.nn.functional.cross_entropy(calls[k](x), y).backward()
         opts[k].step()
 
     times = {k: [] for k in nets}
     for k in nets:
         step(k)
         step(k)
-    for _ in range(6):
+    for _ in range(args.steps):
         for k in nets:
             t0 = time.perf_counter()
             step(k)
             times[k].append(time.perf_counter() - t0)
     ref = statistics.median(times["torch.nn"])
+    mode = ("compiled " if args.compile else "eager ") + ("eval" if args.eval else "train")
     for k, v in times.items():
         m = statistics.median(v)
-        print(f"{layout:<13} {k:<12} {m * 1e3:8.1f} ms/step  speed vs torch.nn {ref / m:.2f}x")
+        print(
+            f"{args.model:<16} {args.layout:<13} {mode:<14} {k:<12} {m * 1e3:8.1f} ms/step  "
+            f"speed vs torch.nn {ref / m:.2f}x"
+        )
 
 
 if __name__ == "__main__":
