@@ -51,16 +51,17 @@ def _arg(node, index, name, default):
     return node.kwargs.get(name, default)
 
 
-def _node_activation(node, named):
-    """(activation, negative_slope) that `node` applies to its first argument, or None."""
-    if node.op == "call_module":
-        return _module_activation(named.get(node.target))
-    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
-        return "relu", 0.0
-    if node.op != "call_function":
+def call_activation(node):
+    """(activation, negative_slope) that a call_function or call_method node of an FX graph (a
+    symbolic trace's or Dynamo's) applies to its first argument, or None."""
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
+            return "relu", 0.0
+        return None
+    if node.op != "call_function" or not node.args:
         return None
     t = node.target
-    if t in (F.relu, torch.relu, torch.relu_) and len(node.args) >= 1:
+    if t in (F.relu, torch.relu, torch.relu_, F.relu_):
         return "relu", 0.0
     if t is F.relu6:
         return "relu6", 0.0
@@ -69,9 +70,18 @@ def _node_activation(node, named):
     if t in (F.leaky_relu, torch._C._nn.leaky_relu):
         slope = _arg(node, 1, "negative_slope", 0.01)
         return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
-    if t is F.hardtanh and _arg(node, 1, "min_val", -1.0) == 0.0 and _arg(node, 2, "max_val", 1.0) == 6.0:
+    if t in (F.hardtanh, torch._C._nn.hardtanh) and (
+        _arg(node, 1, "min_val", -1.0) == 0.0 and _arg(node, 2, "max_val", 1.0) == 6.0
+    ):
         return "relu6", 0.0
     return None
+
+
+def _node_activation(node, named):
+    """(activation, negative_slope) that `node` applies to its first argument, or None."""
+    if node.op == "call_module":
+        return _module_activation(named.get(node.target))
+    return call_activation(node)
 
 
 def _is_add(node):

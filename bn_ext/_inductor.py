@@ -13,46 +13,16 @@ loaded). It appends itself to torch._inductor.config.pre_grad_custom_pass, keepi
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from ._fuse import call_activation
 
 _ops = torch.ops.bn_ext
 _TRAIN_UPDATE = _ops.batch_norm_train_update.default
 _TRAIN = _ops.batch_norm_train.default
 _ELEMT = _ops.batch_norm_elemt.default
 _ADDS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_)
-
-
-def _arg(node, index, name, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _activation(node):
-    """(activation, negative_slope) that `node` applies to its first argument, or None."""
-    if node.op == "call_method":
-        if node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
-            return "relu", 0.0
-        return None
-    if node.op != "call_function" or not node.args:
-        return None
-    t = node.target
-    if t in (torch.relu, torch.relu_, F.relu, torch.nn.functional.relu_):
-        return "relu", 0.0
-    if t is F.relu6:
-        return "relu6", 0.0
-    if t is F.silu:
-        return "silu", 0.0
-    if t in (F.leaky_relu, torch._C._nn.leaky_relu):
-        slope = _arg(node, 1, "negative_slope", 0.01)
-        return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) else None
-    if t in (F.hardtanh, torch._C._nn.hardtanh) and (
-        _arg(node, 1, "min_val", -1.0) == 0.0 and _arg(node, 2, "max_val", 1.0) == 6.0
-    ):
-        return "relu6", 0.0
-    return None
 
 
 def _value(node):
@@ -131,7 +101,7 @@ def _pattern(op):
             return None  # broadcasting or promoting adds keep torch's semantics
         residual, add = other, user
         (user,) = add.users
-    act = _activation(user)
+    act = call_activation(user)
     if act is None or user.args[0] is not (out if add is None else add):
         return None
     return out, add, residual, user, act
