@@ -184,8 +184,10 @@ def test_model_bench_runs_each_variant(capsys):
     from bn_ext.bench import model
 
     model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1"])
-    model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--eval"])
+    model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--eval", "--profile"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6, lines
     assert [line.split()[4] for line in lines] == ["torch.nn", "bn_ext", "bn_ext.fuse"] * 2
     assert all("eager train" in line for line in lines[:3]) and all("eager eval" in line for line in lines[3:])
+    shares = [float(line.split("BN+act ")[1].split("%")[0]) for line in lines[3:]]
+    assert all(0 < s < 100 for s in shares), lines

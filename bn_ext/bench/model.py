@@ -1,8 +1,9 @@
 """python -m bn_ext.bench.model [--model resnet50] [--layout contiguous|channels_last]
-[--compile] [--eval] [--steps 6]: a torchvision model's training step (batch 8, 112x112, SGD),
-or its eval forward, with torch.nn's BatchNorm, with bn_ext's (convert_model) and with
-bn_ext.fuse, the three taking turns step by step; median ms per step and speed against torch.nn.
---compile runs each through torch.compile (inductor; bn_ext.enable_compile_fusion on)."""
+[--compile] [--eval] [--steps 6] [--profile]: a torchvision model's training step (batch 8,
+112x112, SGD), or its eval forward, with torch.nn's BatchNorm, with bn_ext's (convert_model) and
+with bn_ext.fuse, the three taking turns step by step; median ms per step and speed against
+torch.nn. --compile runs each through torch.compile (inductor; bn_ext.enable_compile_fusion on);
+--profile adds the share of a step's CPU time spent in BatchNorm and activation ops."""
 
 import argparse
 import copy
@@ -23,7 +24,25 @@ def _parser():
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
+    p.add_argument("--profile", action="store_true", help="report the step's share in BatchNorm + activation")
     return p
+
+
+# op names (torch.profiler keys) counted as BatchNorm or activation work, forward and backward;
+# adds are not counted: the optimiser's and gradient accumulation's are the same op
+_BN_ACT_KEYS = ("batch_norm", "bn_ext::", "relu", "threshold_backward", "hardtanh", "silu")
+
+
+def bn_act_share(step) -> float:
+    """The share of one call of step()'s self CPU time spent in BatchNorm and activation ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ours = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in _BN_ACT_KEYS))
+    return ours / total if total else 0.0
 
 
 def main(argv=None):
@@ -73,9 +92,10 @@ def main(argv=None):
     mode = ("compiled " if args.compile else "eager ") + ("eval" if args.eval else "train")
     for k, v in times.items():
         m = statistics.median(v)
+        share = f"  BN+act {bn_act_share(lambda k=k: step(k)):.1%} of CPU time" if args.profile else ""
         print(
             f"{args.model:<16} {args.layout:<13} {mode:<14} {k:<12} {m * 1e3:8.1f} ms/step  "
-            f"speed vs torch.nn {ref / m:.2f}x"
+            f"speed vs torch.nn {ref / m:.2f}x{share}"
         )
 
 
