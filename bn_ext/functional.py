@@ -91,6 +91,25 @@ def _check_running_pair(running_mean, running_var) -> None:
             )
 
 
+def _check_input(op: str, input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{op}: input: expected a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"{op}: input: expected at least 2 dimensions (N, C, ...), got {input.dim()}-D input")
+
+
+def _check_mode(input: Tensor, running_mean, running_var, training: bool, num_batches_tracked) -> bool:
+    """Whether a training call updates buffers; raises where training cannot normalise this batch
+    or eval has no running statistics."""
+    if training:
+        _verify_batch_size(input.size())
+        return running_mean is not None or running_var is not None or num_batches_tracked is not None
+    if running_mean is None or running_var is None:
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{missing} must be defined in evaluation mode")
+    return False
+
+
 def _batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -104,18 +123,10 @@ def _batch_norm(
 ) -> Tensor:
     """batch_norm, and with num_batches_tracked (counted here) and momentum=None, the module's
     cumulative average. Argument errors are raised before any buffer is touched."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"batch_norm: input: expected a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"batch_norm: input: expected at least 2 dimensions (N, C, ...), got {input.dim()}-D input")
+    _check_input("batch_norm", input)
     _check_args(training, momentum, eps)
     _check_running_pair(running_mean, running_var)
-    if training:
-        _verify_batch_size(input.size())
-        updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
-    elif running_mean is None or running_var is None:
-        missing = "running_mean" if running_mean is None else "running_var"
-        raise RuntimeError(f"{missing} must be defined in evaluation mode")
+    updating = _check_mode(input, running_mean, running_var, training, num_batches_tracked)
     if _composite.needed():
         if training and updating:
             _check_buffers(input, running_mean, running_var, num_batches_tracked, momentum)
@@ -196,24 +207,13 @@ def _batch_norm_act(
 ) -> Tensor:
     """_batch_norm's checks and buffer rules, then the fused op (or its torch composite where
     the op cannot serve: torch.func transforms, forward AD, statistics that require grad)."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"batch_norm_act: input: expected a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"batch_norm_act: input: expected at least 2 dimensions (N, C, ...), got {input.dim()}-D input"
-        )
+    _check_input("batch_norm_act", input)
     _check_activation(activation, negative_slope)
     _check_args(training, momentum, eps)
     _check_running_pair(running_mean, running_var)
     if residual is not None and not isinstance(residual, Tensor):
         raise TypeError(f"batch_norm_act: residual: expected a Tensor or None, got {type(residual).__name__}")
-    updating = False
-    if training:
-        _verify_batch_size(input.size())
-        updating = running_mean is not None or running_var is not None or num_batches_tracked is not None
-    elif running_mean is None or running_var is None:
-        missing = "running_mean" if running_mean is None else "running_var"
-        raise RuntimeError(f"{missing} must be defined in evaluation mode")
+    updating = _check_mode(input, running_mean, running_var, training, num_batches_tracked)
     stats_need_grad = not training and (running_mean.requires_grad or running_var.requires_grad)
     if _composite.needed() or stats_need_grad:
         if training and updating:
