@@ -2,14 +2,17 @@
 // Plain CPython API (no pybind11) keeps this file quick to compile; CMake builds skip it.
 #include <Python.h>
 
+#include <string>
+
 #ifdef BN_EXT_WITH_CUDA
 #include <cuda.h>
 #endif
 
 namespace bn_ext {
 namespace cpu {
-const char* cpu_kernels_name();  // batch_norm_kernel.cpp
-int parallel_threads_used();     // batch_norm_kernel.cpp
+const char* cpu_kernels_name();                        // batch_norm_kernel.cpp
+int parallel_threads_used();                           // batch_norm_kernel.cpp
+const char* use_cpu_kernels(const std::string& name);  // batch_norm_kernel.cpp
 }  // namespace cpu
 }  // namespace bn_ext
 
@@ -26,7 +29,21 @@ PyObject* build_flags(PyObject*, PyObject*) {
 
 PyObject* parallel_threads_used(PyObject*, PyObject*) { return PyLong_FromLong(bn_ext::cpu::parallel_threads_used()); }
 
+PyObject* use_cpu_kernels(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const char* before = bn_ext::cpu::use_cpu_kernels(name);
+  if (before == nullptr) {
+    PyErr_Format(PyExc_ValueError,
+                 "cpu kernels: expected 'default', 'avx2', 'avx512bf16' or 'native' that this CPU can run, got '%s'",
+                 name);
+    return nullptr;
+  }
+  return PyUnicode_FromString(before);
+}
+
 PyMethodDef methods[] = {
+    {"_use_cpu_kernels", use_cpu_kernels, METH_O, "Switch the CPU kernel build; returns the one in use before."},
     {"_parallel_threads_used", parallel_threads_used, METH_NOARGS, "Threads at::parallel_for used in bn_ext."},
     {"_build_flags", build_flags, METH_NOARGS, "What this library was compiled with."},
     {nullptr, nullptr, 0, nullptr},

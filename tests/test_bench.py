@@ -110,6 +110,38 @@ def test_filtered_run_never_overwrites_whole_suite_results(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("bench-*.json")) == [f"bench-cpu-{kernels}-partial.json"]
 
 
+def test_isa_times_each_cpu_build_against_the_same_torch_calls(tmp_path):
+    """--isa default,native: one row per build for each job, each with its own parity check, the
+    same torch time (the builds take turns with one torch call sequence), one results file that
+    names both builds, and the build back to the one in use afterwards."""
+    env = repo_env()
+    env.pop("BN_EXT_CPU_ISA", None)
+    cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3"]
+    cmd += ["--mode", "train_fwd,eval_fwd", "--repeats", "2", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path)]
+    run = subprocess.run(cmd + ["--isa", "default,native"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    before = bn_ext._C._use_cpu_kernels("native")  # what native is on this CPU
+    native = bn_ext.build_info()["cpu_kernels"]
+    bn_ext._C._use_cpu_kernels(before)
+    builds = ["default"] + ([native] if native != "default" else [])
+    files = list(tmp_path.glob("bench-*.json"))
+    assert [p.name for p in files] == [f"bench-cpu-{'-'.join(builds)}-partial.json"]
+    data = json.loads(files[0].read_text())
+    rows = data["results"]
+    assert data["machine"]["bn_ext_cpu_kernels_timed"] == builds
+    assert "avx2" in data["machine"]["cpu_flags"]["has"] or native == "default"
+    assert len(rows) == 2 * 2 * len(builds)  # 2 layouts x 2 modes (float32) x builds
+    for job in {(r["layout"], r["mode"]) for r in rows}:
+        same_job = [r for r in rows if (r["layout"], r["mode"]) == job]
+        assert [r["cpu_kernels"] for r in same_job] == builds
+        assert len({r["torch_ms"] for r in same_job}) == 1
+        assert all(r["parity"] == "ok" for r in same_job)
+    for build in builds:
+        assert f"train_fwd     float32  {build:>10} vs native-cpu" in run.stdout
+    bad = subprocess.run(cmd + ["--isa", "sse9"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "--isa: cpu kernels: expected" in bad.stderr
+
+
 def test_two_reads_reference_is_timed_for_the_bandwidth_target_cases_only():
     big = Case("resnet50.bn1", (4, 64, 112, 112), "contiguous")  # 12.8 MB in float32, 6.4 MB in bfloat16
     assert two_reads_case(big, "float32", "train_fwd", "cpu")

@@ -211,6 +211,28 @@ def keep_freed_memory():
     return MALLOC_SETTING if ok else None
 
 
+# The CPU features the kernel builds choose by, as /proc/cpuinfo names them.
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+
+
+def cpu_flags():
+    """This CPU's family/model and which of CPU_FLAGS it has (Linux; None elsewhere): the
+    "model name" of a virtual machine can be as vague as "AMD EPYC"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "family": fields.get("cpu family"),
+        "model": fields.get("model"),
+        "has": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
 def machine_info(device, allocator):
     cpu = platform.processor() or "unknown"
     try:
@@ -229,6 +251,7 @@ def machine_info(device, allocator):
         "torch": torch.__version__,
         "bn_ext_commit": git_commit(),
         "bn_ext_cpu_kernels": bn_ext.build_info()["cpu_kernels"],
+        "cpu_flags": cpu_flags(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "allocator": allocator,
@@ -256,8 +279,37 @@ def two_reads_case(case, dname, mode, device):
     return device == "cpu" and mode == "train_fwd" and math.prod(case.shape) * DTYPES[dname].itemsize >= BW_TARGET_BYTES
 
 
+def on_build(build, fn):
+    """fn, run under the CPU kernel build `build` (switched before each call: the builds take turns
+    call by call with torch's, as everything interleaved_times times does)."""
+
+    def run():
+        bn_ext._C._use_cpu_kernels(build)
+        fn()
+
+    return run
+
+
+def cpu_builds(args):
+    """The CPU kernel builds to time: --isa's, "native" resolved to this CPU's best, each once;
+    by default the one in use (BN_EXT_CPU_ISA caps it)."""
+    in_use = bn_ext.build_info()["cpu_kernels"]
+    if args.device != "cpu" or not args.isa:
+        return [in_use]
+    builds = []
+    for name in args.isa.split(","):
+        before = bn_ext._C._use_cpu_kernels(name)  # ValueError where this CPU cannot run it
+        got = bn_ext.build_info()["cpu_kernels"]
+        bn_ext._C._use_cpu_kernels(before)
+        if got not in builds:
+            builds.append(got)
+    return builds
+
+
 def run(args):
     device = args.device
+    builds = cpu_builds(args)
+    start_build = bn_ext.build_info()["cpu_kernels"]
     cases = [c for c in suite(device) if not args.quick or c.quick]
     if args.shapes:
         cases = [c for c in cases if any(s in c.name for s in args.shapes.split(","))]
@@ -283,46 +335,67 @@ def run(args):
             theirs.eval()
             ours.eval()
         if parity[i] is None:
-            parity[i] = check_parity(theirs, ours, x, mode, dtype)
+            parity[i] = []
+            for build in builds:
+                if len(builds) > 1:
+                    bn_ext._C._use_cpu_kernels(build)
+                parity[i].append(check_parity(theirs, ours, x, mode, dtype))
         dy = torch.randn_like(x)
         y = torch.empty_like(x)
-        fns = [step_fn(theirs, x, mode, dy), step_fn(ours, x, mode, dy), lambda y=y, x=x: y.copy_(x)]
+        ours_fns = [step_fn(ours, x, mode, dy)]
+        if len(builds) > 1:
+            ours_fns = [on_build(build, ours_fns[0]) for build in builds]
+        fns = [step_fn(theirs, x, mode, dy), *ours_fns, lambda y=y, x=x: y.copy_(x)]
         if two_reads_case(case, dname, mode, device):
-            fns += two_reads_fns(ours, x)
+            fns += [on_build(start_build, fn) if len(builds) > 1 else fn for fn in two_reads_fns(ours, x)]
         times = interleaved_times(fns, device, args.repeats, args.warmup, args.min_time)
         samples[i] = times if samples[i] is None else [a + b for a, b in zip(samples[i], times)]
     progress(steps, steps, "done")
     torch.backends.cudnn.enabled = True
+    if len(builds) > 1:
+        bn_ext._C._use_cpu_kernels(start_build)
     rows = []
-    for (case, dname, mode, cudnn), times, (err, ok) in zip(jobs, samples, parity):
-        t_theirs, t_ours, t_copy = (statistics.median(ts) for ts in times[:3])
-        two_reads = sum(statistics.median(ts) for ts in times[3:]) if len(times) > 3 else None
-        nbytes = math.prod(case.shape) * DTYPES[dname].itemsize
-        bw = MODES[mode] * nbytes / t_ours / 1e9
-        copy_bw = 2 * nbytes / t_copy / 1e9
-        rows.append(
-            {
-                "case": case.name,
-                "shape": "x".join(map(str, case.shape)),
-                "layout": case.layout,
-                "dtype": dname,
-                "mode": mode,
-                "device": device,
-                "torch_backend": torch_backend(device) if cudnn else "native-cuda",
-                "torch_ms": t_theirs * 1e3,
-                "bn_ext_ms": t_ours * 1e3,
-                "speedup": t_theirs / t_ours,
-                "bn_ext_GBps": bw,
-                "copy_GBps": copy_bw,
-                "bw_fraction_of_copy": bw / copy_bw,
-                "tensor_MB": nbytes / 1e6,
-                "max_err": err,
-                "parity": "ok" if ok else "MISMATCH",
-                "two_reads_ms": two_reads * 1e3 if two_reads else None,
-                "two_reads_fraction_of_copy": t_copy / two_reads if two_reads else None,
-            }
-        )
+    k = len(builds)
+    for (case, dname, mode, cudnn), times, checks in zip(jobs, samples, parity):
+        t_theirs, t_copy = statistics.median(times[0]), statistics.median(times[1 + k])
+        two_reads = sum(statistics.median(ts) for ts in times[2 + k :]) if len(times) > 2 + k else None
+        for build, ts, check in zip(builds, times[1 : 1 + k], checks):
+            # the two-reads reference ran the build in use at the start: its rows carry it
+            reference = two_reads if build == start_build else None
+            times_s = (t_theirs, statistics.median(ts), t_copy, reference)
+            rows.append(result_row(case, dname, mode, cudnn, device, build, times_s, check))
     return rows
+
+
+def result_row(case, dname, mode, cudnn, device, build, times_s, check):
+    """One job's row for one CPU kernel build: times (torch, ours, the copy, the two-reads
+    reference or None, in seconds), speed-up, bandwidths, and the parity check's (error, ok)."""
+    t_theirs, t_ours, t_copy, two_reads = times_s
+    err, ok = check
+    nbytes = math.prod(case.shape) * DTYPES[dname].itemsize
+    bw = MODES[mode] * nbytes / t_ours / 1e9
+    copy_bw = 2 * nbytes / t_copy / 1e9
+    return {
+        "case": case.name,
+        "shape": "x".join(map(str, case.shape)),
+        "layout": case.layout,
+        "dtype": dname,
+        "mode": mode,
+        "device": device,
+        "cpu_kernels": build if device == "cpu" else None,
+        "torch_backend": torch_backend(device) if cudnn else "native-cuda",
+        "torch_ms": t_theirs * 1e3,
+        "bn_ext_ms": t_ours * 1e3,
+        "speedup": t_theirs / t_ours,
+        "bn_ext_GBps": bw,
+        "copy_GBps": copy_bw,
+        "bw_fraction_of_copy": bw / copy_bw,
+        "tensor_MB": nbytes / 1e6,
+        "max_err": err,
+        "parity": "ok" if ok else "MISMATCH",
+        "two_reads_ms": two_reads * 1e3 if two_reads else None,
+        "two_reads_fraction_of_copy": t_copy / two_reads if two_reads else None,
+    }
 
 
 def print_table(rows, info):
@@ -330,22 +403,22 @@ def print_table(rows, info):
         f"\nbn_ext vs PyTorch on {rows[0]['device'] if rows else '?'}: {info['cpu'] if not info['gpu'] else info['gpu']}, "
         f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}, malloc {info['allocator']}"
     )
-    head = f"{'case':<26} {'layout':<13} {'dtype':<8} {'mode':<13} {'torch':>6} {'torch ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} {'of copy':>7} parity"
+    head = f"{'case':<26} {'layout':<13} {'dtype':<8} {'mode':<13} {'ours':>10} {'torch':>6} {'torch ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} {'of copy':>7} parity"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['mode']:<13} {r['torch_backend'][:6]:>6} "
-            f"{r['torch_ms']:9.3f} {r['bn_ext_ms']:9.3f} {r['speedup']:7.2f}x {r['bn_ext_GBps']:7.1f} "
-            f"{r['bw_fraction_of_copy']:6.0%} {r['parity']}"
+            f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['mode']:<13} {ours_label(r, info):>10} "
+            f"{r['torch_backend'][:6]:>6} {r['torch_ms']:9.3f} {r['bn_ext_ms']:9.3f} {r['speedup']:7.2f}x "
+            f"{r['bn_ext_GBps']:7.1f} {r['bw_fraction_of_copy']:6.0%} {r['parity']}"
         )
     print("-" * len(head))
     groups = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["dtype"], r["torch_backend"]), []).append(r["speedup"])
-    for (mode, dtype, backend), values in sorted(groups.items()):
+        groups.setdefault((r["mode"], r["dtype"], ours_label(r, info), r["torch_backend"]), []).append(r["speedup"])
+    for (mode, dtype, ours, backend), values in sorted(groups.items()):
         print(
-            f"geomean speedup {mode:<13} {dtype:<8} vs {backend:<11}: {geomean(values):.2f}x "
+            f"geomean speedup {mode:<13} {dtype:<8} {ours:>10} vs {backend:<11}: {geomean(values):.2f}x "
             f"(min {min(values):.2f}x over {len(values)} cases)"
         )
     target = [r for r in rows if r.get("two_reads_fraction_of_copy") is not None]
@@ -359,6 +432,14 @@ def print_table(rows, info):
                 f"{r['case']:<26} {r['layout']:<13} {r['dtype']:<8} {r['tensor_MB']:5.1f} MB  ours "
                 f"{r['bw_fraction_of_copy']:4.0%}  two reads {r['two_reads_fraction_of_copy']:4.0%}"
             )
+
+
+def ours_label(row, info):
+    """Which of our builds a row timed: the CPU kernel build (results from before the column
+    existed ran the machine's), or "cuda"."""
+    if row["device"] != "cpu":
+        return "cuda"
+    return row.get("cpu_kernels") or info.get("bn_ext_cpu_kernels", "?")
 
 
 def render_table(rows, info):
@@ -389,7 +470,8 @@ def default_tag(device, info):
     """One results file per device: the CPU kernel build (cpu-avx2, cpu-avx512bf16) or the GPU
     model (cuda-h200)."""
     if device == "cpu":
-        return f"cpu-{info['bn_ext_cpu_kernels']}"
+        builds = info.get("bn_ext_cpu_kernels_timed") or [info["bn_ext_cpu_kernels"]]
+        return "cpu-" + "-".join(builds)
     return "cuda-" + (info["gpu"] or "gpu").split()[-1].lower()
 
 
@@ -448,6 +530,12 @@ def main(argv=None):
         default=None,
         help="times to run the whole suite, samples pooled per case (default 3 on the CPU, 1 quick or on GPU)",
     )
+    p.add_argument(
+        "--isa",
+        default=None,
+        help="CPU kernel builds to time side by side, comma-separated: default,avx2,avx512bf16,native "
+        "(native: the best this CPU runs); default: the build in use",
+    )
     p.add_argument("--out", default="benchmarks", help="folder for the results (JSON, with .txt and .png from it)")
     p.add_argument("--tag", default=None, help="results file name tag (default: the CPU kernel build or the GPU model)")
     p.add_argument("--render", metavar="JSON", default=None, help="only render .txt/.png from a results file")
@@ -482,6 +570,11 @@ def main(argv=None):
         args.repeats = 5 if args.quick else (25 if args.device == "cpu" else 20)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
+    if args.isa and args.device == "cpu":
+        try:
+            cpu_builds(args)
+        except ValueError as e:
+            p.error(f"--isa: {e}")
     if args.suite == "fused":
         from .fused import run_fused, write_fused
 
@@ -493,6 +586,7 @@ def main(argv=None):
         return 0 if all(r["parity"] == "ok" for r in rows) else 1
     rows = run(args)
     info = machine_info(args.device, allocator)
+    info["bn_ext_cpu_kernels_timed"] = list(dict.fromkeys(r["cpu_kernels"] for r in rows if r["cpu_kernels"]))
     print_table(rows, info)
     tag = args.tag or f"{default_tag(args.device, info)}{'-quick' if args.quick else ''}{'-partial' if partial else ''}"
     print("wrote " + write_results(rows, info, args.out, tag))

@@ -327,34 +327,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
 
 }  // namespace
 
-const Kernels& cpu_kernels() {
+namespace {
+
+// The builds of the loops: the baseline, AVX2 + FMA, and the AVX-512 one.
 #define BN_EXT_KERNEL_TABLE(ns, name)                                                                             \
   Kernels {                                                                                                       \
     name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds, \
         &ns::act_forward, &ns::act_backward                                                                       \
   }
-  static const Kernels baseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
-  static const Kernels avx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
-  static const Kernels avx512bf16 = BN_EXT_KERNEL_TABLE(isa_avx512bf16, "avx512bf16");
+const Kernels kBaseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
+const Kernels kAvx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
+const Kernels kAvx512bf16 = BN_EXT_KERNEL_TABLE(isa_avx512bf16, "avx512bf16");
 #undef BN_EXT_KERNEL_TABLE
-  static const Kernels& chosen = [&]() -> const Kernels& {
-    const char* env = std::getenv("BN_EXT_CPU_ISA");
-    const std::string cap = env != nullptr ? env : "";
-    if (cap == "default") return baseline;
+
+// The best build this CPU runs, at most `cap` ("default", "avx2", anything else: no cap).
+const Kernels* best_kernels(const std::string& cap) {
+  if (cap == "default") return &kBaseline;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
-      return baseline;
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+    return &kBaseline;
 #if __GNUC__ >= 10
-    if (cap != "avx2" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw"))
-      return avx512bf16;
+  if (cap != "avx2" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw"))
+    return &kAvx512bf16;
 #endif
-    return avx2;
+  return &kAvx2;
 #else
-    return baseline;
+  return &kBaseline;
 #endif
-  }();
-  return chosen;
+}
+
+// The build in use: the best this CPU runs, capped by BN_EXT_CPU_ISA; use_cpu_kernels changes it.
+std::atomic<const Kernels*>& kernels_in_use() {
+  static std::atomic<const Kernels*> in_use{[] {
+    const char* env = std::getenv("BN_EXT_CPU_ISA");
+    return best_kernels(env != nullptr ? env : "");
+  }()};
+  return in_use;
+}
+
+}  // namespace
+
+const Kernels& cpu_kernels() { return *kernels_in_use().load(std::memory_order_relaxed); }
+
+// Switches to the build `name` ("default", "avx2", "avx512bf16", or "native": the best this CPU
+// runs, ignoring BN_EXT_CPU_ISA) and returns the name of the one in use before; nullptr, changing
+// nothing, where this CPU cannot run it. For the benchmark, which times the builds side by side in
+// one process; results computed before and after a switch come from different loops.
+const char* use_cpu_kernels(const std::string& name) {
+  const Kernels* best = best_kernels("");
+  const Kernels* wanted = name == "native" ? best : nullptr;
+  for (const Kernels* k : {&kBaseline, &kAvx2, &kAvx512bf16})
+    if (name == k->name) wanted = k;
+  // a build is runnable where it is the best one or below it in the order above
+  if (wanted == nullptr || (wanted == &kAvx512bf16 && best != &kAvx512bf16) || (wanted == &kAvx2 && best == &kBaseline))
+    return nullptr;
+  return kernels_in_use().exchange(wanted)->name;
 }
 
 const char* cpu_kernels_name() { return cpu_kernels().name; }

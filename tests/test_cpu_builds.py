@@ -1,0 +1,81 @@
+"""The CPU kernel builds side by side in one process (bn_ext._C._use_cpu_kernels, which the
+benchmark's --isa uses), and what every build must give bit for bit."""
+
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bn_ext
+from conftest import repo_env
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+ops = torch.ops.bn_ext
+
+
+def runnable_builds():
+    """The builds this CPU can run, from the baseline up (what "native" picks last)."""
+    builds = []
+    for name in ("default", "avx2", "avx512bf16"):
+        try:
+            before = bn_ext._C._use_cpu_kernels(name)
+        except ValueError:
+            continue
+        bn_ext._C._use_cpu_kernels(before)
+        builds.append(name)
+    return builds
+
+
+@pytest.fixture
+def restore_build():
+    before = bn_ext.build_info()["cpu_kernels"]
+    yield
+    bn_ext._C._use_cpu_kernels(before)
+
+
+def test_switching_builds_names_the_one_in_use(restore_build):
+    builds = runnable_builds()
+    assert builds[0] == "default"
+    in_use = bn_ext.build_info()["cpu_kernels"]
+    for name in builds:
+        previous = bn_ext._C._use_cpu_kernels(name)
+        assert previous == in_use and bn_ext.build_info()["cpu_kernels"] == name
+        in_use = name
+    bn_ext._C._use_cpu_kernels("native")
+    assert bn_ext.build_info()["cpu_kernels"] == builds[-1]  # the best one, whatever BN_EXT_CPU_ISA caps
+
+
+def test_unknown_or_unrunnable_build_raises_and_changes_nothing(restore_build):
+    in_use = bn_ext.build_info()["cpu_kernels"]
+    with pytest.raises(ValueError, match="expected 'default', 'avx2', 'avx512bf16' or 'native'.*got 'sse9'"):
+        bn_ext._C._use_cpu_kernels("sse9")
+    if "avx512bf16" not in runnable_builds():
+        with pytest.raises(ValueError, match="got 'avx512bf16'"):
+            bn_ext._C._use_cpu_kernels("avx512bf16")
+    assert bn_ext.build_info()["cpu_kernels"] == in_use
+
+
+@pytest.mark.parametrize("build", ["default", "avx2"])
+def test_switched_build_gives_the_capped_process_bits(build, tmp_path, restore_build):
+    """A build switched to in process computes what a process started with BN_EXT_CPU_ISA=build
+    computes, bit for bit (training forward and backward, every dtype, both layouts)."""
+    if build not in runnable_builds():
+        pytest.skip(f"this CPU cannot run the {build} build")
+    script = os.path.join(SCRIPTS, "cpu_kernels.py")
+    env = dict(repo_env(), BN_EXT_CPU_ISA=build)
+    subprocess.run([sys.executable, script, str(tmp_path / "capped.pt")], check=True, env=env)
+    bn_ext._C._use_cpu_kernels(build)
+    argv = sys.argv
+    try:
+        sys.argv = [script, str(tmp_path / "switched.pt")]
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = argv
+    capped, switched = torch.load(tmp_path / "capped.pt"), torch.load(tmp_path / "switched.pt")
+    assert capped[0] == switched[0] == build
+    assert len(capped) == len(switched) > 1
+    for a, b in zip(capped[1:], switched[1:]):
+        assert torch.equal(a, b)
