@@ -79,3 +79,34 @@ def test_switched_build_gives_the_capped_process_bits(build, tmp_path, restore_b
     assert len(capped) == len(switched) > 1
     for a, b in zip(capped[1:], switched[1:]):
         assert torch.equal(a, b)
+
+
+def _specials(n):
+    """bfloat16 values: random ones of every magnitude and the special ones, n in all."""
+    torch.manual_seed(0)
+    v = torch.randn(n) * torch.exp2(torch.randint(-20, 20, (n,)).float())
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.3895e38, -3.3895e38, 1e-40])
+    v[: len(special)] = special
+    v[-len(special) :] = special
+    return v.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_outputs_round_to_nearest_even_in_every_build(layout, restore_build):
+    """y = x + b in float32, then rounded to bfloat16: each build's stores (8 or 16 at a time, the
+    scalar tail) must round as torch's conversion does, ties to even, NaN kept NaN, overflow to
+    Inf. The biases put x + b on ties: half a bfloat16 ulp of 1 is 2^-8."""
+    shape = (2, 6, 37, 41)  # runs of 1517 values: the 16- and 8-wide bodies and a scalar tail
+    x = _specials(torch.Size(shape).numel()).reshape(shape)
+    x[:, :3] = torch.where(torch.rand(2, 3, 37, 41) < 0.5, 1.0, 1.0078125).to(torch.bfloat16)  # 1 and 1 + 2^-7
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    b = torch.tensor([2.0**-8, -(2.0**-9), 3 * 2.0**-8, 0.3, 1e38, -7.0])
+    w, mean, var = torch.ones(6), torch.zeros(6), torch.ones(6)
+    expected = (x.float() + b.view(1, 6, 1, 1)).to(torch.bfloat16)
+    for build in runnable_builds():
+        bn_ext._C._use_cpu_kernels(build)
+        y = ops.batch_norm_elemt(x, w, b, mean, var, 0.0)
+        torch.testing.assert_close(
+            y, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m, build=build: f"{build}: {m}"
+        )

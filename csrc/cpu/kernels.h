@@ -7,10 +7,11 @@
 //
 // Statistics: one sweep of shifted sums, sum(x - shift) and sum((x - shift)^2), where `shift` is
 // the mean of the channel's first few elements. The SIMD builds sum short chunks (512 values in
-// the AVX-512 build, 32 in the AVX2 one, or up to 32 channels-last rows) in float32 against the
-// shift rounded to float32 and widen each chunk into the float64 sums, correcting for that
-// rounding; the baseline sums in float64. With the shift near the mean the variance does not
-// cancel (a float32 sum of squares of raw values would), and blocks merge by plain addition.
+// the AVX-512 build, 32 in the AVX2 one and 128 in its bfloat16 runs, or up to 32 channels-last
+// rows) in float32 against the shift rounded to float32 and widen each chunk into the float64
+// sums, correcting for that rounding; the baseline sums in float64. With the shift near the mean
+// the variance does not cancel (a float32 sum of squares of raw values would), and blocks merge
+// by plain addition.
 // Blocks have shape-only boundaries and are added in block order, so results are bitwise
 // identical for any thread count, and for the fused and unfused paths.
 //

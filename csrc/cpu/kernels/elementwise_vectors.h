@@ -6,6 +6,21 @@
 // Eight float32 values rounded to the storage type (round to nearest even, NaN kept quiet: the
 // same results as c10's scalar conversions).
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+#ifndef BN_EXT_AVX512BF16
+// Eight float32 values rounded to bfloat16, each in the upper half of its 32-bit lane.
+inline __m256i bf16_rounded(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
+}
+// load16_split's two vectors rounded and stored back in place: the odd positions' upper halves
+// blended over the even positions' shifted down (no lane-crossing pack).
+inline __m256i bf16_joined(__m256 even, __m256 odd) {
+  return _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded(even), 16), bf16_rounded(odd), 0xAA);
+}
+#endif
 inline void store8(c10::BFloat16* p, __m256 v) {
 #ifdef BN_EXT_AVX512BF16
   // one instruction: round to nearest even (NaNs stay NaN; their payload bits may differ from
@@ -13,12 +28,7 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   const __m128bh h = _mm256_cvtneps_pbh(v);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(h));
 #else
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
-  const __m256i halves = _mm256_srli_epi32(rounded, 16);
+  const __m256i halves = _mm256_srli_epi32(bf16_rounded(v), 16);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 #endif
@@ -70,6 +80,40 @@ struct Lanes8 {
   static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 };
+#ifndef BN_EXT_AVX512BF16
+// The AVX2 build's bfloat16 runs, sixteen values at a time as load16_split's even and odd halves
+// (one coefficient for all: Broadcast only). Each value goes through the formulas Lanes8 applies,
+// so the results have Lanes8's bits.
+struct SplitBF16 {
+  struct vec {
+    __m256 even, odd;
+  };
+  static constexpr int64_t width = 16;
+  static vec load(const c10::BFloat16* p) {
+    vec v;
+    load16_split(p, v.even, v.odd);
+    return v;
+  }
+  static void store(c10::BFloat16* p, vec v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_joined(v.even, v.odd));
+  }
+  // sixteen bfloat16 values fill half a cache line: streamed where aligned for it
+  static void store_out(c10::BFloat16* p, vec v, bool stream) {
+    if (stream && aligned_to(p, 32)) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_joined(v.even, v.odd));
+    } else {
+      store(p, v);
+    }
+  }
+  static vec coef(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+  static vec sub(vec a, vec b) { return {_mm256_sub_ps(a.even, b.even), _mm256_sub_ps(a.odd, b.odd)}; }
+  static vec add(vec a, vec b) { return {_mm256_add_ps(a.even, b.even), _mm256_add_ps(a.odd, b.odd)}; }
+  static vec mul(vec a, vec b) { return {_mm256_mul_ps(a.even, b.even), _mm256_mul_ps(a.odd, b.odd)}; }
+  static vec fmadd(vec a, vec b, vec c) {
+    return {_mm256_fmadd_ps(a.even, b.even, c.even), _mm256_fmadd_ps(a.odd, b.odd, c.odd)};
+  }
+};
+#endif
 #ifdef BN_EXT_AVX512BF16
 struct Lanes16 {
   using vec = __m512;
@@ -171,6 +215,10 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& h
         normalized<Lanes16>(load16_first(x + i, m), hi.first(i, m), lo.first(i, m), sc.first(i, m), sh.first(i, m)), m);
   }
   return;
+#endif
+#ifndef BN_EXT_AVX512BF16
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<K, Broadcast>)
+    i = normalize_vectors<SplitBF16>(x, y, i, n, hi, lo, sc, sh, folded, stream);
 #endif
   i = normalize_vectors<Lanes8>(x, y, i, n, hi, lo, sc, sh, folded, stream);
   for (int64_t j = i; j < n; ++j)

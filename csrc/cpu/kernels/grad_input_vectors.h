@@ -51,6 +51,10 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
   }
   return;
 #endif
+#ifndef BN_EXT_AVX512BF16
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<K, Broadcast>)
+    i = grad_input_vectors<SplitBF16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
+#endif
   i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
   for (int64_t j = i; j < n; ++j)
     dx[j] = static_cast<scalar_t>(grad_one<kTraining>(static_cast<float>(dy[j]), static_cast<float>(x[j]), kd.scalar(j),
