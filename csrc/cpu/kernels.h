@@ -17,9 +17,9 @@
 //
 // NC(D)HW tensors with enough channels run the training forward and backward per channel: the
 // channel's reduction and then its elementwise pass, which reads the channel back from cache
-// instead of memory (one read of x per pass over the tensor instead of two). In the AVX-512
-// build, channels that go one at a time (channel_group) are pipelined: one loop sums a channel
-// and runs the elementwise pass of the one before (pipelined_channels).
+// instead of memory (one read of x per pass over the tensor instead of two). In the SIMD builds,
+// channels that go one at a time (channel_group) are pipelined: one loop sums a channel and runs
+// the elementwise pass of the one before (pipelined_channels).
 
 #ifndef BN_EXT_CPU_ISA
 #error "define BN_EXT_CPU_ISA before including kernels.h"

@@ -86,7 +86,7 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
       order);
 }
 
-#ifdef BN_EXT_AVX512BF16
+#ifdef BN_EXT_AVX2_INTRINSICS
 // The training backward, pipelined (grad_sums_grad_input_run).
 template <typename scalar_t>
 void backward_pipelined(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
@@ -128,7 +128,7 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
                           std::vector<double>& sum_dy_xmu, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t group = channel_group(g, 2 * sizeof(scalar_t));
-#ifdef BN_EXT_AVX512BF16
+#ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (group == 1) {
       backward_pipelined(dy, x, dx, g, mean, var, weight, eps, sum_dy, sum_dy_xmu, stream);

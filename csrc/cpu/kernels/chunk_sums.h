@@ -150,8 +150,15 @@ inline void add_grad16(const scalar_t* dy, const scalar_t* x, int64_t n, __m512 
 // sums are added, as in the AVX-512 build's chunks (kChunk16).
 constexpr int kSplitChunk = 128;
 
-template <typename scalar_t>
-inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, LaneSums& acc) {
+// The AVX2 build's run sums take a companion, called as also(j, n) after the values [j, j + n) of
+// the run are summed (whole chunks, then the rest): the pipelined passes run the channel before's
+// elementwise pass there, between the chunks, with the plain loops' sums.
+struct NoCompanion {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename scalar_t, typename Also = NoCompanion>
+inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, LaneSums& acc, Also&& also = {}) {
 #ifdef BN_EXT_AVX512BF16
   // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
@@ -176,6 +183,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
       b1 = _mm256_fmadd_pd(d1, d1, b1);
       b2 = _mm256_fmadd_pd(d2, d2, b2);
       b3 = _mm256_fmadd_pd(d3, d3, b3);
+      also(i, 16);
     }
   } else {
     // bfloat16/float16 carry 8/11 significant bits: chunks of 32 values are summed in float32
@@ -204,6 +212,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
         a0 = _mm256_add_pd(a0, sa);
         b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
         b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+        also(i, kSplitChunk);
       }
     }
     for (; i + 32 <= len; i += 32) {
@@ -221,11 +230,13 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
       a0 = _mm256_add_pd(a0, sa);
       b0 = _mm256_add_pd(b0, sb);
       b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+      also(i, 32);
     }
     const double n = static_cast<double>(i);
     a1 = _mm256_set_pd(0, 0, 0, -n * shift_rest);
     b2 = _mm256_set_pd(0, 0, 0, n * shift_rest * shift_rest);
   }
+  if (i < len) also(i, len - i);
   double ta = 0, tb = 0;
   for (; i < len; ++i) {
     const double d = static_cast<double>(static_cast<float>(p[i])) - shift;
@@ -240,8 +251,9 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
 // float32 against the mean rounded to float32 (x - mean_f is exact near the mean), widened into
 // float64 per chunk, with the rounding of the mean corrected:
 // sum(dy * (x - mean)) = sum(dy * (x - mean_f)) - rest * sum(dy).
-template <typename scalar_t>
-inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc) {
+template <typename scalar_t, typename Also = NoCompanion>
+inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc,
+                               Also&& also = {}) {
 #ifdef BN_EXT_AVX512BF16
   // dy and dy * (x - mean_f) in float32 chunks; finish_grad corrects for the rounding of the mean
   const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
@@ -272,6 +284,7 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
       fb = _mm256_add_ps(fb, gb);
       a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
       b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+      also(i, kSplitChunk);
     }
   }
   for (; i + 32 <= len; i += 32) {
@@ -284,7 +297,9 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
     }
     a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
     b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+    also(i, 32);
   }
+  if (i < len) also(i, len - i);
   const __m256d zero = _mm256_setzero_pd();
   double ta = 0, tb = 0;
   for (; i < len; ++i) {

@@ -113,7 +113,7 @@ int64_t channel_group(const Geometry& g, size_t bytes_per_value) {
 }
 
 // Fused training passes, NC(D)HW, channels that go one at a time (channel_group of 1: more than
-// half kChannelGroupBytes of the tensors read), pipelined in the AVX-512 build: each thread sums a
+// half kChannelGroupBytes of the tensors read), pipelined in the SIMD builds: each thread sums a
 // channel while, in the same loop, it runs the elementwise pass of the channel it summed before,
 // and runs its last channel's pass alone at the end. One channel at a time (reduction, then
 // elementwise pass) a thread either reads from memory or reads from cache and writes, never both
@@ -139,7 +139,7 @@ void pipelined_channels(const Geometry& g, Body&& body, Alone&& alone) {
       });
 }
 
-#ifdef BN_EXT_AVX512BF16
+#ifdef BN_EXT_AVX2_INTRINSICS
 // The training forward, pipelined (shifted_sums_normalize_run).
 template <typename scalar_t>
 void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
@@ -183,7 +183,7 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
                        bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t group = channel_group(g, sizeof(scalar_t));
-#ifdef BN_EXT_AVX512BF16
+#ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (group == 1) {
       train_pipelined(x, y, g, weight, bias, eps, mean, var, stream);

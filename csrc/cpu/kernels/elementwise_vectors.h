@@ -253,6 +253,17 @@ inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double sh
     normalize_span(xp + j, yp + j, n, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, stream);
   });
 }
+#else
+// The AVX2 build's: shifted_sums_run_simd over the run, normalising the same span of the channel
+// before after each chunk it sums (16 to 128 values at a time).
+template <typename scalar_t>
+inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double shift, LaneSums& acc, const scalar_t* xp,
+                                       scalar_t* yp, float hi, float lo, float sc, float sh, bool stream) {
+  const bool folded = hi == 0.0f && lo == 0.0f;
+  shifted_sums_run_simd(x, len, shift, acc, [&](int64_t j, int64_t n) {
+    normalize_span(xp + j, yp + j, n, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, stream);
+  });
+}
 #endif
 
 // Channels-last: a span of `width` values, one coefficient per position.

@@ -94,5 +94,18 @@ inline void grad_sums_grad_input_run(const scalar_t* dy, const scalar_t* x, int6
                           Broadcast{k.mean_hi}, Broadcast{k.mean_lo}, folded, stream);
   });
 }
+#else
+// The AVX2 build's, as its shifted_sums_normalize_run: grad_sums_run_simd, the channel before's
+// input gradient after each chunk.
+template <typename scalar_t>
+inline void grad_sums_grad_input_run(const scalar_t* dy, const scalar_t* x, int64_t len, double mean, LaneSums& acc,
+                                     const scalar_t* dyp, const scalar_t* xp, scalar_t* dxp,
+                                     const BackwardCoeffs<float>& k, bool stream) {
+  const bool folded = k.mean_hi == 0.0f && k.mean_lo == 0.0f;
+  grad_sums_run_simd(dy, x, len, mean, acc, [&](int64_t j, int64_t n) {
+    grad_input_span<true>(dyp + j, xp + j, dxp + j, n, Broadcast{k.k_dy}, Broadcast{k.k_x}, Broadcast{k.k_0},
+                          Broadcast{k.mean_hi}, Broadcast{k.mean_lo}, folded, stream);
+  });
+}
 #endif
 #endif
