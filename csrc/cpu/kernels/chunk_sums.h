@@ -23,6 +23,19 @@ double channel_shift(const scalar_t* x, const Geometry& g, int64_t c) {
       if (std::isfinite(s)) return static_cast<double>(s) / static_cast<double>(n);
     }
   }
+#elif defined(BN_EXT_AVX2_INTRINSICS)
+  // the same in two 8-wide vectors: 16 dependent float64 additions are a chain of about 60 cycles
+  // per channel, next to the 196 values of a (4, 2048, 7, 7) channel
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (n == kShiftSamples && g.S >= kShiftSamples) {
+      const scalar_t* p = x + c * g.S;
+      const __m256 v = _mm256_add_ps(load8(p), load8(p + 8));
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      const float s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+      if (std::isfinite(s)) return static_cast<double>(s) / static_cast<double>(n);
+    }
+  }
 #endif
   double s = 0;
   for_each_run_of_channel(g, c, 0, n, [&](int64_t off, int64_t len) {
@@ -232,6 +245,20 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
       b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
       also(i, 32);
     }
+    if (i + 8 <= len) {  // the rest's whole vectors as one more chunk: a 7x7 plane is 32 + 16 + 1
+      const int64_t from = i;
+      __m256 fa = _mm256_setzero_ps(), fb = fa;
+      for (; i + 8 <= len; i += 8) {
+        const __m256 d = _mm256_sub_ps(load8(p + i), shf);
+        fa = _mm256_add_ps(fa, d);
+        fb = _mm256_fmadd_ps(d, d, fb);
+      }
+      const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
+      a0 = _mm256_add_pd(a0, sa);
+      b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+      b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+      also(from, i - from);
+    }
     const double n = static_cast<double>(i);
     a1 = _mm256_set_pd(0, 0, 0, -n * shift_rest);
     b2 = _mm256_set_pd(0, 0, 0, n * shift_rest * shift_rest);
@@ -298,6 +325,18 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
     a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
     b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
     also(i, 32);
+  }
+  if (i + 8 <= len) {  // as shifted_sums_run_simd's last chunk
+    const int64_t from = i;
+    __m256 fa = _mm256_setzero_ps(), fb = fa;
+    for (; i + 8 <= len; i += 8) {
+      const __m256 g = load8(dy + i);
+      fa = _mm256_add_ps(fa, g);
+      fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i), mf), fb);
+    }
+    a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
+    b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+    also(from, i - from);
   }
   if (i < len) also(i, len - i);
   const __m256d zero = _mm256_setzero_pd();
