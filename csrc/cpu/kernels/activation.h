@@ -106,9 +106,10 @@ inline T normalized(T x, T hi, T lo, T sc, T sh) {
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 // The vector loops' share of a span (activation_vectors.h): whole vectors from position 0 on,
-// 16 wide first in the AVX-512 build; float32 arithmetic only (double stays scalar). Returns
+// 16 wide first in the AVX-512 build, and in the AVX2 build's bfloat16 runs of one channel
+// (kOneChannel: Broadcast coefficients); float32 arithmetic only (double stays scalar). Returns
 // where the scalar loop takes over.
-template <typename scalar_t, typename Fn>
+template <typename scalar_t, bool kOneChannel, typename Fn>
 inline int64_t vector_share(Fn&& fn) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     return 0;
@@ -116,6 +117,8 @@ inline int64_t vector_share(Fn&& fn) {
     int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
     i = fn(ActOps16{}, i);
+#else
+    if constexpr (kOneChannel && std::is_same_v<scalar_t, c10::BFloat16>) i = fn(ActOpsSplit{}, i);
 #endif
     return fn(ActOps8{}, i);
   }
@@ -127,7 +130,7 @@ inline void act_forward_span(const scalar_t* __restrict xs, const scalar_t* __re
                              int64_t len, const T* hi, const T* lo, const T* sc, const T* sh, T slope, bool stream) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-  i = vector_share<scalar_t>([&](auto ops, int64_t from) {
+  i = vector_share<scalar_t, (kStep == 0)>([&](auto ops, int64_t from) {
     using O = decltype(ops);
     if constexpr (kStep == 0) {
       return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc},
@@ -304,7 +307,7 @@ inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restr
                           const T* __restrict mhi, const T* __restrict mlo, T slope, bool stream) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-  i = vector_share<scalar_t>([&](auto ops, int64_t from) {
+  i = vector_share<scalar_t, (kStep == 0)>([&](auto ops, int64_t from) {
     using O = decltype(ops);
     if constexpr (kStep == 0) {
       return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(

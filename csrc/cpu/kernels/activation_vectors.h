@@ -27,6 +27,31 @@ struct ActOps8 {
     pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(127)), 23));
   }
 };
+#ifndef BN_EXT_AVX512BF16
+// ActOps8's operations on both halves of SplitBF16's vectors: the AVX2 build's bfloat16 runs.
+struct ActOpsSplit {
+  using L = SplitBF16;
+  using vec = SplitBF16::vec;
+  using mask = SplitBF16::vec;
+  template <typename F>
+  static vec each(vec a, vec b, F&& f) {
+    return {f(a.even, b.even), f(a.odd, b.odd)};
+  }
+  static vec zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static mask gt(vec a, vec b) { return each(a, b, ActOps8::gt); }
+  static mask lt(vec a, vec b) { return each(a, b, ActOps8::lt); }
+  static mask both(mask a, mask b) { return each(a, b, ActOps8::both); }
+  static vec select(mask m, vec a, vec b) {
+    return {ActOps8::select(m.even, a.even, b.even), ActOps8::select(m.odd, a.odd, b.odd)};
+  }
+  static vec div(vec a, vec b) { return each(a, b, ActOps8::div); }
+  static vec neg(vec a) { return {ActOps8::neg(a.even), ActOps8::neg(a.odd)}; }
+  static void trunc_pow2(vec t, vec& n, vec& pow2) {
+    ActOps8::trunc_pow2(t.even, n.even, pow2.even);
+    ActOps8::trunc_pow2(t.odd, n.odd, pow2.odd);
+  }
+};
+#endif
 #ifdef BN_EXT_AVX512BF16
 struct ActOps16 {
   using L = Lanes16;
