@@ -92,18 +92,21 @@ def _specials(n):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_bfloat16_outputs_round_to_nearest_even_in_every_build(layout, restore_build):
+@pytest.mark.parametrize("shape", [(2, 6, 37, 41), (3, 100, 5, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_outputs_round_to_nearest_even_in_every_build(shape, layout, restore_build):
     """y = x + b in float32, then rounded to bfloat16: each build's stores (8 or 16 at a time, the
     scalar tail) must round as torch's conversion does, ties to even, NaN kept NaN, overflow to
-    Inf. The biases put x + b on ties: half a bfloat16 ulp of 1 is 2^-8."""
-    shape = (2, 6, 37, 41)  # runs of 1517 values: the 16- and 8-wide bodies and a scalar tail
+    Inf. The biases put x + b on ties: half a bfloat16 ulp of 1 is 2^-8. NCHW runs of 1517 and
+    35 values; channels-last spans of 40 rows of 6 channels, 2 rows of 100 and a last single row
+    (the 16-wide bodies, the 8-wide ones and scalar tails, with coefficients per position)."""
+    c = shape[1]
     x = _specials(torch.Size(shape).numel()).reshape(shape)
-    x[:, :3] = torch.where(torch.rand(2, 3, 37, 41) < 0.5, 1.0, 1.0078125).to(torch.bfloat16)  # 1 and 1 + 2^-7
+    x[:, : c // 2] = torch.where(torch.rand(x[:, : c // 2].shape) < 0.5, 1.0, 1.0078125).to(torch.bfloat16)  # 1, 1+2^-7
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    b = torch.tensor([2.0**-8, -(2.0**-9), 3 * 2.0**-8, 0.3, 1e38, -7.0])
-    w, mean, var = torch.ones(6), torch.zeros(6), torch.ones(6)
-    expected = (x.float() + b.view(1, 6, 1, 1)).to(torch.bfloat16)
+    b = torch.tensor([2.0**-8, -(2.0**-9), 3 * 2.0**-8, 0.3, 1e38, -7.0]).repeat(c)[:c]
+    w, mean, var = torch.ones(c), torch.zeros(c), torch.ones(c)
+    expected = (x.float() + b.view(1, c, 1, 1)).to(torch.bfloat16)
     for build in runnable_builds():
         bn_ext._C._use_cpu_kernels(build)
         y = ops.batch_norm_elemt(x, w, b, mean, var, 0.0)
