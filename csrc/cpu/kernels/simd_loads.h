@@ -17,8 +17,9 @@ inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 // Sixteen bfloat16 values widened as two float32 vectors, the values at even positions and those
-// at odd ones: one load, a shift and a mask, where two load8s take two loads and four lane-crossing
-// widenings (the AVX2 build's bfloat16 loops ran at 40% of their float32 counterparts' speed).
+// at odd ones: one load, a shift and a mask, where two load8s take two loads, two lane-crossing
+// widenings and two shifts (the AVX2 build's bfloat16 loops ran at 40% of their float32
+// counterparts' speed).
 inline void load16_split(const c10::BFloat16* p, __m256& even, __m256& odd) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
