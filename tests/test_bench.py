@@ -117,7 +117,8 @@ def test_isa_times_each_cpu_build_against_the_same_torch_calls(tmp_path):
     env = repo_env()
     env.pop("BN_EXT_CPU_ISA", None)
     cmd = [sys.executable, "-m", "bn_ext.bench", "--device", "cpu", "--shapes", "resnet50.layer3"]
-    cmd += ["--mode", "train_fwd,eval_fwd", "--repeats", "2", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path)]
+    cmd += ["--mode", "train_fwd,eval_fwd", "--dtype", "float32", "--repeats", "2", "--warmup", "0", "--rounds", "1"]
+    cmd += ["--out", str(tmp_path)]
     run = subprocess.run(cmd + ["--isa", "default,native"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     before = bn_ext._C._use_cpu_kernels("native")  # what native is on this CPU
