@@ -141,6 +141,8 @@ def test_isa_times_each_cpu_build_against_the_same_torch_calls(tmp_path):
         assert f"train_fwd     float32  {build:>10} vs native-cpu" in run.stdout
     bad = subprocess.run(cmd + ["--isa", "sse9"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "--isa: cpu kernels: expected" in bad.stderr
+    fused = subprocess.run(cmd + ["--isa", "default", "--suite", "fused"], capture_output=True, text=True, env=env)
+    assert fused.returncode == 2 and "the fused suite times the build in use only" in fused.stderr
 
 
 def test_two_reads_reference_is_timed_for_the_bandwidth_target_cases_only():

@@ -306,9 +306,10 @@ def cpu_builds(args):
     return builds
 
 
-def run(args):
+def run(args, builds):
+    """Every job's rows, one per CPU kernel build in `builds` (cpu_builds)."""
     device = args.device
-    builds = cpu_builds(args)
+    side_by_side = len(builds) > 1  # else the build in use, never switched
     start_build = bn_ext.build_info()["cpu_kernels"]
     cases = [c for c in suite(device) if not args.quick or c.quick]
     if args.shapes:
@@ -337,22 +338,22 @@ def run(args):
         if parity[i] is None:
             parity[i] = []
             for build in builds:
-                if len(builds) > 1:
+                if side_by_side:
                     bn_ext._C._use_cpu_kernels(build)
                 parity[i].append(check_parity(theirs, ours, x, mode, dtype))
         dy = torch.randn_like(x)
         y = torch.empty_like(x)
         ours_fns = [step_fn(ours, x, mode, dy)]
-        if len(builds) > 1:
+        if side_by_side:
             ours_fns = [on_build(build, ours_fns[0]) for build in builds]
         fns = [step_fn(theirs, x, mode, dy), *ours_fns, lambda y=y, x=x: y.copy_(x)]
         if two_reads_case(case, dname, mode, device):
-            fns += [on_build(start_build, fn) if len(builds) > 1 else fn for fn in two_reads_fns(ours, x)]
+            fns += [on_build(start_build, fn) if side_by_side else fn for fn in two_reads_fns(ours, x)]
         times = interleaved_times(fns, device, args.repeats, args.warmup, args.min_time)
         samples[i] = times if samples[i] is None else [a + b for a, b in zip(samples[i], times)]
     progress(steps, steps, "done")
     torch.backends.cudnn.enabled = True
-    if len(builds) > 1:
+    if side_by_side:
         bn_ext._C._use_cpu_kernels(start_build)
     rows = []
     k = len(builds)
@@ -570,11 +571,12 @@ def main(argv=None):
         args.repeats = 5 if args.quick else (25 if args.device == "cpu" else 20)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    if args.isa and args.device == "cpu":
-        try:
-            cpu_builds(args)
-        except ValueError as e:
-            p.error(f"--isa: {e}")
+    try:
+        builds = cpu_builds(args)
+    except ValueError as e:
+        p.error(f"--isa: {e}")
+    if args.isa and args.suite == "fused":
+        p.error("--isa: the fused suite times the build in use only (BN_EXT_CPU_ISA caps it)")
     if args.suite == "fused":
         from .fused import run_fused, write_fused
 
@@ -584,7 +586,7 @@ def main(argv=None):
         base, text = write_fused(rows, info, args.out, tag, geomean)
         print(text + f"wrote {base}.json and {base}.txt")
         return 0 if all(r["parity"] == "ok" for r in rows) else 1
-    rows = run(args)
+    rows = run(args, builds)
     info = machine_info(args.device, allocator)
     info["bn_ext_cpu_kernels_timed"] = list(dict.fromkeys(r["cpu_kernels"] for r in rows if r["cpu_kernels"]))
     print_table(rows, info)
