@@ -12,11 +12,13 @@ from .functional import (
     _check_activation,
     _check_args,
     _check_buffers,
+    _check_counter,
     _ops,
     _verify_batch_size,
 )
 
 _elemt = _ops.batch_norm_elemt.default
+_train_update = _ops.batch_norm_train_update.default
 
 
 def _member(module, table, name):
@@ -116,21 +118,27 @@ class _BatchNorm(_torch_bn._BatchNorm):
         self._check_channels(input)
         params = self._parameters
         weight, bias = _member(self, params, "weight"), _member(self, params, "bias")
-        if not self.training:
-            # Eval with running statistics, the inference call: what _batch_norm does for it,
-            # with the op's overload bound once (a module call's fixed cost is most of a small
-            # eval forward).
-            buffers = self._buffers
-            running_mean, running_var = _member(self, buffers, "running_mean"), _member(self, buffers, "running_var")
-            if (
-                running_mean is not None
-                and running_var is not None
-                and not running_mean.requires_grad
-                and not running_var.requires_grad
-                and not _composite.needed()
-            ):
+        # The two common calls, eval on running statistics and training that updates them, go
+        # straight to their op with its overload bound once: a module call's fixed cost is most
+        # of a small layer's forward. What _batch_norm would check for them is checked here.
+        buffers = self._buffers
+        running_mean, running_var = _member(self, buffers, "running_mean"), _member(self, buffers, "running_var")
+        if (
+            running_mean is not None
+            and running_var is not None
+            and not running_mean.requires_grad
+            and not running_var.requires_grad
+            and not _composite.needed()
+        ):
+            if not self.training:
                 _check_args(False, self.momentum, self.eps)
                 return _elemt(input, weight, bias, running_mean, running_var, self.eps)
+            nbt = _member(self, buffers, "num_batches_tracked")
+            if self.track_running_stats and nbt is not None:
+                _check_args(True, self.momentum, self.eps)
+                _verify_batch_size(input.size())
+                _check_counter(nbt, self.momentum)
+                return _train_update(input, weight, bias, running_mean, running_var, nbt, self.momentum, self.eps)[0]
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         running_mean, running_var, nbt, momentum = self._buffers_and_momentum()
