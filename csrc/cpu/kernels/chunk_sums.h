@@ -205,6 +205,15 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
     const __m256 shf = _mm256_set1_ps(static_cast<float>(shift));
     const double shift_rest = shift - static_cast<double>(static_cast<float>(shift));
     const __m256d rest = _mm256_set1_pd(shift_rest);
+    // a float32 chunk's sums into the float64 ones: sum(x - shift) = sum(x - shf) - n * rest;
+    // sum((x - shift)^2) = sum((x - shf)^2) - 2 * rest * sum(x - shf) + n * rest^2 (rest is below
+    // float32's ulp; the n * rest terms are added once, after the loops)
+    auto widen = [&](__m256 fa, __m256 fb) {
+      const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
+      a0 = _mm256_add_pd(a0, sa);
+      b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+      b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+    };
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // chunks of kSplitChunk values, 16 at a time (load16_split): 16 terms per lane of each sum
       for (; i + kSplitChunk <= len; i += kSplitChunk) {
@@ -219,12 +228,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
           ga = _mm256_add_ps(ga, q);
           gb = _mm256_fmadd_ps(q, q, gb);
         }
-        fa = _mm256_add_ps(fa, ga);
-        fb = _mm256_add_ps(fb, gb);
-        const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
-        a0 = _mm256_add_pd(a0, sa);
-        b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
-        b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+        widen(_mm256_add_ps(fa, ga), _mm256_add_ps(fb, gb));
         also(i, kSplitChunk);
       }
     }
@@ -236,13 +240,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
         fa = _mm256_add_ps(fa, d);
         fb = _mm256_fmadd_ps(d, d, fb);
       }
-      // 32 values: sum(x - shift) = sum(x - shf) - 32 * rest; sum((x - shift)^2) =
-      // sum((x - shf)^2) - 2 * rest * sum(x - shf) + 32 * rest^2 (rest is below float32's ulp)
-      const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
-      const __m256d sb = _mm256_add_pd(lo4(fb), hi4(fb));
-      a0 = _mm256_add_pd(a0, sa);
-      b0 = _mm256_add_pd(b0, sb);
-      b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+      widen(fa, fb);
       also(i, 32);
     }
     if (i + 8 <= len) {  // the rest's whole vectors as one more chunk: a 7x7 plane is 32 + 16 + 1
@@ -253,10 +251,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
         fa = _mm256_add_ps(fa, d);
         fb = _mm256_fmadd_ps(d, d, fb);
       }
-      const __m256d sa = _mm256_add_pd(lo4(fa), hi4(fa));
-      a0 = _mm256_add_pd(a0, sa);
-      b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
-      b1 = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa, b1);
+      widen(fa, fb);
       also(from, i - from);
     }
     const double n = static_cast<double>(i);
@@ -293,6 +288,10 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
   const __m256 mf = _mm256_set1_ps(static_cast<float>(mean));
   const double rest = mean - static_cast<double>(static_cast<float>(mean));
   __m256d a0 = _mm256_setzero_pd(), b0 = a0;
+  auto widen = [&](__m256 fa, __m256 fb) {  // a float32 chunk's sums into the float64 ones
+    a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
+    b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+  };
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     for (; i + kSplitChunk <= len; i += kSplitChunk) {  // as shifted_sums_run_simd's
@@ -307,10 +306,7 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
         ga = _mm256_add_ps(ga, go);
         gb = _mm256_fmadd_ps(go, _mm256_sub_ps(xo, mf), gb);
       }
-      fa = _mm256_add_ps(fa, ga);
-      fb = _mm256_add_ps(fb, gb);
-      a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
-      b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+      widen(_mm256_add_ps(fa, ga), _mm256_add_ps(fb, gb));
       also(i, kSplitChunk);
     }
   }
@@ -322,8 +318,7 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
       fa = _mm256_add_ps(fa, g);
       fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i + j), mf), fb);
     }
-    a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
-    b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+    widen(fa, fb);
     also(i, 32);
   }
   if (i + 8 <= len) {  // as shifted_sums_run_simd's last chunk
@@ -334,8 +329,7 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
       fa = _mm256_add_ps(fa, g);
       fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i), mf), fb);
     }
-    a0 = _mm256_add_pd(a0, _mm256_add_pd(lo4(fa), hi4(fa)));
-    b0 = _mm256_add_pd(b0, _mm256_add_pd(lo4(fb), hi4(fb)));
+    widen(fa, fb);
     also(from, i - from);
   }
   if (i < len) also(i, len - i);
