@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -375,14 +376,14 @@ const Kernels& cpu_kernels() { return *kernels_in_use().load(std::memory_order_r
 // nothing, where this CPU cannot run it. For the benchmark, which times the builds side by side in
 // one process; results computed before and after a switch come from different loops.
 const char* use_cpu_kernels(const std::string& name) {
-  const Kernels* best = best_kernels("");
-  const Kernels* wanted = name == "native" ? best : nullptr;
-  for (const Kernels* k : {&kBaseline, &kAvx2, &kAvx512bf16})
-    if (name == k->name) wanted = k;
-  // a build is runnable where it is the best one or below it in the order above
-  if (wanted == nullptr || (wanted == &kAvx512bf16 && best != &kAvx512bf16) || (wanted == &kAvx2 && best == &kBaseline))
-    return nullptr;
-  return kernels_in_use().exchange(wanted)->name;
+  // in the order each needs more of the CPU: a build is runnable at or below the best one
+  const std::array<const Kernels*, 3> builds{&kBaseline, &kAvx2, &kAvx512bf16};
+  const auto best = std::find(builds.begin(), builds.end(), best_kernels(""));
+  const auto wanted =
+      name == "native" ? best
+                       : std::find_if(builds.begin(), builds.end(), [&](const Kernels* k) { return name == k->name; });
+  if (wanted == builds.end() || wanted > best) return nullptr;
+  return kernels_in_use().exchange(*wanted)->name;
 }
 
 const char* cpu_kernels_name() { return cpu_kernels().name; }
