@@ -91,6 +91,8 @@ CASES = [
     (bn_ext.BatchNormAct1d, torch.nn.BatchNorm1d, (16, 6)),
     (bn_ext.BatchNormAct1d, torch.nn.BatchNorm1d, (4, 6, 9)),
     (bn_ext.BatchNormAct3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 5)),
+    # channels enough for the per-channel training passes (4 or more a thread)
+    (bn_ext.BatchNormAct2d, torch.nn.BatchNorm2d, (3, 16, 9, 11)),
 ]
 
 
@@ -194,23 +196,32 @@ def test_bad_residual_and_buffers_leave_state_untouched():
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_bitwise_across_thread_counts(activation, layout):
-    x = make((4, 40, 33, 17), layout, torch.float32, "cpu")
-    r = make((4, 40, 33, 17), layout, torch.float32, "cpu")
+@pytest.mark.parametrize("shape", [(4, 40, 33, 17), (4, 40, 5, 5)], ids=["channel-at-a-time", "channel-groups"])
+def test_bitwise_across_thread_counts(activation, layout, shape):
+    # NC(D)HW with at least 4 channels a thread runs the training passes per channel (in groups
+    # where channels are small); 16 threads take the whole-tensor passes: the same bits either way.
+    x = make(shape, layout, torch.float32, "cpu")
+    r = make(shape, layout, torch.float32, "cpu")
     dy = torch.randn_like(x)
     w, b = torch.rand(40) + 0.5, torch.randn(40)
+    masks = ([True] * 4, [True, False, False, False], [False, False, False, True], [True, True, True, False])
     results = []
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 16):
             torch.set_num_threads(n)
             y, mean, var = ops.batch_norm_act_train(x, w, b, r, None, None, None, 0.1, 1e-5, activation, 0.2)
-            g = ops.batch_norm_act_backward(dy, x, w, b, r, mean, var, 1e-5, True, activation, 0.2, [True] * 4)
-            results.append([y, mean, var, *g])
+            got = [y, mean, var]
+            for mask in masks:
+                got += ops.batch_norm_act_backward(dy, x, w, b, r, mean, var, 1e-5, True, activation, 0.2, mask)
+            y, mean, var = ops.batch_norm_act_train(x, w, b, None, None, None, None, 0.1, 1e-5, activation, 0.2)
+            got += [y, mean, var]
+            got += ops.batch_norm_act_backward(dy, x, w, b, None, mean, var, 1e-5, True, activation, 0.2, [True] * 4)
+            results.append(got)
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
 
 

@@ -265,12 +265,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train(
                                        momentum, eps, std::string(activation), negative_slope);
   Operands p = prepare_act(input, residual, /*with_output=*/true);
   const int64_t C = p.g.C;
-  std::vector<double> mean, var;
-  compute_stats(p.inputs[0], p.g, mean, var);
+  std::vector<double> mean(C, 0.0), var(C, 0.0);
   if (p.g.numel() > 0)
-    cpu_kernels().act_forward(p.inputs[0], act_residual(p, is_given(residual), 1), p.out, p.g, mean, var,
-                              channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope,
-                              /*after_stats=*/true);
+    cpu_kernels().act_train(p.inputs[0], act_residual(p, is_given(residual), 1), p.out, p.g,
+                            channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope,
+                            mean, var);
   finish(p);
   if (is_given(running_mean) || is_given(running_var) || is_given(num_batches_tracked))
     update_running(running_mean, running_var, num_batches_tracked, mean, var, momentum, p.g.rows());
@@ -334,7 +333,7 @@ namespace {
 #define BN_EXT_KERNEL_TABLE(ns, name)                                                                             \
   Kernels {                                                                                                       \
     name, &ns::stats, &ns::elemt, &ns::train, &ns::grad_sums, &ns::grad_input, &ns::backward_train, &ns::invstds, \
-        &ns::act_forward, &ns::act_backward                                                                       \
+        &ns::act_forward, &ns::act_train, &ns::act_backward                                                       \
   }
 const Kernels kBaseline = BN_EXT_KERNEL_TABLE(isa_default, "default");
 const Kernels kAvx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");

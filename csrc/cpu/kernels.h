@@ -157,6 +157,32 @@ void act_forward(const Tensor& x, const Tensor& res, const Tensor& y, const Geom
   });
 }
 
+void act_train(const Tensor& x, const Tensor& res, const Tensor& y, const Geometry& g,
+               const std::vector<double>& weight, const std::vector<double>& bias, double eps, Act act, double slope,
+               std::vector<double>& mean, std::vector<double>& var) {
+  if (!per_channel(g)) {
+    stats(x, g, mean, var);
+    act_forward(x, res, y, g, mean, var, weight, bias, eps, act, slope, /*after_stats=*/true);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_train", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_output(g, res.defined() ? 3 : 2, sizeof(scalar_t));  // x (, residual), y
+    dispatch_act(act, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      if (res.defined()) {
+        act_train_per_channel<scalar_t, A, true>(xp, res.const_data_ptr<scalar_t>(), yp, g, weight, bias, eps,
+                                                 static_cast<opmath_t>(slope), mean, var, stream);
+      } else {
+        act_train_per_channel<scalar_t, A, false>(xp, nullptr, yp, g, weight, bias, eps, static_cast<opmath_t>(slope),
+                                                  mean, var, stream);
+      }
+    });
+  });
+}
+
 void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Tensor& dx, const Tensor& dres,
                   const Geometry& g, bool training, bool sums, const std::vector<double>& mean,
                   const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,
@@ -175,12 +201,27 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
       constexpr Act A = decltype(tag)::value;
       auto run = [&](auto res_tag) {
         constexpr bool kRes = decltype(res_tag)::value;
-        if (sums)
-          channel_sums(ActGradSums<scalar_t, A, kRes>{dyp, xp, rp, k, mean.data(), g.C, g.C}, g, sum_dz, sum_dz_xmu);
-        if (dxp == nullptr && drp == nullptr) return;
         // dy, x (, residual) in, dx (, the residual's gradient) out
         const bool stream =
             stream_output(g, 2 + (rp != nullptr) + (dxp != nullptr) + (drp != nullptr), sizeof(scalar_t));
+        if (training && sums && (dxp != nullptr || drp != nullptr) && per_channel(g)) {
+          const std::vector<double> invstd = invstd_vector(var, eps);
+          auto per_channel_pass = [&](auto dx_tag, auto dres_tag) {
+            act_backward_per_channel<scalar_t, A, kRes, decltype(dx_tag)::value, decltype(dres_tag)::value>(
+                dyp, xp, rp, dxp, drp, g, k, mean, invstd, weight, sum_dz, sum_dz_xmu, stream);
+          };
+          if (dxp != nullptr && drp != nullptr) {
+            per_channel_pass(std::true_type{}, std::true_type{});
+          } else if (dxp != nullptr) {
+            per_channel_pass(std::true_type{}, std::false_type{});
+          } else {
+            per_channel_pass(std::false_type{}, std::true_type{});
+          }
+          return;
+        }
+        if (sums)
+          channel_sums(ActGradSums<scalar_t, A, kRes>{dyp, xp, rp, k, mean.data(), g.C, g.C}, g, sum_dz, sum_dz_xmu);
+        if (dxp == nullptr && drp == nullptr) return;
         GradCoeffs<opmath_t> q(g.C);
         const std::vector<double> invstd = invstd_vector(var, eps);
         const double inv_count = 1.0 / static_cast<double>(std::max<int64_t>(1, g.rows()));

@@ -94,6 +94,9 @@ constexpr int64_t kPerChannelMinTasksPerThread = 4;
   void act_forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& y, const Geometry& g,                 \
                    const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight, \
                    const std::vector<double>& bias, double eps, Act act, double slope, bool after_stats);              \
+  void act_train(const at::Tensor& x, const at::Tensor& res, const at::Tensor& y, const Geometry& g,                   \
+                 const std::vector<double>& weight, const std::vector<double>& bias, double eps, Act act,              \
+                 double slope, std::vector<double>& mean, std::vector<double>& var);                                   \
   void act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& res, const at::Tensor& dx,            \
                     const at::Tensor& dres, const Geometry& g, bool training, bool sums,                               \
                     const std::vector<double>& mean, const std::vector<double>& var,                                   \
@@ -120,6 +123,7 @@ struct Kernels {
   decltype(&isa_default::backward_train) backward_train;
   decltype(&isa_default::invstds) invstds;  // 1 / sqrt(var + eps) per channel, invstd_from_var's bits
   decltype(&isa_default::act_forward) act_forward;
+  decltype(&isa_default::act_train) act_train;  // statistics (mean, var sized C) and act_forward
   decltype(&isa_default::act_backward) act_backward;
 };
 

@@ -377,6 +377,76 @@ void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t
   }
 }
 
+// The fused op's training passes per channel group (NC(D)HW with per_channel(g)), as
+// train_per_channel and backward_per_channel do for the plain BatchNorm: a group's sums, then
+// its elementwise pass while its values are still in cache. Bitwise what the whole-tensor passes
+// give (channel_total is channel_sums' order; a span's vectors and tail compute the same bits).
+template <typename scalar_t, Act A, bool kRes>
+void act_train_per_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g,
+                           const std::vector<double>& weight, const std::vector<double>& bias, double eps,
+                           at::opmath_type<scalar_t> slope, std::vector<double>& mean, std::vector<double>& var,
+                           bool stream) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t group = channel_group(g, (kRes ? 2 : 1) * sizeof(scalar_t));
+  std::vector<double> shift(g.C);  // each task sets its channels' shifts before it sums them
+  const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
+  const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
+  parallel_pieces(
+      ceil_div(g.C, group), Sweep::kForward,
+      [&](int64_t p) {
+        std::array<ForwardCoeffs<T>, kMaxChannelGroup> k;
+        const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+        for (int64_t c = c0; c < c1; ++c) {
+          shift[c] = channel_shift(x, g, c);
+          double s1, s2;
+          channel_total(sum, g, c, &s1, &s2);
+          finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
+          k[c - c0] = forward_coeffs<T>(mean[c], var[c], weight[c], bias[c], eps);
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          const ForwardCoeffs<T>& kc = k[c - c0];
+          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+            act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &kc.mean_hi,
+                                                      &kc.mean_lo, &kc.scale, &kc.shift, slope, stream);
+          });
+        }
+      },
+      store_fence);
+}
+
+template <typename scalar_t, Act A, bool kRes, bool kDx, bool kDres>
+void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
+                              const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
+                              const std::vector<double>& mean, const std::vector<double>& invstd,
+                              const std::vector<double>& weight, std::vector<double>& sum_dz,
+                              std::vector<double>& sum_dz_xmu, bool stream) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t group = channel_group(g, (kRes ? 3 : 2) * sizeof(scalar_t));
+  const ActGradSums<scalar_t, A, kRes> sum{dy, x, res, k, mean.data(), g.C, g.C};
+  const double inv_count = 1.0 / static_cast<double>(g.rows());
+  parallel_pieces(
+      ceil_div(g.C, group), Sweep::kForward,
+      [&](int64_t p) {
+        std::array<BackwardCoeffs<T>, kMaxChannelGroup> q;
+        const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+        for (int64_t c = c0; c < c1; ++c) {
+          channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c]);
+          q[c - c0] = backward_coeffs_from_invstd<T>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c], inv_count,
+                                                     /*training=*/true);
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          const BackwardCoeffs<T>& qc = q[c - c0];
+          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
+            act_grad_span<A, kRes, true, kDx, kDres, 0>(dy + off, x + off, kRes ? res + off : nullptr,
+                                                        kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, len,
+                                                        k.hi + c, k.lo + c, k.sc + c, k.sh + c, &qc.k_dy, &qc.k_x,
+                                                        &qc.k_0, &qc.mean_hi, &qc.mean_lo, k.slope, stream);
+          });
+        }
+      },
+      store_fence);
+}
+
 // Calls fn(std::integral_constant<Act, A>{}) for the runtime activation.
 template <typename Fn>
 inline void dispatch_act(Act act, Fn&& fn) {
