@@ -226,3 +226,21 @@ def test_model_bench_runs_each_variant(capsys):
     assert all("eager train" in line for line in lines[:3]) and all("eager eval" in line for line in lines[3:])
     shares = [float(line.split("BN+act ")[1].split("%")[0]) for line in lines[3:]]
     assert all(0 < s < 100 for s in shares), lines
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_op_timer_saves_each_op_and_compares_pairs(tmp_path, monkeypatch, capsys, fused):
+    from bn_ext.bench import ops as op_timer
+
+    monkeypatch.setattr(op_timer, "CASES", [("small", (2, 8, 4, 4), None)])
+    paths = [str(tmp_path / f"{k}.json") for k in range(2)]
+    for path in paths:
+        assert op_timer.main(["save", path, "--repeats", "2"] + (["--fused"] if fused else [])) == 0
+    with open(paths[0]) as f:
+        saved = json.load(f)
+    ops = ("act_train add+relu", "act_train silu", "act_backward add+relu", "act_backward silu")
+    ops = ops if fused else ("train", "elemt", "backward")
+    assert sorted(saved) == sorted(f"small contiguous {dt} {op}" for dt in ("float32", "bfloat16") for op in ops)
+    assert all(v > 0 for v in saved.values())
+    assert op_timer.main(["compare", *paths]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(saved)

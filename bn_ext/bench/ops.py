@@ -47,7 +47,29 @@ def op_fns(x):
     return fns, lambda: torch.batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5, False)
 
 
-def relative_times(repeats):
+def fused_op_fns(x):
+    """As op_fns, for the fused ops: BN + add + ReLU and BN + SiLU, training forward and backward."""
+    ops = torch.ops.bn_ext
+    c = x.shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    r, dy = torch.randn_like(x), torch.randn_like(x)
+    _, mean, var = ops.batch_norm_act_train(x, w, b, None, None, None, None, 0.1, 1e-5, "identity", 0.0)
+    mask = [True] * 4
+    fns = {
+        "act_train add+relu": lambda: ops.batch_norm_act_train(x, w, b, r, None, None, None, 0.1, 1e-5, "relu", 0.0),
+        "act_train silu": lambda: ops.batch_norm_act_train(x, w, b, None, None, None, None, 0.1, 1e-5, "silu", 0.0),
+        "act_backward add+relu": lambda: ops.batch_norm_act_backward(
+            dy, x, w, b, r, mean, var, 1e-5, True, "relu", 0.0, mask
+        ),
+        "act_backward silu": lambda: ops.batch_norm_act_backward(
+            dy, x, w, b, None, mean, var, 1e-5, True, "silu", 0.0, mask
+        ),
+    }
+    return fns, lambda: torch.batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5, False)
+
+
+def relative_times(repeats, fused=False):
     """{"case layout dtype op": op time / torch eval time}."""
     torch.manual_seed(0)
     out = {}
@@ -56,7 +78,7 @@ def relative_times(repeats):
             x = torch.randn(shape).to(dtype)
             if fmt is not None:
                 x = x.contiguous(memory_format=fmt)
-            fns, reference = op_fns(x)
+            fns, reference = (fused_op_fns if fused else op_fns)(x)
             layout = "channels_last" if fmt is not None else "contiguous"
             for op, fn in fns.items():
                 for _ in range(5):
@@ -80,11 +102,11 @@ def compare(paths):
         with open(path) as f:
             runs.append(json.load(f))
     before, after = runs[0::2], runs[1::2]
-    print(f"{'case':<52} {'before':>7} {'after':>7} {'after/before':>12}")
+    print(f"{'case':<60} {'before':>7} {'after':>7} {'after/before':>12}")
     for key in before[0]:
         b = statistics.median(r[key] for r in before)
         a = statistics.median(r[key] for r in after)
-        print(f"{key:<52} {b:7.2f} {a:7.2f} {a / b:11.2f}x")
+        print(f"{key:<60} {b:7.2f} {a:7.2f} {a / b:11.2f}x")
 
 
 def main(argv=None):
@@ -93,12 +115,13 @@ def main(argv=None):
     save = sub.add_parser("save", help="time the ops of the bn_ext this Python imports")
     save.add_argument("path")
     save.add_argument("--repeats", type=int, default=60)
+    save.add_argument("--fused", action="store_true", help="the fused BatchNorm + activation ops instead")
     cmp = sub.add_parser("compare", help="before/after medians of saved files, given alternately")
     cmp.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
     if args.command == "save":
         with open(args.path, "w") as f:
-            json.dump(relative_times(args.repeats), f, indent=1)
+            json.dump(relative_times(args.repeats, args.fused), f, indent=1)
         return 0
     if len(args.paths) < 2 or len(args.paths) % 2:
         p.error("compare: give the files in before/after pairs")
