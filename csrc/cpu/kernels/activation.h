@@ -209,7 +209,10 @@ struct ActGradSums {
   // activation and all), then their sums over 8 lanes in opmath_t (at most 32 terms a lane),
   // widened to double chunk by chunk. The mean is taken rounded to opmath_t and the rounding
   // put back in double: sum(dz * (x - mean)) = sum(dz * (x - mean_t)) - (mean - mean_t) * sum(dz).
-  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const {
+  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const { run_keeping<false>(c, off, len, acc, nullptr); }
+  // run, with kKeep each dz also stored to keep[0, len)
+  template <bool kKeep>
+  void run_keeping(int64_t c, int64_t off, int64_t len, LaneSums& acc, opmath_t* keep) const {
     constexpr int64_t kChunk = 256;
     opmath_t dzs[kChunk], ts[kChunk];
     const opmath_t mt = static_cast<opmath_t>(mean[c]);
@@ -223,12 +226,14 @@ struct ActGradSums {
       int64_t v = 0;  // values [0, v) summed by the vector loop (whole vectors of 8)
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<opmath_t, double>)
-        v = act_grad_sums8<A, kRes>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt, a8, b8);
+        v = act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt, a8, b8,
+                                           kKeep ? keep + s0 : nullptr);
 #endif
       // the rest: terms into the buffers (index i - v), whole groups of 8 into the lanes as the
       // vector loop adds them, the last values in double
       act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c], k.sh[c],
                               k.slope, mt, dzs, ts);
+      if constexpr (kKeep) std::copy(dzs, dzs + (n - v), keep + s0 + v);
       int64_t i = v;
       for (; i + 8 <= n; i += 8) {
 #pragma GCC unroll 8
@@ -414,6 +419,34 @@ void act_train_per_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, 
       store_fence);
 }
 
+// dx and the residual's gradient from kept dz values (act_backward_per_channel's SiLU): the
+// training formula of act_grad_span, operation for operation.
+template <bool kDx, bool kDres, typename scalar_t, typename T>
+inline void dx_from_dz_span(const T* __restrict dz, const scalar_t* __restrict x, scalar_t* __restrict dx,
+                            scalar_t* __restrict dres, int64_t len, const BackwardCoeffs<T>& k, bool stream) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+#ifdef BN_EXT_AVX512BF16
+    i = dx_from_dz_vectors<Lanes16, kDx, kDres>(dz, x, dx, dres, i, len, k, stream);
+#endif
+    i = dx_from_dz_vectors<Lanes8, kDx, kDres>(dz, x, dx, dres, i, len, k, stream);
+  }
+#endif
+  for (; i < len; ++i) {
+    const T d = dz[i];
+    if constexpr (kDres) dres[i] = store_value<scalar_t>(d);
+    if constexpr (kDx) {
+      T v = k.k_dy * d;
+      v += k.k_x * ((load_value<T>(x[i]) - k.mean_hi) - k.mean_lo) + k.k_0;
+      dx[i] = store_value<scalar_t>(v);
+    }
+  }
+}
+
+// SiLU's derivative (an exponential and a division a value) costs more than a read from cache:
+// its sums pass keeps each dz (one channel group's worth a thread, in opmath_t) for the dx pass,
+// where the other activations compute theirs again.
 template <typename scalar_t, Act A, bool kRes, bool kDx, bool kDres>
 void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
                               const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
@@ -421,30 +454,51 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
                               const std::vector<double>& weight, std::vector<double>& sum_dz,
                               std::vector<double>& sum_dz_xmu, bool stream) {
   using T = at::opmath_type<scalar_t>;
+  constexpr bool kKeep = A == Act::kSilu;
   const int64_t group = channel_group(g, (kRes ? 3 : 2) * sizeof(scalar_t));
   const ActGradSums<scalar_t, A, kRes> sum{dy, x, res, k, mean.data(), g.C, g.C};
-  const double inv_count = 1.0 / static_cast<double>(g.rows());
-  parallel_pieces(
+  const int64_t rows = g.rows();
+  const double inv_count = 1.0 / static_cast<double>(rows);
+  // where the run at flat offset `off` starts within channel c's values
+  auto in_channel = [&](int64_t c, int64_t off) {
+    const int64_t n = off / (g.C * g.S);
+    return n * g.S + (off - (n * g.C + c) * g.S);
+  };
+  parallel_pieces_with<std::vector<T>>(
       ceil_div(g.C, group), Sweep::kForward,
-      [&](int64_t p) {
+      [&](std::vector<T>& kept, int64_t p) {
         std::array<BackwardCoeffs<T>, kMaxChannelGroup> q;
         const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
+        if constexpr (kKeep) kept.resize(static_cast<size_t>((c1 - c0) * rows));
         for (int64_t c = c0; c < c1; ++c) {
-          channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c]);
+          if constexpr (kKeep) {
+            T* keep = kept.data() + (c - c0) * rows;
+            channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c], [&](int64_t off, int64_t len, LaneSums& acc) {
+              sum.template run_keeping<true>(c, off, len, acc, keep + in_channel(c, off));
+            });
+          } else {
+            channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c]);
+          }
           q[c - c0] = backward_coeffs_from_invstd<T>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c], inv_count,
                                                      /*training=*/true);
         }
         for (int64_t c = c0; c < c1; ++c) {
           const BackwardCoeffs<T>& qc = q[c - c0];
-          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-            act_grad_span<A, kRes, true, kDx, kDres, 0>(dy + off, x + off, kRes ? res + off : nullptr,
-                                                        kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, len,
-                                                        k.hi + c, k.lo + c, k.sc + c, k.sh + c, &qc.k_dy, &qc.k_x,
-                                                        &qc.k_0, &qc.mean_hi, &qc.mean_lo, k.slope, stream);
+          for_each_run_of_channel(g, c, 0, rows, [&](int64_t off, int64_t len) {
+            scalar_t* dxs = kDx ? dx + off : nullptr;
+            scalar_t* drs = kDres ? dres + off : nullptr;
+            if constexpr (kKeep) {
+              dx_from_dz_span<kDx, kDres>(kept.data() + (c - c0) * rows + in_channel(c, off), x + off, dxs, drs, len,
+                                          qc, stream);
+            } else {
+              act_grad_span<A, kRes, true, kDx, kDres, 0>(dy + off, x + off, kRes ? res + off : nullptr, dxs, drs, len,
+                                                          k.hi + c, k.lo + c, k.sc + c, k.sh + c, &qc.k_dy, &qc.k_x,
+                                                          &qc.k_0, &qc.mean_hi, &qc.mean_lo, k.slope, stream);
+            }
           });
         }
       },
-      store_fence);
+      [](std::vector<T>&) { store_fence(); });
 }
 
 // Calls fn(std::integral_constant<Act, A>{}) for the runtime activation.

@@ -182,10 +182,11 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
 
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
 // dz and of dz * (x - mean) in eight float32 lanes, lane j taking positions j, j + 8, ..., as
-// the scalar loop it replaces; returns how many values were taken (whole vectors of 8).
-template <Act A, bool kRes, typename scalar_t>
+// the scalar loop it replaces; returns how many values were taken (whole vectors of 8). kKeep:
+// each dz is also stored to keep[i].
+template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
-                              float sc, float sh, float slope, float mean, float* a8, float* b8) {
+                              float sc, float sh, float slope, float mean, float* a8, float* b8, float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
@@ -196,11 +197,30 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
     __m256 xv;
     const __m256 z = pre_act_vec<O, kRes>(x, res, i, bh, bl, bs, bt, xv);
     const __m256 dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
+    if constexpr (kKeep) _mm256_storeu_ps(keep + i, dz);
     a = L::add(a, dz);
     b = L::add(b, L::mul(dz, L::sub(xv, m)));
   }
   _mm256_storeu_ps(a8, a);
   _mm256_storeu_ps(b8, b);
+  return i;
+}
+
+// dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 and the residual's gradient dz from the
+// dz values the sums pass kept (act_grad_span's training formula without the activation), for
+// whole vectors from position i on; returns where it stopped.
+template <typename L, bool kDx, bool kDres, typename scalar_t>
+inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* dx, scalar_t* dres, int64_t i,
+                                  int64_t n, const BackwardCoeffs<float>& k, bool stream) {
+  const typename L::vec kdy = L::coef(k.k_dy), kx = L::coef(k.k_x), k0 = L::coef(k.k_0), hi = L::coef(k.mean_hi),
+                        lo = L::coef(k.mean_lo);
+  for (; i + L::width <= n; i += L::width) {
+    const typename L::vec d = L::load(dz + i);
+    if constexpr (kDres) L::store_out(dres + i, d, stream);
+    if constexpr (kDx)
+      L::store_out(dx + i, L::add(L::mul(kdy, d), L::add(L::mul(kx, L::sub(L::sub(L::load(x + i), hi), lo)), k0)),
+                   stream);
+  }
   return i;
 }
 
