@@ -1,5 +1,7 @@
 """BatchNorm modules: drop-in replacements for torch.nn.BatchNorm1d/2d/3d and their Lazy forms."""
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as _torch_bn
@@ -199,9 +201,73 @@ class _ActMixin:
     def extra_repr(self) -> str:
         return super().extra_repr() + (_act_extra_repr(self) or ", activation='identity'")
 
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_act_forward(input, residual)
+        return self._eager_act_forward(input, residual)
+
     @torch.jit.unused
-    def forward(self, input: Tensor, residual=None) -> Tensor:
+    def _eager_act_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         return _act_forward(self, input, residual, super().forward)
+
+    def _scripted_act_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """forward for TorchScript: the fused ops, called from a scripted module."""
+        if residual is not None and (
+            residual.size() != input.size() or residual.dtype != input.dtype or residual.device != input.device
+        ):
+            # a residual that broadcasts or promotes: torch's add semantics, in separate passes
+            return _activate(self._scripted_forward(input) + residual, self.activation, self.negative_slope)
+        self._check_input_dim(input)
+        if input.size(1) != self.num_features:
+            raise RuntimeError(
+                "input: expected "
+                + str(self.num_features)
+                + " channels (num_features) in dim 1, got input of size "
+                + str(input.size())
+            )
+        running_mean = self.running_mean
+        running_var = self.running_var
+        if not self.training and running_mean is not None and running_var is not None:
+            return torch.ops.bn_ext.batch_norm_act(
+                input,
+                self.weight,
+                self.bias,
+                residual,
+                running_mean,
+                running_var,
+                self.eps,
+                self.activation,
+                self.negative_slope,
+            )
+        if self.training:
+            _verify_batch_size(input.size())
+        if self.training and self.track_running_stats:
+            return torch.ops.bn_ext.batch_norm_act_train(
+                input,
+                self.weight,
+                self.bias,
+                residual,
+                running_mean,
+                running_var,
+                self.num_batches_tracked,
+                self.momentum,
+                self.eps,
+                self.activation,
+                self.negative_slope,
+            )[0]
+        return torch.ops.bn_ext.batch_norm_act_train(
+            input,
+            self.weight,
+            self.bias,
+            residual,
+            None,
+            None,
+            None,
+            self.momentum,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+        )[0]
 
 
 def _act_extra_repr(module) -> str:

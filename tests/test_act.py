@@ -3,6 +3,7 @@ torch.nn's BatchNorm followed by the same add and activation: outputs, every gra
 buffer; train and eval; every activation, layout and dtype; the tool chain and the errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -348,3 +349,42 @@ def test_cuda_matches_cpu():
     r = torch.randn_like(x)
     torch.testing.assert_close(m(x, r), mc(x.cuda(), r.cuda()).cpu(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.running_var, mc.running_var.cpu())
+
+
+class _ResidualBlock(torch.nn.Module):
+    """conv -> BN -> (+ identity) -> act, the way ResNet blocks write it."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(self.conv(x), x)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_torchscript_runs_the_fused_ops(activation):
+    ours = _ResidualBlock(bn_ext.BatchNormAct2d(6, activation=activation, negative_slope=0.2, momentum=None))
+    theirs = torch.nn.BatchNorm2d(6, momentum=None)
+    theirs.load_state_dict(ours.bn.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = torch.jit.script(ours)
+    assert "bn_ext::batch_norm_act_train" in str(scripted.bn._c._get_method("_scripted_act_forward").graph)
+    for training in (True, True, False):
+        scripted.train(training)
+        theirs.train(training)
+        x = torch.randn(4, 6, 5, 7, requires_grad=True)
+        y = scripted(x)
+        ref = torch_act(theirs(ours.conv(x)) + x, activation, 0.2)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        (dx,) = torch.autograd.grad(y.square().sum(), x)
+        (ref_dx,) = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(scripted.bn, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
+    # a residual that broadcasts takes torch's add, scripted too
+    r = torch.randn(1, 6, 1, 1)
+    x = torch.randn(4, 6, 5, 7)
+    torch.testing.assert_close(scripted.bn(x, r), torch_act(theirs(x) + r, activation, 0.2), rtol=1e-5, atol=1e-5)

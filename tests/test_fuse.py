@@ -3,6 +3,7 @@ the original does (outputs, parameter gradients, buffers, train and eval) with t
 state_dict."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -64,6 +65,16 @@ def test_torchvision_models(name, expected):
     for pname, p in fused.named_parameters():
         assert p is params[pname]
     check_same_model(fused, ref, torch.randn(2, 3, 64, 64))
+
+
+def test_fused_resnet18_scripts():
+    torch.manual_seed(0)
+    fused = bn_ext.fuse(torchvision.models.resnet18(num_classes=10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = torch.jit.script(fused)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(scripted(x), fused(x), rtol=0, atol=0)
 
 
 def test_resnet50_fuses_every_block():
