@@ -3,6 +3,8 @@ torch.nn's BatchNorm followed by the same add and activation: outputs, every gra
 buffer; train and eval; every activation, layout and dtype; the tool chain and the errors."""
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import bn_ext
-from conftest import DEVICES, TOL, requires_cuda
+from conftest import DEVICES, TOL, repo_env, requires_cuda
 
 ACTS = ["identity", "relu", "relu6", "leaky_relu", "silu"]
 ops = torch.ops.bn_ext
@@ -388,3 +390,42 @@ def test_torchscript_runs_the_fused_ops(activation):
     r = torch.randn(1, 6, 1, 1)
     x = torch.randn(4, 6, 5, 7)
     torch.testing.assert_close(scripted.bn(x, r), torch_act(theirs(x) + r, activation, 0.2), rtol=1e-5, atol=1e-5)
+
+
+_SILU_OUTPUTS = """
+import sys
+import torch
+import bn_ext
+torch.manual_seed(0)
+ops = torch.ops.bn_ext
+out = []
+cases = [((4, 24, 9, 13), torch.channels_last), ((64, 40), None), ((3, 5, 8, 9), None), ((2, 12, 6, 7), None)]
+for shape, fmt in cases:
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(shape).to(dtype)
+        x = x if fmt is None else x.contiguous(memory_format=fmt)
+        r, dy = torch.randn_like(x), torch.randn_like(x)
+        w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+        for res in (r, None):
+            y, mean, var = ops.batch_norm_act_train(x, w, b, res, None, None, None, 0.1, 1e-5, "silu", 0.0)
+            for mask in ([True] * 4, [True, False, False, True], [False, False, False, True]):
+                out += ops.batch_norm_act_backward(dy, x, w, b, res, mean, var, 1e-5, True, "silu", 0.0, mask)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_silu_backward_keeps_dz_with_the_same_bits(tmp_path):
+    # The SiLU backward keeps each dz from its sums pass for the dx pass where the buffer takes at
+    # most half the last-level cache (BN_EXT_LLC_BYTES stands in for it): kept or recomputed, the
+    # same bits, in every layout and route (5 channels: the whole-tensor passes even in NC(D)HW).
+    script = tmp_path / "silu.py"
+    script.write_text(_SILU_OUTPUTS)
+    results = []
+    for llc in ("1", str(1 << 30)):
+        env = dict(repo_env(), BN_EXT_LLC_BYTES=llc)
+        subprocess.run([sys.executable, str(script), str(tmp_path / f"{llc}.pt")], check=True, env=env)
+        results.append(torch.load(tmp_path / f"{llc}.pt"))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

@@ -219,8 +219,19 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
           }
           return;
         }
-        if (sums)
-          channel_sums(ActGradSums<scalar_t, A, kRes>{dyp, xp, rp, k, mean.data(), g.C, g.C}, g, sum_dz, sum_dz_xmu);
+        // SiLU's dz kept from the sums for the dx pass (as act_backward_per_channel does), where
+        // the buffer takes at most half the last-level cache
+        std::unique_ptr<opmath_t[]> kept;
+        if constexpr (A == Act::kSilu) {
+          if (training && sums && (dxp != nullptr || drp != nullptr) &&
+              2 * tensors_bytes(g, 1, sizeof(opmath_t)) <= last_level_cache_bytes())
+            kept.reset(new opmath_t[g.numel()]);
+        }
+        if (sums) {
+          ActGradSums<scalar_t, A, kRes> sum{dyp, xp, rp, k, mean.data(), g.C, g.C};
+          sum.keep = kept.get();
+          channel_sums(sum, g, sum_dz, sum_dz_xmu);
+        }
         if (dxp == nullptr && drp == nullptr) return;
         GradCoeffs<opmath_t> q(g.C);
         const std::vector<double> invstd = invstd_vector(var, eps);
@@ -228,7 +239,9 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
         for (int64_t c = 0; c < g.C; ++c)
           q.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c],
                                                          inv_count, training));
-        if (training) {
+        if (kept) {
+          dx_from_kept_kernel(kept.get(), xp, dxp, drp, g, q, stream);
+        } else if (training) {
           act_grad_input_kernel<scalar_t, A, kRes, true>(dyp, xp, rp, dxp, drp, g, k, q, stream);
         } else {
           act_grad_input_kernel<scalar_t, A, kRes, false>(dyp, xp, rp, dxp, drp, g, k, q, stream);

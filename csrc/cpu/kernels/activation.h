@@ -205,11 +205,18 @@ struct ActGradSums {
   int64_t C;   // row length (channels-last), which widened() multiplies
   int64_t C0;  // channels
   bool streamed = false;
+  opmath_t* keep = nullptr;  // where given, each dz is also stored there at its flat offset
   // A run in chunks: dz and dz * (x - mean) into two buffers (a loop the compiler vectorises,
   // activation and all), then their sums over 8 lanes in opmath_t (at most 32 terms a lane),
   // widened to double chunk by chunk. The mean is taken rounded to opmath_t and the rounding
   // put back in double: sum(dz * (x - mean)) = sum(dz * (x - mean_t)) - (mean - mean_t) * sum(dz).
-  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const { run_keeping<false>(c, off, len, acc, nullptr); }
+  void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const {
+    if (keep != nullptr) {
+      run_keeping<true>(c, off, len, acc, keep + off);
+    } else {
+      run_keeping<false>(c, off, len, acc, nullptr);
+    }
+  }
   // run, with kKeep each dz also stored to keep[0, len)
   template <bool kKeep>
   void run_keeping(int64_t c, int64_t off, int64_t len, LaneSums& acc, opmath_t* keep) const {
@@ -276,16 +283,23 @@ struct ActGradSums {
       const scalar_t* __restrict dys = dy + r * C;
       const scalar_t* __restrict xs = x + r * C;
       const scalar_t* __restrict rs = kRes ? res + r * C : nullptr;
+      opmath_t* ks = keep != nullptr ? keep + r * C : nullptr;
       int64_t c = c0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<opmath_t, double>)
-        c = act_grad_row_sums<A, kRes>(dys, xs, rs, c0, c1, k.hi, k.lo, k.sc, k.sh, k.slope, mean, a, b);
+      if constexpr (!std::is_same_v<opmath_t, double>) {
+        c = ks != nullptr
+                ? act_grad_row_sums<A, kRes, true>(dys, xs, rs, c0, c1, k.hi, k.lo, k.sc, k.sh, k.slope, mean, a, b, ks)
+                : act_grad_row_sums<A, kRes, false>(dys, xs, rs, c0, c1, k.hi, k.lo, k.sc, k.sh, k.slope, mean, a, b,
+                                                    nullptr);
+      }
 #endif
       for (; c < c1; ++c) {
         const opmath_t xv = load_value<opmath_t>(xs[c]);
         opmath_t z = normalized(xv, k.hi[c], k.lo[c], k.sc[c], k.sh[c]);
         if constexpr (kRes) z += load_value<opmath_t>(rs[c]);
-        const double d = static_cast<double>(act_grad<A>(load_value<opmath_t>(dys[c]), z, k.slope));
+        const opmath_t dz = act_grad<A>(load_value<opmath_t>(dys[c]), z, k.slope);
+        if (ks != nullptr) ks[c] = dz;
+        const double d = static_cast<double>(dz);
         a[c] += d;
         b[c] += d * (static_cast<double>(xv) - mean[c]);
       }
@@ -295,7 +309,9 @@ struct ActGradSums {
     const opmath_t xv = load_value<opmath_t>(x[i]);
     opmath_t z = normalized(xv, k.hi[ch], k.lo[ch], k.sc[ch], k.sh[ch]);
     if constexpr (kRes) z += load_value<opmath_t>(res[i]);
-    const double d = static_cast<double>(act_grad<A>(load_value<opmath_t>(dy[i]), z, k.slope));
+    const opmath_t dz = act_grad<A>(load_value<opmath_t>(dy[i]), z, k.slope);
+    if (keep != nullptr) keep[i] = dz;
+    const double d = static_cast<double>(dz);
     *a += d;
     *b += d * (static_cast<double>(xv) - mean[ch]);
   }
@@ -382,6 +398,81 @@ void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t
   }
 }
 
+// dx and the residual's gradient from kept dz values (SiLU's backward): the training formula of
+// act_grad_span, operation for operation, coefficients at index kStep * i as there.
+template <bool kDx, bool kDres, int64_t kStep, typename scalar_t, typename T>
+inline void dx_from_dz_span(const T* __restrict dz, const scalar_t* __restrict x, scalar_t* __restrict dx,
+                            scalar_t* __restrict dres, int64_t len, const T* __restrict kdy, const T* __restrict kx,
+                            const T* __restrict k0, const T* __restrict mhi, const T* __restrict mlo, bool stream) {
+  int64_t i = 0;
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    auto vectors = [&](auto lanes, const auto&... k) {
+      return dx_from_dz_vectors<decltype(lanes), kDx, kDres>(dz, x, dx, dres, i, len, k..., stream);
+    };
+    auto each = [&](auto lanes) {
+      if constexpr (kStep == 0) {
+        return vectors(lanes, Broadcast{*kdy}, Broadcast{*kx}, Broadcast{*k0}, Broadcast{*mhi}, Broadcast{*mlo});
+      } else {
+        return vectors(lanes, PerLane{kdy}, PerLane{kx}, PerLane{k0}, PerLane{mhi}, PerLane{mlo});
+      }
+    };
+#ifdef BN_EXT_AVX512BF16
+    i = each(Lanes16{});
+#endif
+    i = each(Lanes8{});
+  }
+#endif
+  for (; i < len; ++i) {
+    const int64_t j = kStep * i;
+    const T d = dz[i];
+    if constexpr (kDres) dres[i] = store_value<scalar_t>(d);
+    if constexpr (kDx) {
+      T v = kdy[j] * d;
+      v += kx[j] * ((load_value<T>(x[i]) - mhi[j]) - mlo[j]) + k0[j];
+      dx[i] = store_value<scalar_t>(v);
+    }
+  }
+}
+
+// The training dx pass from dz values kept in a tensor-sized buffer (SiLU; act_backward).
+template <typename scalar_t, bool kDx, bool kDres>
+void dx_from_kept_pass(const at::opmath_type<scalar_t>* kept, const scalar_t* x, scalar_t* dx, scalar_t* dres,
+                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
+  using T = at::opmath_type<scalar_t>;
+  const T *kdy = q.k_dy.data(), *kx = q.k_x.data(), *k0 = q.k_0.data(), *mhi = q.mean_hi.data(),
+          *mlo = q.mean_lo.data();
+  if (g.layout == Layout::kNCS) {
+    parallel_runs(
+        g,
+        [&](int64_t c, int64_t off, int64_t len) {
+          dx_from_dz_span<kDx, kDres, 0>(kept + off, x + off, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
+                                         len, kdy + c, kx + c, k0 + c, mhi + c, mlo + c, stream);
+        },
+        Sweep::kBackward);
+    return;
+  }
+  parallel_row_spans<T, 5>(
+      g, {kdy, kx, k0, mhi, mlo},
+      [&](int64_t off, int64_t width, const auto& c) {
+        dx_from_dz_span<kDx, kDres, 1>(kept + off, x + off, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
+                                       width, c[0], c[1], c[2], c[3], c[4], stream);
+      },
+      Sweep::kBackward);
+}
+
+template <typename scalar_t>
+void dx_from_kept_kernel(const at::opmath_type<scalar_t>* kept, const scalar_t* x, scalar_t* dx, scalar_t* dres,
+                         const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
+  if (dx != nullptr && dres != nullptr) {
+    dx_from_kept_pass<scalar_t, true, true>(kept, x, dx, dres, g, q, stream);
+  } else if (dx != nullptr) {
+    dx_from_kept_pass<scalar_t, true, false>(kept, x, dx, dres, g, q, stream);
+  } else {
+    dx_from_kept_pass<scalar_t, false, true>(kept, x, dx, dres, g, q, stream);
+  }
+}
+
 // The fused op's training passes per channel group (NC(D)HW with per_channel(g)), as
 // train_per_channel and backward_per_channel do for the plain BatchNorm: a group's sums, then
 // its elementwise pass while its values are still in cache. Bitwise what the whole-tensor passes
@@ -417,31 +508,6 @@ void act_train_per_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, 
         }
       },
       store_fence);
-}
-
-// dx and the residual's gradient from kept dz values (act_backward_per_channel's SiLU): the
-// training formula of act_grad_span, operation for operation.
-template <bool kDx, bool kDres, typename scalar_t, typename T>
-inline void dx_from_dz_span(const T* __restrict dz, const scalar_t* __restrict x, scalar_t* __restrict dx,
-                            scalar_t* __restrict dres, int64_t len, const BackwardCoeffs<T>& k, bool stream) {
-  int64_t i = 0;
-#ifdef BN_EXT_AVX2_INTRINSICS
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-#ifdef BN_EXT_AVX512BF16
-    i = dx_from_dz_vectors<Lanes16, kDx, kDres>(dz, x, dx, dres, i, len, k, stream);
-#endif
-    i = dx_from_dz_vectors<Lanes8, kDx, kDres>(dz, x, dx, dres, i, len, k, stream);
-  }
-#endif
-  for (; i < len; ++i) {
-    const T d = dz[i];
-    if constexpr (kDres) dres[i] = store_value<scalar_t>(d);
-    if constexpr (kDx) {
-      T v = k.k_dy * d;
-      v += k.k_x * ((load_value<T>(x[i]) - k.mean_hi) - k.mean_lo) + k.k_0;
-      dx[i] = store_value<scalar_t>(v);
-    }
-  }
 }
 
 // SiLU's derivative (an exponential and a division a value) costs more than a read from cache:
@@ -488,8 +554,8 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
             scalar_t* dxs = kDx ? dx + off : nullptr;
             scalar_t* drs = kDres ? dres + off : nullptr;
             if constexpr (kKeep) {
-              dx_from_dz_span<kDx, kDres>(kept.data() + (c - c0) * rows + in_channel(c, off), x + off, dxs, drs, len,
-                                          qc, stream);
+              dx_from_dz_span<kDx, kDres, 0>(kept.data() + (c - c0) * rows + in_channel(c, off), x + off, dxs, drs, len,
+                                             &qc.k_dy, &qc.k_x, &qc.k_0, &qc.mean_hi, &qc.mean_lo, stream);
             } else {
               act_grad_span<A, kRes, true, kDx, kDres, 0>(dy + off, x + off, kRes ? res + off : nullptr, dxs, drs, len,
                                                           k.hi + c, k.lo + c, k.sc + c, k.sh + c, &qc.k_dy, &qc.k_x,

@@ -208,29 +208,33 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
 
 // dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 and the residual's gradient dz from the
 // dz values the sums pass kept (act_grad_span's training formula without the activation), for
-// whole vectors from position i on; returns where it stopped.
-template <typename L, bool kDx, bool kDres, typename scalar_t>
+// whole vectors from position i on, coefficients from K (Broadcast or PerLane); returns where it
+// stopped.
+template <typename L, bool kDx, bool kDres, typename scalar_t, typename K>
 inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* dx, scalar_t* dres, int64_t i,
-                                  int64_t n, const BackwardCoeffs<float>& k, bool stream) {
-  const typename L::vec kdy = L::coef(k.k_dy), kx = L::coef(k.k_x), k0 = L::coef(k.k_0), hi = L::coef(k.mean_hi),
-                        lo = L::coef(k.mean_lo);
+                                  int64_t n, const K& kdy, const K& kx, const K& k0, const K& hi, const K& lo,
+                                  bool stream) {
   for (; i + L::width <= n; i += L::width) {
     const typename L::vec d = L::load(dz + i);
     if constexpr (kDres) L::store_out(dres + i, d, stream);
-    if constexpr (kDx)
-      L::store_out(dx + i, L::add(L::mul(kdy, d), L::add(L::mul(kx, L::sub(L::sub(L::load(x + i), hi), lo)), k0)),
-                   stream);
+    if constexpr (kDx) {
+      const typename L::vec xm = L::sub(L::sub(L::load(x + i), hi.template at<L>(i)), lo.template at<L>(i));
+      L::store_out(
+          dx + i,
+          L::add(L::mul(kdy.template at<L>(i), d), L::add(L::mul(kx.template at<L>(i), xm), k0.template at<L>(i))),
+          stream);
+    }
   }
   return i;
 }
 
 // ActGradSums::rows over one channels-last row: a[c] += dz, b[c] += dz * (x - mean[c]) in float64
 // for positions [c0, c1), as the scalar loop does, four channels at a time; returns where it
-// stopped.
-template <Act A, bool kRes, typename scalar_t>
+// stopped. kKeep: each dz is also stored to keep[c].
+template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t c0, int64_t c1,
                                  const float* hi, const float* lo, const float* sc, const float* sh, float slope,
-                                 const double* mean, double* a, double* b) {
+                                 const double* mean, double* a, double* b, float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
@@ -240,6 +244,7 @@ inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const sc
     __m256 xv;
     const __m256 z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, xv);
     const __m256 dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
+    if constexpr (kKeep) _mm256_storeu_ps(keep + c, dz);
     const __m256d d0 = lo4(dz), d1 = hi4(dz);
     _mm256_storeu_pd(a + c, _mm256_add_pd(_mm256_loadu_pd(a + c), d0));
     _mm256_storeu_pd(a + c + 4, _mm256_add_pd(_mm256_loadu_pd(a + c + 4), d1));
