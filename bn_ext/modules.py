@@ -81,9 +81,9 @@ class _BatchNorm(_torch_bn._BatchNorm):
             return self._scripted_forward(input)
         return self._forward(input)
 
-    def _scripted_forward(self, input: Tensor) -> Tensor:
-        """forward for TorchScript: the same ops, called from a scripted module (in C++ too, where
-        the bn_ext library is loaded)."""
+    def _scripted_check_input(self, input: Tensor) -> None:
+        """The input checks of the scripted forwards (_check_channels names the class through
+        type(self), which TorchScript does not compile)."""
         self._check_input_dim(input)
         if input.size(1) != self.num_features:
             raise RuntimeError(
@@ -92,6 +92,11 @@ class _BatchNorm(_torch_bn._BatchNorm):
                 + " channels (num_features) in dim 1, got input of size "
                 + str(input.size())
             )
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """forward for TorchScript: the same ops, called from a scripted module (in C++ too, where
+        the bn_ext library is loaded)."""
+        self._scripted_check_input(input)
         running_mean = self.running_mean
         running_var = self.running_var
         if not self.training and running_mean is not None and running_var is not None:
@@ -217,14 +222,7 @@ class _ActMixin:
         ):
             # a residual that broadcasts or promotes: torch's add semantics, in separate passes
             return _activate(self._scripted_forward(input) + residual, self.activation, self.negative_slope)
-        self._check_input_dim(input)
-        if input.size(1) != self.num_features:
-            raise RuntimeError(
-                "input: expected "
-                + str(self.num_features)
-                + " channels (num_features) in dim 1, got input of size "
-                + str(input.size())
-            )
+        self._scripted_check_input(input)
         running_mean = self.running_mean
         running_var = self.running_var
         if not self.training and running_mean is not None and running_var is not None:
