@@ -239,28 +239,16 @@ class _ActMixin:
             )
         if self.training:
             _verify_batch_size(input.size())
-        if self.training and self.track_running_stats:
-            return torch.ops.bn_ext.batch_norm_act_train(
-                input,
-                self.weight,
-                self.bias,
-                residual,
-                running_mean,
-                running_var,
-                self.num_batches_tracked,
-                self.momentum,
-                self.eps,
-                self.activation,
-                self.negative_slope,
-            )[0]
+        # batch statistics; the running ones updated in training, where they are tracked
+        update = self.training and self.track_running_stats
         return torch.ops.bn_ext.batch_norm_act_train(
             input,
             self.weight,
             self.bias,
             residual,
-            None,
-            None,
-            None,
+            running_mean if update else None,
+            running_var if update else None,
+            self.num_batches_tracked if update else None,
             self.momentum,
             self.eps,
             self.activation,
