@@ -484,30 +484,10 @@ void act_train_per_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, 
                            bool stream) {
   using T = at::opmath_type<scalar_t>;
   const int64_t group = channel_group(g, (kRes ? 2 : 1) * sizeof(scalar_t));
-  std::vector<double> shift(g.C);  // each task sets its channels' shifts before it sums them
-  const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
-  const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
-  parallel_pieces(
-      ceil_div(g.C, group), Sweep::kForward,
-      [&](int64_t p) {
-        std::array<ForwardCoeffs<T>, kMaxChannelGroup> k;
-        const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
-        for (int64_t c = c0; c < c1; ++c) {
-          shift[c] = channel_shift(x, g, c);
-          double s1, s2;
-          channel_total(sum, g, c, &s1, &s2);
-          finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-          k[c - c0] = forward_coeffs<T>(mean[c], var[c], weight[c], bias[c], eps);
-        }
-        for (int64_t c = c0; c < c1; ++c) {
-          const ForwardCoeffs<T>& kc = k[c - c0];
-          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-            act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &kc.mean_hi,
-                                                      &kc.mean_lo, &kc.scale, &kc.shift, slope, stream);
-          });
-        }
-      },
-      store_fence);
+  train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t off, int64_t len, const auto& k) {
+    act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &k.mean_hi, &k.mean_lo,
+                                              &k.scale, &k.shift, slope, stream);
+  });
 }
 
 // SiLU's derivative (an exponential and a division a value) costs more than a read from cache:

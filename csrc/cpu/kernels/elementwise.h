@@ -175,22 +175,14 @@ void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const st
 }
 #endif
 
-// Fused training forward, NC(D)HW, channels in groups (channel_group): statistics, then the
-// elementwise passes while the data is still in cache.
-template <typename scalar_t>
-void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
-                       const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var,
-                       bool stream) {
+// A training forward over NC(D)HW channel groups of `group` channels: a group's statistics, then
+// norm(off, len, coeffs) over each of its channels' runs while the group's values are still in
+// cache. The plain and the fused training forwards share it, and with it their statistics' bits.
+template <typename scalar_t, typename Norm>
+void train_channel_groups(const scalar_t* x, const Geometry& g, int64_t group, const std::vector<double>& weight,
+                          const std::vector<double>& bias, double eps, std::vector<double>& mean,
+                          std::vector<double>& var, const Norm& norm) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t group = channel_group(g, sizeof(scalar_t));
-#ifdef BN_EXT_AVX2_INTRINSICS
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (group == 1) {
-      train_pipelined(x, y, g, weight, bias, eps, mean, var, stream);
-      return;
-    }
-  }
-#endif
   std::vector<double> shift(g.C);  // each task sets its channels' shifts before it sums them
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
   const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
@@ -204,15 +196,32 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
           double s1, s2;
           channel_total(sum, g, c, &s1, &s2);
           finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-        }
-        for (int64_t c = c0; c < c1; ++c)
           k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
+        }
         for (int64_t c = c0; c < c1; ++c) {
-          const auto& kc = k[c - c0];
-          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-            normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
-          });
+          const ForwardCoeffs<opmath_t>& kc = k[c - c0];
+          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { norm(off, len, kc); });
         }
       },
       store_fence);
+}
+
+// Training forward, NC(D)HW, channels in groups (channel_group): statistics, then the
+// elementwise passes while the data is still in cache.
+template <typename scalar_t>
+void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
+                       const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var,
+                       bool stream) {
+  const int64_t group = channel_group(g, sizeof(scalar_t));
+#ifdef BN_EXT_AVX2_INTRINSICS
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (group == 1) {
+      train_pipelined(x, y, g, weight, bias, eps, mean, var, stream);
+      return;
+    }
+  }
+#endif
+  train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t off, int64_t len, const auto& k) {
+    normalize_run(x + off, y + off, len, k.mean_hi, k.mean_lo, k.scale, k.shift, stream);
+  });
 }
