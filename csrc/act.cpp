@@ -116,7 +116,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_backward_composed(
   if (output_mask[2] && is_given(bias)) grad_bias = grad_bias.to(bias->scalar_type());
   if (!output_mask[2]) grad_bias = at::empty({0}, input.options().dtype(is_given(bias) ? bias->scalar_type() : stat));
   const bool need_dres = output_mask[3] && is_given(residual);
-  Tensor grad_residual = need_dres ? (dz.is_same(grad_out) ? grad_out.clone() : dz) : at::empty({0}, input.options());
+  Tensor grad_residual = at::empty({0}, input.options());
+  if (need_dres) {
+    // in the input's layout, as the fake kernel says (dz follows grad_out's where they differ)
+    const bool own = !dz.is_same(grad_out) && dz.strides() == input.strides();
+    grad_residual = own ? dz : at::empty_like(input).copy_(dz);
+  }
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
