@@ -1,5 +1,6 @@
 """A graph pass for torch.compile's inductor: bn_ext's BatchNorm ops followed by an activation
-(and an add before it) become one fused batch_norm_act / batch_norm_act_train call.
+(and an add before it) become one fused batch_norm_act / batch_norm_act_train call, and the
+eval-mode ops (fixed statistics) become torch's own eval BatchNorm, which inductor fuses.
 
 bn_ext's ops are opaque to inductor, so without this pass the ReLU (and the residual add) after
 each BatchNorm stays a separate kernel that reads and writes the whole tensor again, forward and
@@ -13,6 +14,7 @@ loaded). It appends itself to torch._inductor.config.pre_grad_custom_pass, keepi
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -22,6 +24,7 @@ _ops = torch.ops.bn_ext
 _TRAIN_UPDATE = _ops.batch_norm_train_update.default
 _TRAIN = _ops.batch_norm_train.default
 _ELEMT = _ops.batch_norm_elemt.default
+_ACT = _ops.batch_norm_act.default
 _ADDS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_)
 
 
@@ -128,11 +131,59 @@ def fuse_graph(graph: fx.Graph) -> int:
     return count
 
 
+def _fixed(node) -> bool:
+    """Whether node is a graph input or attribute holding a tensor that takes no gradient (a
+    running statistic), not something the graph computes (SyncBatchNorm's global statistics)."""
+    v = _value(node)
+    return (
+        isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") and v is not None and not v.requires_grad
+    )
+
+
+_TORCH_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "silu": F.silu}
+
+
+def inline_eval(graph: fx.Graph) -> int:
+    """Rewrites each eval-mode BatchNorm (batch_norm_elemt, batch_norm_act with running
+    statistics) into torch's eval batch_norm (+ add, + activation); returns how many.
+
+    With fixed statistics BatchNorm is a per-channel affine map: inductor folds torch's into the
+    pointwise kernel that already reads or writes the tensor (the activation, the residual add),
+    where our op is one more pass over memory behind a custom-op call. The numbers are torch's
+    compiled eval BatchNorm's (equal to ours within rounding)."""
+    count = 0
+    for op in list(graph.nodes):
+        if op.op != "call_function" or op.target not in (_ELEMT, _ACT):
+            continue
+        if op.target is _ELEMT:
+            input_, weight, bias, mean, var, eps = _bound(op, ("input", "weight", "bias", "mean", "var", "eps"))
+            residual, activation, slope = None, "identity", 0.0
+        else:
+            names = ("input", "weight", "bias", "residual", "mean", "var", "eps", "activation", "negative_slope")
+            input_, weight, bias, residual, mean, var, eps, activation, slope = _bound(op, names)
+        if not (_fixed(mean) and _fixed(var)) or _value(op) is None:
+            continue
+        with graph.inserting_before(op):
+            y = graph.call_function(F.batch_norm, (input_, mean, var, weight, bias, False, 0.0, eps))
+            if residual is not None:
+                y = graph.call_function(operator.add, (y, residual))
+            if activation == "leaky_relu":
+                y = graph.call_function(F.leaky_relu, (y, slope))
+            elif activation != "identity":
+                y = graph.call_function(_TORCH_ACTIVATIONS[activation], (y,))
+        y.meta.update(op.meta)
+        op.replace_all_uses_with(y)
+        graph.erase_node(op)
+        count += 1
+    return count
+
+
 class FuseBatchNormActivation(CustomGraphPass):
     """The pass, as inductor's pre_grad_custom_pass takes it (uuid() lets inductor cache the
     graphs it compiled with it)."""
 
     def __call__(self, graph: fx.Graph) -> None:
+        inline_eval(graph)
         fuse_graph(graph)
 
     def uuid(self):

@@ -168,3 +168,92 @@ def test_inductor_end_to_end(monkeypatch):
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
         _check_same(eager, compiled, torch.randn(3, 4, 5, 6))
     assert seen and seen[0] == 2, seen
+
+
+def _inline_backend(counts):
+    def backend(gm, example_inputs):
+        counts.append(_inductor.inline_eval(gm.graph))
+        gm.graph.lint()
+        gm.recompile()
+        assert not any(n.target in (torch.ops.bn_ext.batch_norm_elemt.default, *FUSED) for n in gm.graph.nodes)
+        return gm
+
+    return backend
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu", "silu", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_batch_norms_become_torch_eval_batch_norm(act, dtype):
+    """In eval the pass hands BatchNorm (with running statistics, an affine map) to inductor as
+    torch's own eval batch_norm (+ add + activation): same outputs as eager, every layout."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    class EvalNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn_ext.BatchNorm2d(6)
+            self.bn_act = bn_ext.BatchNormAct2d(6, activation=act, negative_slope=0.2)
+
+        def forward(self, x, r):
+            return self.bn_act(self.bn(x), r)
+
+    model = EvalNet().to(dtype)
+    with torch.no_grad():
+        for m in (model.bn, model.bn_act):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.normal_()
+            m.bias.normal_()
+    model.eval()
+    counts = []
+    compiled = torch.compile(copy.deepcopy(model), backend=_inline_backend(counts), fullgraph=True, dynamic=False)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 6, 5, 4, dtype=dtype).contiguous(memory_format=fmt)
+        r = torch.randn(3, 6, 5, 4, dtype=dtype)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(compiled(x, r), model(x, r), **tol)
+    assert counts and all(c == 2 for c in counts), counts
+
+
+def test_eval_inlining_leaves_computed_statistics():
+    """batch_norm_elemt with statistics the graph computes (SyncBatchNorm's global ones), or with
+    a mean that takes a gradient, stays bn_ext's op."""
+    torch._dynamo.reset()
+
+    elemt = torch.ops.bn_ext.batch_norm_elemt.default  # the overload the modules call
+
+    def f(x, w, b, mean, var):
+        m, v = torch.ops.bn_ext.batch_norm_stats(x)
+        return elemt(x, w, b, m, v, 1e-5) + elemt(x, w, b, mean, var, 1e-5)
+
+    counts = []
+    graph_ops = []
+
+    def backend(gm, example_inputs):
+        counts.append(_inductor.inline_eval(gm.graph))
+        graph_ops.extend(n.target for n in gm.graph.nodes)
+        gm.recompile()
+        return gm
+
+    args = (torch.randn(2, 3, 4), torch.rand(3), torch.randn(3), torch.randn(3, requires_grad=True), torch.rand(3) + 1)
+    torch.testing.assert_close(torch.compile(f, backend=backend, fullgraph=True)(*args), f(*args))
+    assert counts == [0]
+    assert graph_ops.count(elemt) == 2
+
+
+def test_inductor_eval_end_to_end():
+    """With inductor, an eval model's graph holds no bn_ext op and matches eager."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with config.patch(pre_grad_custom_pass=None, fx_graph_cache=False):
+        bn_ext.enable_compile_fusion()
+        eager = Net(torch.nn.ReLU()).eval()
+        compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, dynamic=False)
+        x = torch.randn(3, 4, 5, 6)
+        with torch.no_grad():
+            y, codes = run_and_get_code(compiled, x)
+            torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
+    assert codes and not any("torch.ops.bn_ext" in code for code in codes)
