@@ -19,6 +19,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from ._fuse import call_activation
+from .functional import _activate
 
 _ops = torch.ops.bn_ext
 _TRAIN_UPDATE = _ops.batch_norm_train_update.default
@@ -140,9 +141,6 @@ def _fixed(node) -> bool:
     )
 
 
-_TORCH_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "silu": F.silu}
-
-
 def inline_eval(graph: fx.Graph) -> int:
     """Rewrites each eval-mode BatchNorm (batch_norm_elemt, batch_norm_act with running
     statistics) into torch's eval batch_norm (+ add, + activation); returns how many.
@@ -167,10 +165,8 @@ def inline_eval(graph: fx.Graph) -> int:
             y = graph.call_function(F.batch_norm, (input_, mean, var, weight, bias, False, 0.0, eps))
             if residual is not None:
                 y = graph.call_function(operator.add, (y, residual))
-            if activation == "leaky_relu":
-                y = graph.call_function(F.leaky_relu, (y, slope))
-            elif activation != "identity":
-                y = graph.call_function(_TORCH_ACTIVATIONS[activation], (y,))
+            if activation != "identity":
+                y = graph.call_function(_activate, (y, activation, slope))
         y.meta.update(op.meta)
         op.replace_all_uses_with(y)
         graph.erase_node(op)
