@@ -197,6 +197,7 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* drp = dres.defined() ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+    TORCH_INTERNAL_ASSERT(rp != nullptr || drp == nullptr, "a residual gradient asked for without a residual");
     dispatch_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       auto run = [&](auto res_tag) {
@@ -210,7 +211,9 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
             act_backward_per_channel<scalar_t, A, kRes, decltype(dx_tag)::value, decltype(dres_tag)::value>(
                 dyp, xp, rp, dxp, drp, g, k, mean, invstd, weight, sum_dz, sum_dz_xmu, stream);
           };
-          if (dxp != nullptr && drp != nullptr) {
+          if constexpr (!kRes) {
+            per_channel_pass(std::true_type{}, std::false_type{});  // no residual: dx only
+          } else if (dxp != nullptr && drp != nullptr) {
             per_channel_pass(std::true_type{}, std::true_type{});
           } else if (dxp != nullptr) {
             per_channel_pass(std::true_type{}, std::false_type{});

@@ -389,7 +389,10 @@ template <typename scalar_t, Act A, bool kRes, bool kTraining>
 void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
                            const Geometry& g, const PreAct<at::opmath_type<scalar_t>>& k,
                            const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
-  if (dx != nullptr && dres != nullptr) {
+  if constexpr (!kRes) {
+    // Without a residual there is no residual gradient, and dx is asked for (else no pass runs).
+    act_grad_input_pass<scalar_t, A, false, kTraining, true, false>(dy, x, res, dx, dres, g, k, q, stream);
+  } else if (dx != nullptr && dres != nullptr) {
     act_grad_input_pass<scalar_t, A, kRes, kTraining, true, true>(dy, x, res, dx, dres, g, k, q, stream);
   } else if (dx != nullptr) {
     act_grad_input_pass<scalar_t, A, kRes, kTraining, true, false>(dy, x, res, dx, dres, g, k, q, stream);
