@@ -1,7 +1,8 @@
-// CPU kernel loops, compiled once per instruction set: kernels_default.cpp (baseline x86-64),
-// kernels_avx2.cpp (AVX2 + FMA) and kernels_avx512bf16.cpp (AVX2 loops with 16-wide AVX-512
-// bodies in front), each wrapping this file in its own namespace
-// (BN_EXT_CPU_ISA). batch_norm_kernel.cpp picks one at run time. Everything this file needs is
+// CPU kernel loops, compiled once per instruction set: kernels_default.h (baseline x86-64),
+// kernels_avx2.h (AVX2 + FMA) and kernels_avx512bf16.h (AVX2 loops with 16-wide AVX-512 bodies
+// in front), each wrapping this file in its own namespace (BN_EXT_CPU_ISA), and each included by
+// two units that compile one part of the entry points (BN_EXT_CPU_PART, kernels_common.h).
+// batch_norm_kernel.cpp picks an instruction set at run time. Everything this file needs is
 // included by the including file first, so that the ISA's target options apply to these loops
 // only, never to shared inline code.
 //
@@ -21,8 +22,8 @@
 // channels that go one at a time (channel_group) are pipelined: one loop sums a channel and runs
 // the elementwise pass of the one before (pipelined_channels).
 
-#ifndef BN_EXT_CPU_ISA
-#error "define BN_EXT_CPU_ISA before including kernels.h"
+#if !defined(BN_EXT_CPU_ISA) || !defined(BN_EXT_CPU_PART)
+#error "define BN_EXT_CPU_ISA and BN_EXT_CPU_PART before including kernels.h"
 #endif
 
 namespace bn_ext {
@@ -53,6 +54,7 @@ using at::Tensor;
 
 // ---- entry points (one set per instruction set) ------------------------------------------------
 
+#if BN_EXT_CPU_PART == BN_EXT_CPU_PART_MAIN
 void stats(const Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_stats",
                                   [&] { stats_kernel(x.const_data_ptr<scalar_t>(), g, mean, var); });
@@ -183,6 +185,9 @@ void act_train(const Tensor& x, const Tensor& res, const Tensor& y, const Geomet
   });
 }
 
+#endif  // BN_EXT_CPU_PART_MAIN
+
+#if BN_EXT_CPU_PART == BN_EXT_CPU_PART_ACT_BACKWARD
 void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Tensor& dx, const Tensor& dres,
                   const Geometry& g, bool training, bool sums, const std::vector<double>& mean,
                   const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,
@@ -258,6 +263,8 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
     });
   });
 }
+
+#endif  // BN_EXT_CPU_PART_ACT_BACKWARD
 
 }  // namespace BN_EXT_CPU_ISA
 }  // namespace cpu

@@ -74,6 +74,12 @@ inline bool stream_output(const Geometry& g, int64_t tensors, size_t elem_size) 
 // there are at least this many channels per thread; below, work is split within channels.
 constexpr int64_t kPerChannelMinTasksPerThread = 4;
 
+// Each instruction set's loops compile in two units so that a two-job build runs them side by
+// side: the fused backward (its activation x dtype x residual x outputs instantiations take two
+// thirds of the time) and everything else. kernels_<isa>.h gives the unit its ISA's options.
+#define BN_EXT_CPU_PART_MAIN 1
+#define BN_EXT_CPU_PART_ACT_BACKWARD 2
+
 #define BN_EXT_DECLARE_CPU_KERNELS                                                                                     \
   void stats(const at::Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& var);             \
   void elemt(const at::Tensor& x, const at::Tensor& y, const Geometry& g, const std::vector<double>& mean,             \

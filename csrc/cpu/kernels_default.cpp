@@ -1,7 +1,3 @@
-// The CPU kernel loops for any x86-64 (or other) CPU.
-#include "kernels_common.h"
-
-#include <type_traits>
-
-#define BN_EXT_CPU_ISA isa_default
-#include "kernels.h"
+// The baseline x86-64 build of the BatchNorm entry points and the fused forward (kernels_common.h: why two units).
+#define BN_EXT_CPU_PART BN_EXT_CPU_PART_MAIN
+#include "kernels_default.h"

@@ -1,0 +1,3 @@
+// The AVX2 + FMA build of the fused BatchNorm + activation backward (kernels_common.h: why two units).
+#define BN_EXT_CPU_PART BN_EXT_CPU_PART_ACT_BACKWARD
+#include "kernels_avx2.h"
