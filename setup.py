@@ -81,7 +81,10 @@ def extension():
         glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     )
     cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    # -g0 in release builds: Python's own CFLAGS bring -g, and debug information for the kernels'
+    # template instantiations was a quarter of their compile time and most of a 270 MB library.
     opt = ["-O0", "-g"] if env_flag("BN_EXT_DEBUG") else ["-O3"]
+    cxx_opt = opt if env_flag("BN_EXT_DEBUG") else opt + ["-g0"]
     # -fopenmp: at::parallel_for's OpenMP implementation is a header template, compiled into our
     # own objects, and without the flag its `#pragma omp parallel` is dropped (serial loops).
     # The library then needs libgomp.so.1, and the loader reuses the one torch already loaded.
@@ -91,7 +94,7 @@ def extension():
     # bits whichever path and build computes them.
     # -fno-trapping-math: no code here reads floating-point exception flags, and without it GCC
     # keeps a loop with a float comparison in a ternary (ReLU, clamps) scalar. It changes no value.
-    cxx = opt + ["-fvisibility=hidden", "-ffp-contract=off", "-fno-trapping-math"]
+    cxx = cxx_opt + ["-fvisibility=hidden", "-ffp-contract=off", "-fno-trapping-math"]
     cxx += ["-fopenmp"] if sys.platform.startswith("linux") else []
     # The C++ runtime must not be mixed. The GPU machine's g++ is a wrapper whose -B search path
     # finds a static libstdc++ (even for an explicit -lstdc++), so the extension got its own
