@@ -10,6 +10,7 @@
 
 #include "bn_ext/activation.h"
 #include "bn_ext/checks.h"
+#include "bn_ext/layout.h"
 #include "bn_ext/ops.h"
 
 namespace bn_ext {
@@ -118,9 +119,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> act_backward_composed(
   const bool need_dres = output_mask[3] && is_given(residual);
   Tensor grad_residual = at::empty({0}, input.options());
   if (need_dres) {
-    // in the input's layout, as the fake kernel says (dz follows grad_out's where they differ)
-    const bool own = !dz.is_same(grad_out) && dz.strides() == input.strides();
-    grad_residual = own ? dz : at::empty_like(input).copy_(dz);
+    // dz follows grad_out's layout where they differ, and is grad_out itself for the identity
+    grad_residual = output_like(dz, input, /*own=*/!dz.is_same(grad_out));
   }
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }

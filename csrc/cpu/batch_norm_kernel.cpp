@@ -318,10 +318,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   Tensor grad_bias =
       output_mask[2] ? channel_tensor(sum_dz, input, bias_dtype) : at::empty({0}, input.options().dtype(bias_dtype));
   Tensor grad_residual = at::empty({0}, input.options());
-  if (need_dres) {
-    grad_residual = dres;
-    if (dres.strides() != input.strides()) grad_residual = at::empty_like(input).copy_(dres);
-  }
+  if (need_dres) grad_residual = output_like(dres, input);
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 

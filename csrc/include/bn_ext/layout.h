@@ -72,6 +72,13 @@ inline at::Tensor in_layout(const at::Tensor& t, Layout layout, const at::Tensor
   return copy;
 }
 
+// `t` (of `like`'s sizes) returned as an op output in `like`'s layout, as the fake kernels
+// promise: `t` itself when it has `like`'s strides and is the op's own tensor, else a copy.
+inline at::Tensor output_like(const at::Tensor& t, const at::Tensor& like, bool own = true) {
+  if (own && t.strides() == like.strides()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
 // What a kernel works on: every operand (all of `like`'s sizes) in one layout, and the output.
 // The output takes the input's memory format (at::empty_like); when that is a dense layout the
 // kernels cannot walk (an unusual permutation), they write a contiguous stand-in, copied back
