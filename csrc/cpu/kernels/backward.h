@@ -61,13 +61,16 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const bool folded = k.folded();
-    parallel_row_spans<opmath_t, 5>(
-        g, {kd, kx, k0, hi, lo},
-        [&](int64_t off, int64_t width, const auto& c) {
-          grad_input_rows_simd<scalar_t, kTraining>(dy + off, x + off, dx + off, width, c[0], c[1], c[2], c[3], c[4],
-                                                    folded, stream);
-        },
-        order);
+    auto span = [&](int64_t off, int64_t width, const auto& c) {
+      grad_input_rows_simd<kTraining>(dy + off, x + off, dx + off, width, c, folded, stream);
+    };
+#ifndef BN_EXT_AVX512BF16
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      parallel_row_spans<opmath_t, 5, /*kSplit=*/true>(g, {kd, kx, k0, hi, lo}, span, order);
+      return;
+    }
+#endif
+    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, span, order);
     return;
   }
 #endif

@@ -163,6 +163,28 @@ struct PerLane {
 #endif
 };
 
+#ifndef BN_EXT_AVX512BF16
+// PerLane for the AVX2 build's bfloat16 channels-last spans, which then go 16 values at a time as
+// SplitBF16's halves like NC(D)HW runs: the coefficients also in its order (split_even_odd, whole
+// blocks of 16 from the span's start; the 8-wide loops and the tail read `p`).
+struct PerLaneSplit {
+  const float* p;
+  const float* split;
+  template <typename L>
+  typename L::vec at(int64_t i) const {
+    if constexpr (std::is_same_v<L, SplitBF16>) {
+      return {_mm256_loadu_ps(split + i), _mm256_loadu_ps(split + i + 8)};
+    } else {
+      return L::coef(p + i);
+    }
+  }
+  float scalar(int64_t i) const { return p[i]; }
+};
+// Whether K's coefficients come in a form SplitBF16's loops can take.
+template <typename K>
+constexpr bool kSplitCoefficients = std::is_same_v<K, Broadcast> || std::is_same_v<K, PerLaneSplit>;
+#endif
+
 // The two elementwise formulas over vectors of L, written once for the loops' bodies and the
 // AVX-512 build's masked tails (which must give the bodies' bits: where vectors end cannot matter).
 // x less its mean, the mean as a float32 pair hi + lo: (x - hi) - lo.
@@ -217,7 +239,7 @@ inline void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, const K& h
   return;
 #endif
 #ifndef BN_EXT_AVX512BF16
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<K, Broadcast>)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kSplitCoefficients<K>)
     i = normalize_vectors<SplitBF16>(x, y, i, n, hi, lo, sc, sh, folded, stream);
 #endif
   i = normalize_vectors<Lanes8>(x, y, i, n, hi, lo, sc, sh, folded, stream);
@@ -266,10 +288,18 @@ inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double sh
 }
 #endif
 
-// Channels-last: a span of `width` values, one coefficient per position.
-template <typename scalar_t>
-inline void normalize_rows_simd(const scalar_t* x, scalar_t* y, int64_t width, const float* hi, const float* lo,
-                                const float* sc, const float* sh, bool folded, bool stream) {
-  normalize_span(x, y, width, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, folded, stream);
+// Channels-last: a span of `width` values, one coefficient per position: k holds hi, lo, sc, sh,
+// and after them (parallel_row_spans' kSplit) the same in split_even_odd's order.
+template <typename scalar_t, size_t N>
+inline void normalize_rows_simd(const scalar_t* x, scalar_t* y, int64_t width, const std::array<const float*, N>& k,
+                                bool folded, bool stream) {
+#ifndef BN_EXT_AVX512BF16
+  if constexpr (N == 8) {
+    normalize_span(x, y, width, PerLaneSplit{k[0], k[4]}, PerLaneSplit{k[1], k[5]}, PerLaneSplit{k[2], k[6]},
+                   PerLaneSplit{k[3], k[7]}, folded, stream);
+    return;
+  }
+#endif
+  normalize_span(x, y, width, PerLane{k[0]}, PerLane{k[1]}, PerLane{k[2]}, PerLane{k[3]}, folded, stream);
 }
 #endif  // BN_EXT_AVX2_INTRINSICS

@@ -52,7 +52,7 @@ inline void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
   return;
 #endif
 #ifndef BN_EXT_AVX512BF16
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<K, Broadcast>)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kSplitCoefficients<K>)
     i = grad_input_vectors<SplitBF16, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
 #endif
   i = grad_input_vectors<Lanes8, kTraining>(dy, x, dx, i, n, kd, kx, k0, hi, lo, folded, stream);
@@ -68,12 +68,20 @@ inline void grad_input_run_simd(const scalar_t* dy, const scalar_t* x, scalar_t*
                              hi == 0.0f && lo == 0.0f, stream);
 }
 
-template <typename scalar_t, bool kTraining>
-inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width, const float* kd,
-                                 const float* kx, const float* k0, const float* hi, const float* lo, bool folded,
-                                 bool stream) {
-  grad_input_span<kTraining>(dy, x, dx, width, PerLane{kd}, PerLane{kx}, PerLane{k0}, PerLane{hi}, PerLane{lo}, folded,
-                             stream);
+// k: kd, kx, k0, hi, lo, and after them the same in split_even_odd's order (as normalize_rows_simd)
+template <bool kTraining, typename scalar_t, size_t N>
+inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
+                                 const std::array<const float*, N>& k, bool folded, bool stream) {
+#ifndef BN_EXT_AVX512BF16
+  if constexpr (N == 10) {
+    grad_input_span<kTraining>(dy, x, dx, width, PerLaneSplit{k[0], k[5]}, PerLaneSplit{k[1], k[6]},
+                               PerLaneSplit{k[2], k[7]}, PerLaneSplit{k[3], k[8]}, PerLaneSplit{k[4], k[9]}, folded,
+                               stream);
+    return;
+  }
+#endif
+  grad_input_span<kTraining>(dy, x, dx, width, PerLane{k[0]}, PerLane{k[1]}, PerLane{k[2]}, PerLane{k[3]},
+                             PerLane{k[4]}, folded, stream);
 }
 
 #ifdef BN_EXT_AVX512BF16

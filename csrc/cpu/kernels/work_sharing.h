@@ -136,23 +136,46 @@ int64_t rows_per_span(int64_t C) {
   return whole * std::max<int64_t>(1, kSpanValues / (whole * std::max<int64_t>(1, C)));
 }
 
+// `a`'s first n values in the order of SplitBF16's vectors: each whole block of 16 as its eight
+// even positions, then its eight odd ones (the last n % 16 values are left out).
+template <typename T>
+std::vector<T> split_even_odd(const T* a, int64_t n) {
+  std::vector<T> s(n / 16 * 16);
+  for (int64_t b = 0; b + 16 <= n; b += 16) {
+    for (int64_t j = 0; j < 8; ++j) {
+      s[b + j] = a[b + 2 * j];
+      s[b + 8 + j] = a[b + 2 * j + 1];
+    }
+  }
+  return s;
+}
+
 // fn(offset, width, arrays) over a channels-last tensor, in parallel: each span of rows_per_span(C)
 // rows (width = rows * C values) in memory order, with the per-channel arrays tiled to the span's
 // width; then the last rows (fewer than a span) one by one with the arrays as given. One span per
 // call, in memory order: four spans a call (rows `width` apart), sharing each vector's
 // coefficient loads, read out of order and ran slower (docs/design.md, "Measurements").
-template <typename T, size_t K, typename Fn>
+// kSplit: `arrays` then holds 2 K pointers, the K arrays and after them each in
+// split_even_odd's order (the blocks within the last rows' C values are the same as the span's).
+template <typename T, size_t K, bool kSplit = false, typename Fn>
 void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn,
                         Sweep order = Sweep::kForward) {
+  constexpr size_t N = kSplit ? 2 * K : K;
   const int64_t rows = rows_per_span(g.C);
   const int64_t width = rows * g.C;
   std::array<std::vector<T>, K> tiled;
-  std::array<const T*, K> spans_arrays = arrays;
-  if (rows > 1) {
-    for (size_t k = 0; k < K; ++k) {
+  std::array<std::vector<T>, kSplit ? K : 0> split;
+  std::array<const T*, N> spans_arrays{}, rows_arrays{};
+  for (size_t k = 0; k < K; ++k) {
+    spans_arrays[k] = rows_arrays[k] = arrays[k];
+    if (rows > 1) {
       tiled[k].resize(width);
       for (int64_t r = 0; r < rows; ++r) std::copy(arrays[k], arrays[k] + g.C, tiled[k].begin() + r * g.C);
       spans_arrays[k] = tiled[k].data();
+    }
+    if constexpr (kSplit) {
+      split[k] = split_even_odd(spans_arrays[k], width);
+      spans_arrays[K + k] = rows_arrays[K + k] = split[k].data();
     }
   }
   const int64_t spans = g.rows() / rows;
@@ -164,5 +187,5 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
         for (int64_t r = p * grain; r < hi; ++r) fn(r * width, width, spans_arrays);
       },
       store_fence);
-  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, arrays);
+  for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, rows_arrays);
 }
