@@ -106,10 +106,10 @@ inline T normalized(T x, T hi, T lo, T sc, T sh) {
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 // The vector loops' share of a span (activation_vectors.h): whole vectors from position 0 on,
-// 16 wide first in the AVX-512 build, and in the AVX2 build's bfloat16 runs of one channel
-// (kOneChannel: Broadcast coefficients); float32 arithmetic only (double stays scalar). Returns
-// where the scalar loop takes over.
-template <typename scalar_t, bool kOneChannel, typename Fn>
+// 16 wide first in the AVX-512 build, and in the AVX2 build's bfloat16 spans whose coefficients
+// SplitBF16 can take (kSplitCoefs: Broadcast or PerLaneSplit); float32 arithmetic only (double
+// stays scalar). Returns where the scalar loop takes over.
+template <typename scalar_t, bool kSplitCoefs, typename Fn>
 inline int64_t vector_share(Fn&& fn) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     return 0;
@@ -118,23 +118,32 @@ inline int64_t vector_share(Fn&& fn) {
 #ifdef BN_EXT_AVX512BF16
     i = fn(ActOps16{}, i);
 #else
-    if constexpr (kOneChannel && std::is_same_v<scalar_t, c10::BFloat16>) i = fn(ActOpsSplit{}, i);
+    if constexpr (kSplitCoefs && std::is_same_v<scalar_t, c10::BFloat16>) i = fn(ActOpsSplit{}, i);
 #endif
     return fn(ActOps8{}, i);
   }
 }
 #endif
 
-template <typename scalar_t, Act A, bool kRes, typename T, int64_t kStep>
+// kSplit (kStep 1, the AVX2 build's bfloat16): `split` holds the four arrays in split_even_odd's
+// order, and the spans go 16 values at a time
+template <typename scalar_t, Act A, bool kRes, typename T, int64_t kStep, bool kSplit = false>
 inline void act_forward_span(const scalar_t* __restrict xs, const scalar_t* __restrict rs, scalar_t* __restrict ys,
-                             int64_t len, const T* hi, const T* lo, const T* sc, const T* sh, T slope, bool stream) {
+                             int64_t len, const T* hi, const T* lo, const T* sc, const T* sh, T slope, bool stream,
+                             const T* const* split = nullptr) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-  i = vector_share<scalar_t, (kStep == 0)>([&](auto ops, int64_t from) {
+  i = vector_share<scalar_t, (kStep == 0 || kSplit)>([&](auto ops, int64_t from) {
     using O = decltype(ops);
     if constexpr (kStep == 0) {
       return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc},
                                              Broadcast{*sh}, slope, stream);
+#ifndef BN_EXT_AVX512BF16
+    } else if constexpr (kSplit) {
+      return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, PerLaneSplit{hi, split[0]},
+                                             PerLaneSplit{lo, split[1]}, PerLaneSplit{sc, split[2]},
+                                             PerLaneSplit{sh, split[3]}, slope, stream);
+#endif
     } else {
       return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh},
                                              slope, stream);
@@ -166,13 +175,18 @@ void act_forward_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y, con
     return;
   }
   // spans of whole rows with the coefficients tiled to their width (rows of few channels)
-  parallel_row_spans<T, 4>(
-      g, {k.hi, k.lo, k.sc, k.sh},
-      [&](int64_t off, int64_t width, const auto& c) {
-        act_forward_span<scalar_t, A, kRes, T, 1>(x + off, kRes ? res + off : nullptr, y + off, width, c[0], c[1], c[2],
-                                                  c[3], k.slope, stream);
-      },
-      order);
+  auto span = [&](int64_t off, int64_t width, const auto& c) {
+    constexpr bool kSplit = std::tuple_size_v<std::decay_t<decltype(c)>> == 8;
+    act_forward_span<scalar_t, A, kRes, T, 1, kSplit>(x + off, kRes ? res + off : nullptr, y + off, width, c[0], c[1],
+                                                      c[2], c[3], k.slope, stream, kSplit ? c.data() + 4 : nullptr);
+  };
+#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    parallel_row_spans<T, 4, /*kSplit=*/true>(g, {k.hi, k.lo, k.sc, k.sh}, span, order);
+    return;
+  }
+#endif
+  parallel_row_spans<T, 4>(g, {k.hi, k.lo, k.sc, k.sh}, span, order);
 }
 
 // dz = dy * act'(z) and t = dz * (x - mean) of n elements of one channel.
