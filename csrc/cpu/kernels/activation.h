@@ -334,20 +334,31 @@ struct ActGradSums {
 // dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 (training; k_dy * dz in eval) and the
 // residual's gradient dz, over `len` elements whose coefficients are at index `step * i` of the
 // arrays (step 0: one channel's run; 1: a channels-last row). kDx, kDres: which are written.
-template <Act A, bool kRes, bool kTraining, bool kDx, bool kDres, int64_t kStep, typename scalar_t, typename T>
+// kSplit: as act_forward_span's, `split` holding the nine arrays in split_even_odd's order.
+template <Act A, bool kRes, bool kTraining, bool kDx, bool kDres, int64_t kStep, bool kSplit = false, typename scalar_t,
+          typename T>
 inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restrict x, const scalar_t* __restrict res,
                           scalar_t* __restrict dx, scalar_t* __restrict dres, int64_t len, const T* __restrict hi,
                           const T* __restrict lo, const T* __restrict sc, const T* __restrict sh,
                           const T* __restrict kdy, const T* __restrict kx, const T* __restrict k0,
-                          const T* __restrict mhi, const T* __restrict mlo, T slope, bool stream) {
+                          const T* __restrict mhi, const T* __restrict mlo, T slope, bool stream,
+                          const T* const* split = nullptr) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-  i = vector_share<scalar_t, (kStep == 0)>([&](auto ops, int64_t from) {
+  i = vector_share<scalar_t, (kStep == 0 || kSplit)>([&](auto ops, int64_t from) {
     using O = decltype(ops);
     if constexpr (kStep == 0) {
       return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
           dy, x, res, dx, dres, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc}, Broadcast{*sh},
           Broadcast{*kdy}, Broadcast{*kx}, Broadcast{*k0}, Broadcast{*mhi}, Broadcast{*mlo}, slope, stream);
+#ifndef BN_EXT_AVX512BF16
+    } else if constexpr (kSplit) {
+      return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
+          dy, x, res, dx, dres, from, len, PerLaneSplit{hi, split[0]}, PerLaneSplit{lo, split[1]},
+          PerLaneSplit{sc, split[2]}, PerLaneSplit{sh, split[3]}, PerLaneSplit{kdy, split[4]},
+          PerLaneSplit{kx, split[5]}, PerLaneSplit{k0, split[6]}, PerLaneSplit{mhi, split[7]},
+          PerLaneSplit{mlo, split[8]}, slope, stream);
+#endif
     } else {
       return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
           dy, x, res, dx, dres, from, len, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, PerLane{kdy},
@@ -388,14 +399,20 @@ void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* 
         Sweep::kBackward);
     return;
   }
-  parallel_row_spans<T, 9>(
-      g, {k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo},
-      [&](int64_t off, int64_t width, const auto& c) {
-        act_grad_span<A, kRes, kTraining, kDx, kDres, 1>(
-            dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
-            width, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], k.slope, stream);
-      },
-      Sweep::kBackward);
+  auto span = [&](int64_t off, int64_t width, const auto& c) {
+    constexpr bool kSplit = std::tuple_size_v<std::decay_t<decltype(c)>> == 18;
+    act_grad_span<A, kRes, kTraining, kDx, kDres, 1, kSplit>(
+        dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, width,
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], k.slope, stream, kSplit ? c.data() + 9 : nullptr);
+  };
+  const std::array<const T*, 9> arrays{k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo};
+#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    parallel_row_spans<T, 9, /*kSplit=*/true>(g, arrays, span, Sweep::kBackward);
+    return;
+  }
+#endif
+  parallel_row_spans<T, 9>(g, arrays, span, Sweep::kBackward);
 }
 
 // The input gradient (dx null: not asked for) and the residual's (dres null: none).
