@@ -113,3 +113,48 @@ def test_bfloat16_outputs_round_to_nearest_even_in_every_build(shape, layout, re
         torch.testing.assert_close(
             y, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m, build=build: f"{build}: {m}"
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [
+        ((2, 6, 9, 11), torch.channels_last),  # spans of 40 rows (240 values), 38 single rows
+        ((2, 40, 6, 9), torch.channels_last),  # spans of 6 rows; single rows of 2.5 blocks of 16
+        ((3, 100, 5, 7), torch.channels_last),  # spans of 8 rows, one single row
+        ((100, 37), None),  # (N, C) rows as channels-last spans
+        ((2, 24, 7, 9), None),  # NC(D)HW runs of 63 values
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("cl" if v is not None else "nchw"),
+)
+def test_fused_ops_give_the_baseline_bits_in_every_build(shape, fmt, dtype, restore_build):
+    """The fused ops' elementwise loops with given statistics compute the scalar loops' formulas
+    operation for operation, whatever their width (8, 16, bfloat16 as even and odd halves with the
+    per-position coefficients reordered to match): every build gives the baseline build's bits,
+    forward and backward, every activation, with and without a residual."""
+    builds = runnable_builds()
+    if len(builds) < 2:
+        pytest.skip("this CPU runs one build only")
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean, var = x.double().mean(dims), x.double().var(dims, unbiased=False)
+    res, dy = torch.randn_like(x), torch.randn_like(x)
+    runs = {}
+    for build in builds:
+        bn_ext._C._use_cpu_kernels(build)
+        out = []
+        for act, r in (("relu", res), ("relu6", None), ("leaky_relu", res), ("silu", None), ("identity", res)):
+            mask = [True, True, True, r is not None]
+            out.append(ops.batch_norm_act(x, w, b, r, mean, var, 1e-5, act, 0.2))
+            for training in (True, False):
+                out += ops.batch_norm_act_backward(dy, x, w, b, r, mean, var, 1e-5, training, act, 0.2, mask)
+        runs[build] = out
+    for build in builds[1:]:
+        for i, (p, q) in enumerate(zip(runs["default"], runs[build], strict=True)):
+            assert p.stride() == q.stride()
+            assert torch.equal(p, q), f"{build} differs from the baseline build in output {i}"
