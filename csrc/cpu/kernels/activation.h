@@ -180,13 +180,7 @@ void act_forward_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y, con
     act_forward_span<scalar_t, A, kRes, T, 1, kSplit>(x + off, kRes ? res + off : nullptr, y + off, width, c[0], c[1],
                                                       c[2], c[3], k.slope, stream, kSplit ? c.data() + 4 : nullptr);
   };
-#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    parallel_row_spans<T, 4, /*kSplit=*/true>(g, {k.hi, k.lo, k.sc, k.sh}, span, order);
-    return;
-  }
-#endif
-  parallel_row_spans<T, 4>(g, {k.hi, k.lo, k.sc, k.sh}, span, order);
+  parallel_row_spans_of<scalar_t, T, 4>(g, {k.hi, k.lo, k.sc, k.sh}, span, order);
 }
 
 // dz = dy * act'(z) and t = dz * (x - mean) of n elements of one channel.
@@ -405,14 +399,7 @@ void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* 
         dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, width,
         c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], k.slope, stream, kSplit ? c.data() + 9 : nullptr);
   };
-  const std::array<const T*, 9> arrays{k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo};
-#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    parallel_row_spans<T, 9, /*kSplit=*/true>(g, arrays, span, Sweep::kBackward);
-    return;
-  }
-#endif
-  parallel_row_spans<T, 9>(g, arrays, span, Sweep::kBackward);
+  parallel_row_spans_of<scalar_t, T, 9>(g, {k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo}, span, Sweep::kBackward);
 }
 
 // The input gradient (dx null: not asked for) and the residual's (dres null: none).

@@ -64,13 +64,7 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
     auto span = [&](int64_t off, int64_t width, const auto& c) {
       grad_input_rows_simd<kTraining>(dy + off, x + off, dx + off, width, c, folded, stream);
     };
-#ifndef BN_EXT_AVX512BF16
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      parallel_row_spans<opmath_t, 5, /*kSplit=*/true>(g, {kd, kx, k0, hi, lo}, span, order);
-      return;
-    }
-#endif
-    parallel_row_spans<opmath_t, 5>(g, {kd, kx, k0, hi, lo}, span, order);
+    parallel_row_spans_of<scalar_t, opmath_t, 5>(g, {kd, kx, k0, hi, lo}, span, order);
     return;
   }
 #endif

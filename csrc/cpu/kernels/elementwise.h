@@ -80,13 +80,7 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
     auto span = [&](int64_t off, int64_t width, const auto& k) {
       normalize_rows_simd(x + off, y + off, width, k, folded, stream);
     };
-#ifndef BN_EXT_AVX512BF16
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      parallel_row_spans<opmath_t, 4, /*kSplit=*/true>(g, {hi, lo, sc, sh}, span, order);
-      return;
-    }
-#endif
-    parallel_row_spans<opmath_t, 4>(g, {hi, lo, sc, sh}, span, order);
+    parallel_row_spans_of<scalar_t, opmath_t, 4>(g, {hi, lo, sc, sh}, span, order);
     return;
   }
 #endif

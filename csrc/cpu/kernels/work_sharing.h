@@ -189,3 +189,15 @@ void parallel_row_spans(const Geometry& g, const std::array<const T*, K>& arrays
       store_fence);
   for (int64_t off = spans * width; off < g.numel(); off += g.C) fn(off, g.C, rows_arrays);
 }
+
+// parallel_row_spans for spans of scalar_t values, with the arrays also in split_even_odd's order
+// where its loops take them: the AVX2 build's bfloat16 (SplitBF16).
+template <typename scalar_t, typename T, size_t K, typename Fn>
+void parallel_row_spans_of(const Geometry& g, const std::array<const T*, K>& arrays, Fn&& fn, Sweep order) {
+#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
+  constexpr bool kSplit = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  constexpr bool kSplit = false;
+#endif
+  parallel_row_spans<T, K, kSplit>(g, arrays, std::forward<Fn>(fn), order);
+}
