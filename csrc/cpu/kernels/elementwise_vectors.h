@@ -94,11 +94,13 @@ struct SplitBF16 {
     load16_split(p, v.even, v.odd);
     return v;
   }
-  static void store(c10::BFloat16* p, vec v) {
+  // always inlined: GCC left store_out a call per 16 values in the pipelined training forward of
+  // (4, 8, 32, 32, 32), a fifth of its time
+  [[gnu::always_inline]] static void store(c10::BFloat16* p, vec v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_joined(v.even, v.odd));
   }
   // sixteen bfloat16 values fill half a cache line: streamed where aligned for it
-  static void store_out(c10::BFloat16* p, vec v, bool stream) {
+  [[gnu::always_inline]] static void store_out(c10::BFloat16* p, vec v, bool stream) {
     if (stream && aligned_to(p, 32)) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_joined(v.even, v.odd));
     } else {
