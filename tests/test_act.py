@@ -179,6 +179,22 @@ def test_functional_matches_module():
     torch.testing.assert_close(z, F.silu(F.batch_norm(x, rm, rv, w, b, False) + r))
 
 
+def test_silu_against_float64_over_the_exponent_range():
+    # z = x exactly (mean 0, var 1, eps 0), over the whole range exp_basic takes before its clamps
+    z = torch.cat([torch.linspace(-87, 87, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 88.0, -88.0])])
+    x = z.reshape(1, 1, -1)
+    one, zero = torch.ones(1), torch.zeros(1)
+    y = ops.batch_norm_act(x, one, zero, None, zero, one, 0.0, "silu", 0.0)
+    torch.testing.assert_close(y.double(), F.silu(x.double()), rtol=4e-7, atol=1e-37)  # 3.4 float32 ulps
+    # eval backward: dx = dy * silu'(z); float32's 1 - sigmoid(z) costs absolute accuracy near z = 17
+    dx = ops.batch_norm_act_backward(
+        torch.ones_like(x), x, one, zero, None, zero, one, 0.0, False, "silu", 0.0, [True, False, False, False]
+    )[0]
+    xd = x.double().requires_grad_()
+    F.silu(xd).sum().backward()
+    torch.testing.assert_close(dx.double(), xd.grad, rtol=1e-6, atol=2e-6)
+
+
 def test_bad_residual_and_buffers_leave_state_untouched():
     m = bn_ext.BatchNormAct2d(3)
     m(torch.randn(4, 3, 2, 2))

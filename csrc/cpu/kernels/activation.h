@@ -8,28 +8,29 @@
 // for its instruction set; with -ffp-contract=off the vector body and the scalar tail compute
 // the same bits, so results do not depend on where a thread's range starts.
 
-// e^v from additions, multiplications, conversions and a bit pattern only: no libm call (expf and
-// floor are calls in these loops, which stops their vectorisation, and a vectorised expf could
-// round differently from the scalar one). 2^n * e^r, n = v / ln 2 rounded to nearest, |r| <= ln 2
-// / 2, e^r by its Taylor series to r^7 (truncation below 2^-26 relative). v is clamped to
-// [-87, 88], where 2^n stays a normal float; NaN maps into the range too (the callers' other
-// operand carries it on).
+// e^v from additions, multiplications and bit patterns only: no libm call (expf and floor are
+// calls in these loops, which stops their vectorisation, and a vectorised expf could round
+// differently from the scalar one). 2^n * e^r, n = v / ln 2 rounded to nearest, |r| <= ln 2 / 2,
+// e^r by its Taylor series to r^7 (truncation below 2^-26 relative). v is clamped to [-87, 88],
+// where 2^n stays a normal float; NaN maps into the range too (the callers' other operand carries
+// it on). SiLU's passes wait on this chain, so it is kept short: n by adding and subtracting
+// 1.5 * 2^23 (the sum's low bits are n, giving 2^n's exponent without a conversion), the
+// polynomial by Estrin's scheme (four independent pairs) rather than Horner's.
 inline float exp_basic(float v) {
   float k = v > -87.0f ? v : -87.0f;
   k = k < 88.0f ? k : 88.0f;
-  const float t = k * 1.44269504088896341f;
-  const float n = static_cast<float>(static_cast<int32_t>(t + (t < 0.0f ? -0.5f : 0.5f)));
+  const float f = k * 1.44269504088896341f + kRoundToInt;
+  const float n = f - kRoundToInt;
   // ln 2 split in two so that n * ln2_hi is exact
   const float r = (k - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float r2 = r * r;
+  const float r4 = r2 * r2;
+  const float p01 = 1.0f + r;
+  const float p23 = 0.5f + r * (1.0f / 6.0f);
+  const float p45 = 1.0f / 24.0f + r * (1.0f / 120.0f);
+  const float p67 = 1.0f / 720.0f + r * (1.0f / 5040.0f);
+  const float p = (p01 + r2 * p23) + r4 * (p45 + r2 * p67);
+  const uint32_t bits = (std::bit_cast<uint32_t>(f) + 127u) << 23;
   return p * std::bit_cast<float>(bits);
 }
 inline double exp_basic(double v) { return std::exp(v); }

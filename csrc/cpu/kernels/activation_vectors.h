@@ -5,10 +5,13 @@
 // depends on where a thread's range starts. Lanes8's compiler-vectorised counterparts ran at a
 // third of the plain BatchNorm loops' speed (bfloat16 loads and stores, the selects).
 
+// 1.5 * 2^23: adding it rounds a float of magnitude below 2^22 to an integer (exp_basic).
+constexpr float kRoundToInt = 12582912.0f;
+
 #ifdef BN_EXT_AVX2_INTRINSICS
 
-// What the activations need beyond Lanes8/Lanes16: ordered comparisons, selects, and the bits of
-// exp_basic's 2^n.
+// What the activations need beyond Lanes8/Lanes16: ordered comparisons, selects, exp_basic's
+// clamps (max and min return their second operand for NaN, as its comparisons do) and its 2^n.
 struct ActOps8 {
   using L = Lanes8;
   using vec = __m256;
@@ -20,11 +23,11 @@ struct ActOps8 {
   static vec select(mask m, vec a, vec b) { return _mm256_blendv_ps(b, a, m); }  // m ? a : b
   static vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
   static vec neg(vec a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
-  // n = float(int(t)) (truncation) and 2^int(t) as a float's bit pattern
-  static void trunc_pow2(vec t, vec& n, vec& pow2) {
-    const __m256i i = _mm256_cvttps_epi32(t);
-    n = _mm256_cvtepi32_ps(i);
-    pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(127)), 23));
+  static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static vec min(vec a, vec b) { return _mm256_min_ps(a, b); }
+  // 2^n from f = n + kRoundToInt (n in f's low bits)
+  static vec pow2_of_rounded(vec f) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(f), _mm256_set1_epi32(127)), 23));
   }
 };
 #ifndef BN_EXT_AVX512BF16
@@ -46,10 +49,9 @@ struct ActOpsSplit {
   }
   static vec div(vec a, vec b) { return each(a, b, ActOps8::div); }
   static vec neg(vec a) { return {ActOps8::neg(a.even), ActOps8::neg(a.odd)}; }
-  static void trunc_pow2(vec t, vec& n, vec& pow2) {
-    ActOps8::trunc_pow2(t.even, n.even, pow2.even);
-    ActOps8::trunc_pow2(t.odd, n.odd, pow2.odd);
-  }
+  static vec max(vec a, vec b) { return each(a, b, ActOps8::max); }
+  static vec min(vec a, vec b) { return each(a, b, ActOps8::min); }
+  static vec pow2_of_rounded(vec f) { return {ActOps8::pow2_of_rounded(f.even), ActOps8::pow2_of_rounded(f.odd)}; }
 };
 #endif
 #ifdef BN_EXT_AVX512BF16
@@ -66,10 +68,10 @@ struct ActOps16 {
   static vec neg(vec a) {
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
   }
-  static void trunc_pow2(vec t, vec& n, vec& pow2) {
-    const __m512i i = _mm512_cvttps_epi32(t);
-    n = _mm512_cvtepi32_ps(i);
-    pow2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(i, _mm512_set1_epi32(127)), 23));
+  static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static vec min(vec a, vec b) { return _mm512_min_ps(a, b); }
+  static vec pow2_of_rounded(vec f) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(127)), 23));
   }
 };
 #endif
@@ -79,23 +81,18 @@ template <typename O>
 inline typename O::vec exp_basic_vec(typename O::vec v) {
   using L = typename O::L;
   using vec = typename O::vec;
-  const vec lo = L::coef(-87.0f), hi = L::coef(88.0f);
-  vec k = O::select(O::gt(v, lo), v, lo);
-  k = O::select(O::lt(k, hi), k, hi);
-  const vec t = L::mul(k, L::coef(1.44269504088896341f));
-  const vec half = O::select(O::lt(t, O::zero()), L::coef(-0.5f), L::coef(0.5f));
-  vec n, pow2;
-  O::trunc_pow2(L::add(t, half), n, pow2);
+  const vec k = O::min(O::max(v, L::coef(-87.0f)), L::coef(88.0f));
+  const vec f = L::add(L::mul(k, L::coef(1.44269504088896341f)), L::coef(kRoundToInt));
+  const vec n = L::sub(f, L::coef(kRoundToInt));
   const vec r = L::add(L::sub(k, L::mul(n, L::coef(0.693359375f))), L::mul(n, L::coef(2.12194440e-4f)));
-  vec p = L::coef(1.0f / 5040.0f);
-  p = L::add(L::mul(p, r), L::coef(1.0f / 720.0f));
-  p = L::add(L::mul(p, r), L::coef(1.0f / 120.0f));
-  p = L::add(L::mul(p, r), L::coef(1.0f / 24.0f));
-  p = L::add(L::mul(p, r), L::coef(1.0f / 6.0f));
-  p = L::add(L::mul(p, r), L::coef(0.5f));
-  p = L::add(L::mul(p, r), L::coef(1.0f));
-  p = L::add(L::mul(p, r), L::coef(1.0f));
-  return L::mul(p, pow2);
+  const vec r2 = L::mul(r, r);
+  const vec r4 = L::mul(r2, r2);
+  const vec p01 = L::add(L::coef(1.0f), r);
+  const vec p23 = L::add(L::coef(0.5f), L::mul(r, L::coef(1.0f / 6.0f)));
+  const vec p45 = L::add(L::coef(1.0f / 24.0f), L::mul(r, L::coef(1.0f / 120.0f)));
+  const vec p67 = L::add(L::coef(1.0f / 720.0f), L::mul(r, L::coef(1.0f / 5040.0f)));
+  const vec p = L::add(L::add(p01, L::mul(r2, p23)), L::mul(r4, L::add(p45, L::mul(r2, p67))));
+  return L::mul(p, O::pow2_of_rounded(f));
 }
 
 // activate<A>, lane by lane.
