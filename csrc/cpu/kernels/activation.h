@@ -288,30 +288,50 @@ struct ActGradSums {
         for (int64_t c = c0; c < c1; ++c) add(r * C + c, c % C0, a + c, b + c);
       return;
     }
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* __restrict dys = dy + r * C;
-      const scalar_t* __restrict xs = x + r * C;
-      const scalar_t* __restrict rs = kRes ? res + r * C : nullptr;
-      opmath_t* ks = keep != nullptr ? keep + r * C : nullptr;
-      int64_t c = c0;
+    if constexpr (std::is_same_v<opmath_t, double>) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) add(r * C + c, c, a + c, b + c);
+    } else {
+      const int64_t n = c1 - c0;
+      std::vector<opmath_t> buf(3 * n);
+      opmath_t *mt = buf.data(), *sa = mt + n, *sb = sa + n;
+      for (int64_t j = 0; j < n; ++j) mt[j] = static_cast<opmath_t>(mean[c0 + j]);
+      for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+        std::fill(sa, sb + n, opmath_t(0));
+        for (int64_t r = g0; r < std::min(r1, g0 + kRowGroup); ++r) row_terms(r * C + c0, c0, n, mt, sa, sb);
+        for (int64_t j = 0; j < n; ++j) {
+          const double da = static_cast<double>(sa[j]);
+          a[c0 + j] += da;
+          b[c0 + j] += static_cast<double>(sb[j]) - (mean[c0 + j] - static_cast<double>(mt[j])) * da;
+        }
+      }
+    }
+  }
+  // Channels-last rows go into float32 sums per channel, a group of rows at a time (8 terms a
+  // channel, as the plain reductions' chunks), then into the float64 ones with the rounding of the
+  // mean (mt) put back: a float64 read-modify-write per value held this loop. Rows in memory order.
+  static constexpr int64_t kRowGroup = 8;
+  // One row's n values from flat offset o (channels c0 on): sa += dz, sb += dz * (x - mt).
+  void row_terms(int64_t o, int64_t c0, int64_t n, const opmath_t* mt, opmath_t* __restrict sa,
+                 opmath_t* __restrict sb) const {
+    const scalar_t* __restrict dys = dy + o;
+    const scalar_t* __restrict xs = x + o;
+    const scalar_t* __restrict rs = kRes ? res + o : nullptr;
+    opmath_t* ks = keep != nullptr ? keep + o : nullptr;
+    const opmath_t *hi = k.hi + c0, *lo = k.lo + c0, *sc = k.sc + c0, *sh = k.sh + c0;
+    int64_t j = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<opmath_t, double>) {
-        c = ks != nullptr
-                ? act_grad_row_sums<A, kRes, true>(dys, xs, rs, c0, c1, k.hi, k.lo, k.sc, k.sh, k.slope, mean, a, b, ks)
-                : act_grad_row_sums<A, kRes, false>(dys, xs, rs, c0, c1, k.hi, k.lo, k.sc, k.sh, k.slope, mean, a, b,
-                                                    nullptr);
-      }
+    j = ks != nullptr ? act_grad_row_sums<A, kRes, true>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, sa, sb, ks)
+                      : act_grad_row_sums<A, kRes, false>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, sa, sb, nullptr);
 #endif
-      for (; c < c1; ++c) {
-        const opmath_t xv = load_value<opmath_t>(xs[c]);
-        opmath_t z = normalized(xv, k.hi[c], k.lo[c], k.sc[c], k.sh[c]);
-        if constexpr (kRes) z += load_value<opmath_t>(rs[c]);
-        const opmath_t dz = act_grad<A>(load_value<opmath_t>(dys[c]), z, k.slope);
-        if (ks != nullptr) ks[c] = dz;
-        const double d = static_cast<double>(dz);
-        a[c] += d;
-        b[c] += d * (static_cast<double>(xv) - mean[c]);
-      }
+    for (; j < n; ++j) {
+      const opmath_t xv = load_value<opmath_t>(xs[j]);
+      opmath_t z = normalized(xv, hi[j], lo[j], sc[j], sh[j]);
+      if constexpr (kRes) z += load_value<opmath_t>(rs[j]);
+      const opmath_t dz = act_grad<A>(load_value<opmath_t>(dys[j]), z, k.slope);
+      if (ks != nullptr) ks[j] = dz;
+      sa[j] += dz;
+      sb[j] += dz * (xv - mt[j]);
     }
   }
   void add(int64_t i, int64_t ch, double* a, double* b) const {

@@ -225,30 +225,25 @@ inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* 
   return i;
 }
 
-// ActGradSums::rows over one channels-last row: a[c] += dz, b[c] += dz * (x - mean[c]) in float64
-// for positions [c0, c1), as the scalar loop does, four channels at a time; returns where it
-// stopped. kKeep: each dz is also stored to keep[c].
+// ActGradSums::group's loop over one channels-last row, channels [0, n) of a span: sa[c] += dz,
+// sb[c] += dz * (x - mt[c]) in float32, eight channels at a time as the scalar loop does; returns
+// where it stopped. kKeep: each dz is also stored to keep[c].
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
-inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t c0, int64_t c1,
-                                 const float* hi, const float* lo, const float* sc, const float* sh, float slope,
-                                 const double* mean, double* a, double* b, float* keep) {
+inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, const float* hi,
+                                 const float* lo, const float* sc, const float* sh, float slope, const float* mt,
+                                 float* sa, float* sb, float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
   const __m256 s = L::coef(slope);
-  int64_t c = c0;
-  for (; c + 8 <= c1; c += 8) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
     __m256 xv;
     const __m256 z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, xv);
     const __m256 dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
     if constexpr (kKeep) _mm256_storeu_ps(keep + c, dz);
-    const __m256d d0 = lo4(dz), d1 = hi4(dz);
-    _mm256_storeu_pd(a + c, _mm256_add_pd(_mm256_loadu_pd(a + c), d0));
-    _mm256_storeu_pd(a + c + 4, _mm256_add_pd(_mm256_loadu_pd(a + c + 4), d1));
-    const __m256d x0 = _mm256_sub_pd(lo4(xv), _mm256_loadu_pd(mean + c));
-    const __m256d x1 = _mm256_sub_pd(hi4(xv), _mm256_loadu_pd(mean + c + 4));
-    _mm256_storeu_pd(b + c, _mm256_add_pd(_mm256_loadu_pd(b + c), _mm256_mul_pd(d0, x0)));
-    _mm256_storeu_pd(b + c + 4, _mm256_add_pd(_mm256_loadu_pd(b + c + 4), _mm256_mul_pd(d1, x1)));
+    _mm256_storeu_ps(sa + c, L::add(_mm256_loadu_ps(sa + c), dz));
+    _mm256_storeu_ps(sb + c, L::add(_mm256_loadu_ps(sb + c), L::mul(dz, L::sub(xv, _mm256_loadu_ps(mt + c)))));
   }
   return c;
 }
