@@ -195,6 +195,24 @@ def test_silu_against_float64_over_the_exponent_range():
     torch.testing.assert_close(dx.double(), xd.grad, rtol=1e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTS)
+def test_special_values_pass_through_each_activation(activation, dtype):
+    # NaN, infinities, signed zeros and the kinks, in the vector loops (the first 32 values) and
+    # in the scalar tail (the last 3): the same bits for the same value wherever it falls
+    special = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 6.0, 7.0, -3.0]
+    vals = torch.tensor([special[i % len(special)] for i in range(32)] + [float("nan"), -0.0, 6.0], dtype=dtype)
+    x = vals.reshape(1, 1, -1)
+    one, zero = torch.ones(1), torch.zeros(1)
+    y = ops.batch_norm_act(x, one, zero, None, zero.double(), one.double(), 0.0, activation, 0.2).reshape(-1)
+    torch.testing.assert_close(y.float(), torch_act(vals.float(), activation, 0.2).to(dtype).float(), equal_nan=True)
+    bits = y.view(torch.int16) if dtype == torch.bfloat16 else y.view(torch.int32)
+    for i in range(32, 35):
+        for j in range(32):
+            if torch.equal(vals[i : i + 1], vals[j : j + 1]) or (vals[i].isnan() and vals[j].isnan()):
+                assert bits[i] == bits[j], (activation, vals[i].item(), y[i].item(), y[j].item())
+
+
 def test_bad_residual_and_buffers_leave_state_untouched():
     m = bn_ext.BatchNormAct2d(3)
     m(torch.randn(4, 3, 2, 2))

@@ -11,14 +11,16 @@
 // e^v from additions, multiplications and bit patterns only: no libm call (expf and floor are
 // calls in these loops, which stops their vectorisation, and a vectorised expf could round
 // differently from the scalar one). 2^n * e^r, n = v / ln 2 rounded to nearest, |r| <= ln 2 / 2,
-// e^r by its Taylor series to r^7 (truncation below 2^-26 relative). v is clamped to [-87, 88],
-// where 2^n stays a normal float; NaN maps into the range too (the callers' other operand carries
-// it on). SiLU's passes wait on this chain, so it is kept short: n by adding and subtracting
-// 1.5 * 2^23 (the sum's low bits are n, giving 2^n's exponent without a conversion), the
-// polynomial by Estrin's scheme (four independent pairs) rather than Horner's.
+// e^r by its Taylor series to r^7 (truncation below 2^-26 relative). v is clamped to [-87, 89]:
+// 2^n stays a normal float up to v = 88.38, and from there n = 128 makes it (and the result)
+// +inf, as e^v itself is from 88.72 on; so SiLU's -inf gives torch's NaN (-inf / inf), not -inf.
+// NaN maps into the range (the callers' other operand carries it on). SiLU's passes wait on this
+// chain, so it is kept short: n by adding and subtracting 1.5 * 2^23 (the sum's low bits are n,
+// giving 2^n's exponent without a conversion), the polynomial by Estrin's scheme (four
+// independent pairs) rather than Horner's.
 inline float exp_basic(float v) {
   float k = v > -87.0f ? v : -87.0f;
-  k = k < 88.0f ? k : 88.0f;
+  k = k < 89.0f ? k : 89.0f;
   const float f = k * 1.44269504088896341f + kRoundToInt;
   const float n = f - kRoundToInt;
   // ln 2 split in two so that n * ln2_hi is exact

@@ -81,7 +81,7 @@ template <typename O>
 inline typename O::vec exp_basic_vec(typename O::vec v) {
   using L = typename O::L;
   using vec = typename O::vec;
-  const vec k = O::min(O::max(v, L::coef(-87.0f)), L::coef(88.0f));
+  const vec k = O::min(O::max(v, L::coef(-87.0f)), L::coef(89.0f));
   const vec f = L::add(L::mul(k, L::coef(1.44269504088896341f)), L::coef(kRoundToInt));
   const vec n = L::sub(f, L::coef(kRoundToInt));
   const vec r = L::add(L::sub(k, L::mul(n, L::coef(0.693359375f))), L::mul(n, L::coef(2.12194440e-4f)));
