@@ -517,6 +517,47 @@ void dx_from_kept_kernel(const at::opmath_type<scalar_t>* kept, const scalar_t* 
   }
 }
 
+#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
+// The AVX2 build's fused training forward over channels that go one at a time, pipelined as the
+// plain one is (pipelined_channels): a channel's statistics, and between their chunks the
+// elementwise pass of the channel before over the same span; the same bits as the channel groups'
+// passes. Not SiLU, whose pass is bound by its arithmetic rather than by memory.
+template <typename scalar_t, Act A, bool kRes>
+void act_train_pipelined(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g,
+                         const std::vector<double>& weight, const std::vector<double>& bias, double eps, float slope,
+                         std::vector<double>& mean, std::vector<double>& var, bool stream) {
+  std::vector<double> shift(g.C);
+  std::vector<ForwardCoeffs<float>> k(g.C);
+  const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
+  const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
+  auto pass = [&](int64_t c, int64_t off, int64_t len) {
+    const ForwardCoeffs<float>& kc = k[c];
+    act_forward_span<scalar_t, A, kRes, float, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &kc.mean_hi,
+                                                  &kc.mean_lo, &kc.scale, &kc.shift, slope, stream);
+  };
+  pipelined_channels(
+      g,
+      [&](int64_t prev, int64_t c) {
+        shift[c] = channel_shift(x, g, c);
+        double s1, s2;
+        if (prev < 0) {
+          channel_total(sum, g, c, &s1, &s2);
+        } else {
+          const int64_t back = (prev - c) * g.S;  // from channel c's element to prev's at the same (n, s)
+          channel_total(sum, g, c, &s1, &s2, [&](int64_t off, int64_t len, LaneSums& acc) {
+            shifted_sums_run_simd(x + off, len, shift[c], acc,
+                                  [&](int64_t j, int64_t n) { pass(prev, off + back + j, n); });
+          });
+        }
+        finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
+        k[c] = forward_coeffs<float>(mean[c], var[c], weight[c], bias[c], eps);
+      },
+      [&](int64_t c) {
+        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { pass(c, off, len); });
+      });
+}
+#endif
+
 // The fused op's training passes per channel group (NC(D)HW with per_channel(g)), as
 // train_per_channel and backward_per_channel do for the plain BatchNorm: a group's sums, then
 // its elementwise pass while its values are still in cache. Bitwise what the whole-tensor passes
@@ -528,6 +569,14 @@ void act_train_per_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, 
                            bool stream) {
   using T = at::opmath_type<scalar_t>;
   const int64_t group = channel_group(g, (kRes ? 2 : 1) * sizeof(scalar_t));
+#if defined(BN_EXT_AVX2_INTRINSICS) && !defined(BN_EXT_AVX512BF16)
+  if constexpr (!std::is_same_v<scalar_t, double> && A != Act::kSilu) {
+    if (group == 1) {
+      act_train_pipelined<scalar_t, A, kRes>(x, res, y, g, weight, bias, eps, slope, mean, var, stream);
+      return;
+    }
+  }
+#endif
   train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t off, int64_t len, const auto& k) {
     act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &k.mean_hi, &k.mean_lo,
                                               &k.scale, &k.shift, slope, stream);
