@@ -142,8 +142,8 @@ void act_forward(const Tensor& x, const Tensor& res, const Tensor& y, const Geom
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const Affine<opmath_t> a(mean, var, weight, bias, eps);
-    const PreAct<opmath_t> k{a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(),
-                             static_cast<opmath_t>(slope)};
+    const PreAct<opmath_t> k{
+        a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(), static_cast<opmath_t>(slope), a.folded()};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const bool stream = stream_output(g, res.defined() ? 3 : 2, sizeof(scalar_t));  // x (, residual), y
@@ -195,8 +195,8 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const Affine<opmath_t> a(mean, var, weight, bias, eps);
-    const PreAct<opmath_t> k{a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(),
-                             static_cast<opmath_t>(slope)};
+    const PreAct<opmath_t> k{
+        a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(), static_cast<opmath_t>(slope), a.folded()};
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;

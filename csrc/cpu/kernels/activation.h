@@ -100,6 +100,7 @@ template <typename opmath_t>
 struct PreAct {
   const opmath_t *hi, *lo, *sc, *sh;
   opmath_t slope;
+  bool folded = false;  // hi and lo all zero (every channel's mean folded into sh)
 };
 
 template <typename T>
@@ -133,23 +134,25 @@ inline int64_t vector_share(Fn&& fn) {
 template <typename scalar_t, Act A, bool kRes, typename T, int64_t kStep, bool kSplit = false>
 inline void act_forward_span(const scalar_t* __restrict xs, const scalar_t* __restrict rs, scalar_t* __restrict ys,
                              int64_t len, const T* hi, const T* lo, const T* sc, const T* sh, T slope, bool stream,
-                             const T* const* split = nullptr) {
+                             const T* const* split = nullptr, bool rows_folded = false) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
+  // rows_folded: the caller's word for a span's positions; a run has one mean
+  const bool folded = kStep == 0 ? *hi == T(0) && *lo == T(0) : rows_folded;
   i = vector_share<scalar_t, (kStep == 0 || kSplit)>([&](auto ops, int64_t from) {
     using O = decltype(ops);
     if constexpr (kStep == 0) {
       return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc},
-                                             Broadcast{*sh}, slope, stream);
+                                             Broadcast{*sh}, slope, folded, stream);
 #ifndef BN_EXT_AVX512BF16
     } else if constexpr (kSplit) {
       return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, PerLaneSplit{hi, split[0]},
                                              PerLaneSplit{lo, split[1]}, PerLaneSplit{sc, split[2]},
-                                             PerLaneSplit{sh, split[3]}, slope, stream);
+                                             PerLaneSplit{sh, split[3]}, slope, folded, stream);
 #endif
     } else {
       return act_forward_vectors<O, A, kRes>(xs, rs, ys, from, len, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh},
-                                             slope, stream);
+                                             slope, folded, stream);
     }
   });
 #endif
@@ -181,7 +184,8 @@ void act_forward_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y, con
   auto span = [&](int64_t off, int64_t width, const auto& c) {
     constexpr bool kSplit = std::tuple_size_v<std::decay_t<decltype(c)>> == 8;
     act_forward_span<scalar_t, A, kRes, T, 1, kSplit>(x + off, kRes ? res + off : nullptr, y + off, width, c[0], c[1],
-                                                      c[2], c[3], k.slope, stream, kSplit ? c.data() + 4 : nullptr);
+                                                      c[2], c[3], k.slope, stream, kSplit ? c.data() + 4 : nullptr,
+                                                      k.folded);
   };
   parallel_row_spans_of<scalar_t, T, 4>(g, {k.hi, k.lo, k.sc, k.sh}, span, order);
 }
@@ -244,7 +248,8 @@ struct ActGradSums {
       int64_t v = 0;  // values [0, v) summed by the vector loop (whole vectors of 8)
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<opmath_t, double>)
-        v = act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt, a8, b8,
+        v = act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt,
+                                           k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0), a8, b8,
                                            kKeep ? keep + s0 : nullptr);
 #endif
       // the rest: terms into the buffers (index i - v), whole groups of 8 into the lanes as the
@@ -323,8 +328,9 @@ struct ActGradSums {
     const opmath_t *hi = k.hi + c0, *lo = k.lo + c0, *sc = k.sc + c0, *sh = k.sh + c0;
     int64_t j = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-    j = ks != nullptr ? act_grad_row_sums<A, kRes, true>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, sa, sb, ks)
-                      : act_grad_row_sums<A, kRes, false>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, sa, sb, nullptr);
+    j = ks != nullptr
+            ? act_grad_row_sums<A, kRes, true>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, k.folded, mt, sa, sb, ks)
+            : act_grad_row_sums<A, kRes, false>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, k.folded, mt, sa, sb, nullptr);
 #endif
     for (; j < n; ++j) {
       const opmath_t xv = load_value<opmath_t>(xs[j]);
@@ -359,27 +365,29 @@ inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restr
                           const T* __restrict lo, const T* __restrict sc, const T* __restrict sh,
                           const T* __restrict kdy, const T* __restrict kx, const T* __restrict k0,
                           const T* __restrict mhi, const T* __restrict mlo, T slope, bool stream,
-                          const T* const* split = nullptr) {
+                          const T* const* split = nullptr, bool rows_folded = false) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
+  // as act_forward_span's, for both means (the forward's hi, lo and the backward's mhi, mlo)
+  const bool folded = kStep == 0 ? *hi == T(0) && *lo == T(0) && *mhi == T(0) && *mlo == T(0) : rows_folded;
   i = vector_share<scalar_t, (kStep == 0 || kSplit)>([&](auto ops, int64_t from) {
     using O = decltype(ops);
     if constexpr (kStep == 0) {
       return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
           dy, x, res, dx, dres, from, len, Broadcast{*hi}, Broadcast{*lo}, Broadcast{*sc}, Broadcast{*sh},
-          Broadcast{*kdy}, Broadcast{*kx}, Broadcast{*k0}, Broadcast{*mhi}, Broadcast{*mlo}, slope, stream);
+          Broadcast{*kdy}, Broadcast{*kx}, Broadcast{*k0}, Broadcast{*mhi}, Broadcast{*mlo}, slope, folded, stream);
 #ifndef BN_EXT_AVX512BF16
     } else if constexpr (kSplit) {
       return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
           dy, x, res, dx, dres, from, len, PerLaneSplit{hi, split[0]}, PerLaneSplit{lo, split[1]},
           PerLaneSplit{sc, split[2]}, PerLaneSplit{sh, split[3]}, PerLaneSplit{kdy, split[4]},
           PerLaneSplit{kx, split[5]}, PerLaneSplit{k0, split[6]}, PerLaneSplit{mhi, split[7]},
-          PerLaneSplit{mlo, split[8]}, slope, stream);
+          PerLaneSplit{mlo, split[8]}, slope, folded, stream);
 #endif
     } else {
       return act_grad_vectors<O, A, kRes, kTraining, kDx, kDres>(
           dy, x, res, dx, dres, from, len, PerLane{hi}, PerLane{lo}, PerLane{sc}, PerLane{sh}, PerLane{kdy},
-          PerLane{kx}, PerLane{k0}, PerLane{mhi}, PerLane{mlo}, slope, stream);
+          PerLane{kx}, PerLane{k0}, PerLane{mhi}, PerLane{mlo}, slope, folded, stream);
     }
   });
 #endif
@@ -416,11 +424,12 @@ void act_grad_input_pass(const scalar_t* dy, const scalar_t* x, const scalar_t* 
         Sweep::kBackward);
     return;
   }
+  const bool folded = k.folded && q.folded();
   auto span = [&](int64_t off, int64_t width, const auto& c) {
     constexpr bool kSplit = std::tuple_size_v<std::decay_t<decltype(c)>> == 18;
     act_grad_span<A, kRes, kTraining, kDx, kDres, 1, kSplit>(
         dy + off, x + off, kRes ? res + off : nullptr, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr, width,
-        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], k.slope, stream, kSplit ? c.data() + 9 : nullptr);
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], k.slope, stream, kSplit ? c.data() + 9 : nullptr, folded);
   };
   parallel_row_spans_of<scalar_t, T, 9>(g, {k.hi, k.lo, k.sc, k.sh, kdy, kx, k0, mhi, mlo}, span, Sweep::kBackward);
 }

@@ -124,15 +124,22 @@ inline typename O::vec act_grad_vec(typename O::vec dy, typename O::vec z, typen
   return dy;
 }
 
+// (x - hi) - lo at position i, or x itself where folded (hi = lo = 0 for every position: the mean
+// folded into the shift, and x - 0 - 0 is x to the bit, -0.0 and NaN included): two operations
+// fewer for the common case, the same bits as the scalar loop's formula either way.
+template <typename L, typename K>
+inline typename L::vec centred_unless(bool folded, typename L::vec xv, const K& hi, const K& lo, int64_t i) {
+  return folded ? xv : L::sub(L::sub(xv, hi.template at<L>(i)), lo.template at<L>(i));
+}
+
 // normalized(x, ...) (+ residual) at position i, coefficients from K (Broadcast or PerLane).
 template <typename O, bool kRes, typename scalar_t, typename K>
 inline typename O::vec pre_act_vec(const scalar_t* x, const scalar_t* res, int64_t i, const K& hi, const K& lo,
-                                   const K& sc, const K& sh, typename O::vec& xv) {
+                                   const K& sc, const K& sh, bool folded, typename O::vec& xv) {
   using L = typename O::L;
   xv = L::load(x + i);
   typename O::vec z =
-      L::add(L::mul(L::sub(L::sub(xv, hi.template at<L>(i)), lo.template at<L>(i)), sc.template at<L>(i)),
-             sh.template at<L>(i));
+      L::add(L::mul(centred_unless<L>(folded, xv, hi, lo, i), sc.template at<L>(i)), sh.template at<L>(i));
   if constexpr (kRes) z = L::add(z, L::load(res + i));
   return z;
 }
@@ -140,12 +147,13 @@ inline typename O::vec pre_act_vec(const scalar_t* x, const scalar_t* res, int64
 // y = act(z) for whole vectors from position i on; returns where it stopped.
 template <typename O, Act A, bool kRes, typename scalar_t, typename K>
 inline int64_t act_forward_vectors(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t i, int64_t n,
-                                   const K& hi, const K& lo, const K& sc, const K& sh, float slope, bool stream) {
+                                   const K& hi, const K& lo, const K& sc, const K& sh, float slope, bool folded,
+                                   bool stream) {
   using L = typename O::L;
   const typename O::vec s = L::coef(slope);
   for (; i + L::width <= n; i += L::width) {
     typename O::vec xv;
-    L::store_out(y + i, activate_vec<O, A>(pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, xv), s), stream);
+    L::store_out(y + i, activate_vec<O, A>(pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, folded, xv), s), stream);
   }
   return i;
 }
@@ -156,20 +164,19 @@ template <typename O, Act A, bool kRes, bool kTraining, bool kDx, bool kDres, ty
 inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx,
                                 scalar_t* dres, int64_t i, int64_t n, const K& hi, const K& lo, const K& sc,
                                 const K& sh, const K& kdy, const K& kx, const K& k0, const K& mhi, const K& mlo,
-                                float slope, bool stream) {
+                                float slope, bool folded, bool stream) {
   using L = typename O::L;
   const typename O::vec s = L::coef(slope);
   for (; i + L::width <= n; i += L::width) {
     typename O::vec xv;
-    const typename O::vec z = pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, xv);
+    const typename O::vec z = pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, folded, xv);
     const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
     if constexpr (kDres) L::store_out(dres + i, dz, stream);
     if constexpr (kDx) {
       typename O::vec v = L::mul(kdy.template at<L>(i), dz);
       if constexpr (kTraining)
         v = L::add(
-            v, L::add(L::mul(kx.template at<L>(i), L::sub(L::sub(xv, mhi.template at<L>(i)), mlo.template at<L>(i))),
-                      k0.template at<L>(i)));
+            v, L::add(L::mul(kx.template at<L>(i), centred_unless<L>(folded, xv, mhi, mlo, i)), k0.template at<L>(i)));
       L::store_out(dx + i, v, stream);
     }
   }
@@ -182,7 +189,8 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
 // each dz is also stored to keep[i].
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
-                              float sc, float sh, float slope, float mean, float* a8, float* b8, float* keep) {
+                              float sc, float sh, float slope, float mean, bool folded, float* a8, float* b8,
+                              float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
@@ -191,7 +199,7 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 xv;
-    const __m256 z = pre_act_vec<O, kRes>(x, res, i, bh, bl, bs, bt, xv);
+    const __m256 z = pre_act_vec<O, kRes>(x, res, i, bh, bl, bs, bt, folded, xv);
     const __m256 dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
     if constexpr (kKeep) _mm256_storeu_ps(keep + i, dz);
     a = L::add(a, dz);
@@ -229,8 +237,8 @@ inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* 
 // where it stopped. kKeep: each dz is also stored to keep[c].
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, const float* hi,
-                                 const float* lo, const float* sc, const float* sh, float slope, const float* mt,
-                                 float* sa, float* sb, float* keep) {
+                                 const float* lo, const float* sc, const float* sh, float slope, bool folded,
+                                 const float* mt, float* sa, float* sb, float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
@@ -238,7 +246,7 @@ inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const sc
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     __m256 xv;
-    const __m256 z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, xv);
+    const __m256 z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, folded, xv);
     const __m256 dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
     if constexpr (kKeep) _mm256_storeu_ps(keep + c, dz);
     _mm256_storeu_ps(sa + c, L::add(_mm256_loadu_ps(sa + c), dz));
