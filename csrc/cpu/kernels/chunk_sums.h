@@ -316,11 +316,12 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     // chunks of 128 values, 16 at a time: 8 terms per lane of each of the four sums (a second
     // set of sums, as the statistics take, spilled registers next to the pipelined pass's
-    // coefficients and ran slower)
+    // coefficients and ran slower; so did unrolling all 8 steps, where GCC kept each step's dy
+    // on the stack for the end of the chunk)
     constexpr int64_t kGradChunk = 128;
     for (; i + kGradChunk <= len; i += kGradChunk) {
       __m256 fa = _mm256_setzero_ps(), fb = fa, ga = fa, gb = fa;
-#pragma GCC unroll 8
+#pragma GCC unroll 4
       for (int j = 0; j < kGradChunk; j += 16) {
         __m256 ge, go, xe, xo;
         load16_split(dy + i + j, ge, go);
