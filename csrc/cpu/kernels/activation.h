@@ -535,35 +535,16 @@ template <typename scalar_t, Act A, bool kRes>
 void act_train_pipelined(const scalar_t* x, const scalar_t* res, scalar_t* y, const Geometry& g,
                          const std::vector<double>& weight, const std::vector<double>& bias, double eps, float slope,
                          std::vector<double>& mean, std::vector<double>& var, bool stream) {
-  std::vector<double> shift(g.C);
-  std::vector<ForwardCoeffs<float>> k(g.C);
-  const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
-  const double count = static_cast<double>(g.rows()), inv_count = 1.0 / count;
-  auto pass = [&](int64_t c, int64_t off, int64_t len) {
-    const ForwardCoeffs<float>& kc = k[c];
+  auto pass = [&](const ForwardCoeffs<float>& kc, int64_t off, int64_t len) {
     act_forward_span<scalar_t, A, kRes, float, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &kc.mean_hi,
                                                   &kc.mean_lo, &kc.scale, &kc.shift, slope, stream);
   };
-  pipelined_channels(
-      g,
-      [&](int64_t prev, int64_t c) {
-        shift[c] = channel_shift(x, g, c);
-        double s1, s2;
-        if (prev < 0) {
-          channel_total(sum, g, c, &s1, &s2);
-        } else {
-          const int64_t back = (prev - c) * g.S;  // from channel c's element to prev's at the same (n, s)
-          channel_total(sum, g, c, &s1, &s2, [&](int64_t off, int64_t len, LaneSums& acc) {
-            shifted_sums_run_simd(x + off, len, shift[c], acc,
-                                  [&](int64_t j, int64_t n) { pass(prev, off + back + j, n); });
-          });
-        }
-        finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-        k[c] = forward_coeffs<float>(mean[c], var[c], weight[c], bias[c], eps);
+  train_pipelined_with(
+      x, g, weight, bias, eps, mean, var,
+      [&](int64_t off, int64_t len, double shift, LaneSums& acc, const ForwardCoeffs<float>& kp, int64_t back) {
+        shifted_sums_run_simd(x + off, len, shift, acc, [&](int64_t j, int64_t n) { pass(kp, off + back + j, n); });
       },
-      [&](int64_t c) {
-        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { pass(c, off, len); });
-      });
+      pass);
 }
 #endif
 

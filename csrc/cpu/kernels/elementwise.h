@@ -138,11 +138,14 @@ void pipelined_channels(const Geometry& g, Body&& body, Alone&& alone) {
 }
 
 #ifdef BN_EXT_AVX2_INTRINSICS
-// The training forward, pipelined (shifted_sums_normalize_run).
-template <typename scalar_t>
-void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
-                     const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var,
-                     bool stream) {
+// A training forward's statistics, pipelined with an elementwise pass: sum_run(off, len, shift,
+// acc, kp, back) sums channel c's run at off (shifted_sums_run_simd's sums) while it runs the
+// pass of the channel before (coefficients kp) over its run at off + back, and pass(kc, off, len)
+// runs a channel's pass alone. The plain and the fused training forwards share it.
+template <typename scalar_t, typename SumRun, typename Pass>
+void train_pipelined_with(const scalar_t* x, const Geometry& g, const std::vector<double>& weight,
+                          const std::vector<double>& bias, double eps, std::vector<double>& mean,
+                          std::vector<double>& var, SumRun&& sum_run, Pass&& pass) {
   std::vector<double> shift(g.C);
   std::vector<ForwardCoeffs<float>> k(g.C);
   const ShiftedSquares<scalar_t> sum{x, shift.data(), g.C};
@@ -156,19 +159,31 @@ void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const st
           channel_total(sum, g, c, &s1, &s2);
         } else {
           const int64_t back = (prev - c) * g.S;  // from channel c's element to prev's at the same (n, s)
-          const ForwardCoeffs<float>& kp = k[prev];
           channel_total(sum, g, c, &s1, &s2, [&](int64_t off, int64_t len, LaneSums& acc) {
-            shifted_sums_normalize_run(x + off, len, shift[c], acc, x + off + back, y + off + back, kp.mean_hi,
-                                       kp.mean_lo, kp.scale, kp.shift, stream);
+            sum_run(off, len, shift[c], acc, k[prev], back);
           });
         }
         finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
         k[c] = forward_coeffs<float>(mean[c], var[c], weight[c], bias[c], eps);
       },
       [&](int64_t c) {
-        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
-          normalize_run(x + off, y + off, len, k[c].mean_hi, k[c].mean_lo, k[c].scale, k[c].shift, stream);
-        });
+        for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { pass(k[c], off, len); });
+      });
+}
+
+// The training forward, pipelined (shifted_sums_normalize_run).
+template <typename scalar_t>
+void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const std::vector<double>& weight,
+                     const std::vector<double>& bias, double eps, std::vector<double>& mean, std::vector<double>& var,
+                     bool stream) {
+  train_pipelined_with(
+      x, g, weight, bias, eps, mean, var,
+      [&](int64_t off, int64_t len, double shift, LaneSums& acc, const ForwardCoeffs<float>& kp, int64_t back) {
+        shifted_sums_normalize_run(x + off, len, shift, acc, x + off + back, y + off + back, kp.mean_hi, kp.mean_lo,
+                                   kp.scale, kp.shift, stream);
+      },
+      [&](const ForwardCoeffs<float>& kc, int64_t off, int64_t len) {
+        normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
       });
 }
 #endif
