@@ -232,7 +232,7 @@ inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* 
   return i;
 }
 
-// ActGradSums::group's loop over one channels-last row, channels [0, n) of a span: sa[c] += dz,
+// ActGradSums::row_terms' vector loop over n channels of one channels-last row: sa[c] += dz,
 // sb[c] += dz * (x - mt[c]) in float32, eight channels at a time as the scalar loop does; returns
 // where it stopped. kKeep: each dz is also stored to keep[c].
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
