@@ -117,21 +117,37 @@ constexpr int64_t kChunkVectors = kChunk16 / 16;
 // or g pair, alternately), widened into acc's lanes every kChunkVectors vectors.
 template <typename Body>
 inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
+  // The float32 sums in locals, written back once: left in acc, which the body's output stores
+  // may alias, GCC stored them to memory after every vector
+  __m512 fa = acc.fa, fb = acc.fb, ga = acc.ga, gb = acc.gb;
+  int64_t vecs = acc.vecs;
+  auto added = [&](int64_t k) {
+    if ((vecs += k) < kChunkVectors) return;
+    acc.a = widen_add(acc.a, _mm512_add_ps(fa, ga));
+    acc.b = widen_add(acc.b, _mm512_add_ps(fb, gb));
+    fa = fb = ga = gb = _mm512_setzero_ps();
+    vecs = 0;
+  };
   int64_t j = 0;
   for (; j + 32 <= len; j += 32) {
-    body(j, 16, acc.fa, acc.fb);
-    body(j + 16, 16, acc.ga, acc.gb);
-    if ((acc.vecs += 2) >= kChunkVectors) acc.widen();
+    body(j, 16, fa, fb);
+    body(j + 16, 16, ga, gb);
+    added(2);
   }
   if (j + 16 <= len) {
-    body(j, 16, acc.fa, acc.fb);
+    body(j, 16, fa, fb);
     j += 16;
-    if (++acc.vecs >= kChunkVectors) acc.widen();
+    added(1);
   }
   if (j < len) {
-    body(j, len - j, acc.ga, acc.gb);
-    if (++acc.vecs >= kChunkVectors) acc.widen();
+    body(j, len - j, ga, gb);
+    added(1);
   }
+  acc.fa = fa;
+  acc.fb = fb;
+  acc.ga = ga;
+  acc.gb = gb;
+  acc.vecs = vecs;
   acc.n += static_cast<double>(len);
 }
 
