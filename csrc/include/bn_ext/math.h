@@ -8,6 +8,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BN_EXT_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host: the CPU kernels are compiled once per instruction set, and an
+// out-of-line copy (the linker keeps one) is baseline SSE code called from inside AVX-512 loops
+#define BN_EXT_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define BN_EXT_HOST_DEVICE inline
 #endif
