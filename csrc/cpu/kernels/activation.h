@@ -608,9 +608,10 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
           } else {
             channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c]);
           }
+        }
+        for (int64_t c = c0; c < c1; ++c)  // apart from the sums, as train_channel_groups does
           q[c - c0] = backward_coeffs_from_invstd<T>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c], inv_count,
                                                      /*training=*/true);
-        }
         for (int64_t c = c0; c < c1; ++c) {
           const BackwardCoeffs<T>& qc = q[c - c0];
           for_each_run_of_channel(g, c, 0, rows, [&](int64_t off, int64_t len) {

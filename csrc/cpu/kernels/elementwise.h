@@ -209,8 +209,10 @@ void train_channel_groups(const scalar_t* x, const Geometry& g, int64_t group, c
           double s1, s2;
           channel_total(sum, g, c, &s1, &s2);
           finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-          k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
         }
+        // in a loop of their own, so the channels' square roots and divisions overlap
+        for (int64_t c = c0; c < c1; ++c)
+          k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
         for (int64_t c = c0; c < c1; ++c) {
           const ForwardCoeffs<opmath_t>& kc = k[c - c0];
           for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { norm(off, len, kc); });
