@@ -122,6 +122,7 @@ def test_bfloat16_outputs_round_to_nearest_even_in_every_build(shape, layout, re
         ((2, 6, 9, 11), torch.channels_last),  # spans of 40 rows (240 values), 38 single rows
         ((2, 40, 6, 9), torch.channels_last),  # spans of 6 rows; single rows of 2.5 blocks of 16
         ((3, 100, 5, 7), torch.channels_last),  # spans of 8 rows, one single row
+        ((2, 64, 5, 7), torch.channels_last),  # rows the AVX-512 plain reductions take two at a time
         ((100, 37), None),  # (N, C) rows as channels-last spans
         ((2, 24, 7, 9), None),  # NC(D)HW runs of 63 values
     ],

@@ -52,6 +52,7 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
 template <typename scalar_t>
 struct ShiftedSquares {
   using scalar_type = scalar_t;
+  static constexpr bool kWideTiles = true;  // has 128-channel tiles (in_order_tiles)
   const scalar_t* x;
   const double* shift;
   int64_t C;
@@ -103,6 +104,7 @@ struct ShiftedSquares {
 template <typename scalar_t>
 struct GradSums {
   using scalar_type = scalar_t;
+  static constexpr bool kWideTiles = true;
   const scalar_t* dy;
   const scalar_t* x;
   const double* mean;
@@ -244,7 +246,7 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   // of k * C positions (per-channel values tiled), then fold position p into channel p % C. Rows
   // of 64 channels go two at a time where that makes one wide tile per row (in_order_tiles).
   int64_t rows_at_once = g.C % 8 != 0 && g.C < kWideRowChannels ? 8 : 1;
-  if (in_order_tiles<typename Summand::scalar_type>(g.C) && g.C < kWideTileChannels)
+  if (Summand::kWideTiles && in_order_tiles<typename Summand::scalar_type>(g.C) && g.C < kWideTileChannels)
     rows_at_once = kWideTileChannels / g.C;
   if (rows_at_once > 1 && g.rows() >= rows_at_once) {
     const int64_t width = rows_at_once * g.C;
