@@ -233,26 +233,38 @@ inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* 
 }
 
 // ActGradSums::row_terms' vector loop over n channels of one channels-last row: sa[c] += dz,
-// sb[c] += dz * (x - mt[c]) in float32, eight channels at a time as the scalar loop does; returns
-// where it stopped. kKeep: each dz is also stored to keep[c].
+// sb[c] += dz * (x - mt[c]) in float32, O's width of channels at a time (from channel c on) as the
+// scalar loop does; returns where it stopped. kKeep: each dz is also stored to keep[c].
+template <typename O, Act A, bool kRes, bool kKeep, typename scalar_t>
+inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t c, int64_t n,
+                                    const float* hi, const float* lo, const float* sc, const float* sh, float slope,
+                                    bool folded, const float* mt, float* sa, float* sb, float* keep) {
+  using L = typename O::L;
+  const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
+  const typename O::vec s = L::coef(slope);
+  for (; c + L::width <= n; c += L::width) {
+    typename O::vec xv;
+    const typename O::vec z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, folded, xv);
+    const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
+    if constexpr (kKeep) L::store(keep + c, dz);
+    L::store(sa + c, L::add(L::load(sa + c), dz));
+    L::store(sb + c, L::add(L::load(sb + c), L::mul(dz, L::sub(xv, L::load(mt + c)))));
+  }
+  return c;
+}
+
+// The same, 16 channels at a time first in the AVX-512 build (each channel's sums take the same
+// terms in the same order whatever the width: the same bits).
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, const float* hi,
                                  const float* lo, const float* sc, const float* sh, float slope, bool folded,
                                  const float* mt, float* sa, float* sb, float* keep) {
-  using L = Lanes8;
-  using O = ActOps8;
-  const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
-  const __m256 s = L::coef(slope);
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    __m256 xv;
-    const __m256 z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, folded, xv);
-    const __m256 dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
-    if constexpr (kKeep) _mm256_storeu_ps(keep + c, dz);
-    _mm256_storeu_ps(sa + c, L::add(_mm256_loadu_ps(sa + c), dz));
-    _mm256_storeu_ps(sb + c, L::add(_mm256_loadu_ps(sb + c), L::mul(dz, L::sub(xv, _mm256_loadu_ps(mt + c)))));
-  }
-  return c;
+#ifdef BN_EXT_AVX512BF16
+  c = act_grad_row_sums_of<ActOps16, A, kRes, kKeep>(dy, x, res, c, n, hi, lo, sc, sh, slope, folded, mt, sa, sb, keep);
+#endif
+  return act_grad_row_sums_of<ActOps8, A, kRes, kKeep>(dy, x, res, c, n, hi, lo, sc, sh, slope, folded, mt, sa, sb,
+                                                       keep);
 }
 
 #endif  // BN_EXT_AVX2_INTRINSICS
