@@ -211,7 +211,8 @@ inline void act_grad_terms(const scalar_t* __restrict dy, const scalar_t* __rest
 template <typename scalar_t, Act A, bool kRes>
 struct ActGradSums {
   using scalar_type = scalar_t;
-  // no tiles: its rows go through row_terms' vector loop; widened rows would take add()'s
+  // no wide tiles: its rows go through row_terms' vector loop, where widened rows would go
+  // through add(), a float64 value at a time
   static constexpr bool kWideTiles = false;
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* dy;
