@@ -162,12 +162,15 @@ inline __m512 load16_n(const scalar_t* p, int64_t n) {
 // grad_sums_grad_input_run), so their sums have the plain loops' bits.
 template <typename scalar_t>
 inline void add_shifted16(const scalar_t* p, int64_t n, __m512 shf, __m512& fa, __m512& fb) {
+  prefetch_ahead(p);
   const __m512 d = _mm512_maskz_sub_ps(first_lanes(n), load16_n(p, n), shf);
   fa = _mm512_add_ps(fa, d);
   fb = _mm512_fmadd_ps(d, d, fb);
 }
 template <typename scalar_t>
 inline void add_grad16(const scalar_t* dy, const scalar_t* x, int64_t n, __m512 zm, __m512& fa, __m512& fb) {
+  prefetch_ahead(dy);
+  prefetch_ahead(x);
   const __m512 g = load16_n(dy, n);
   fa = _mm512_add_ps(fa, g);
   fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x, n), zm), fb);
@@ -223,6 +226,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (; i + 16 <= len; i += 16) {
+      prefetch_ahead(p + i);
       const __m256 v = load8(p + i), w = load8(p + i + 8);
       const __m256d d0 = _mm256_sub_pd(lo4(v), sh), d1 = _mm256_sub_pd(hi4(v), sh);
       const __m256d d2 = _mm256_sub_pd(lo4(w), sh), d3 = _mm256_sub_pd(hi4(w), sh);
@@ -257,6 +261,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
         const int64_t n = std::min(kSplitChunk, (len - i) / kSplitStep * kSplitStep);
         SplitSums f, g;
         for (int64_t j = i; j < i + n; j += kSplitStep) {
+          prefetch_ahead(p + j);
           __m256 e, o;
           load16_split(p + j, e, o);
           f.add_squares(_mm256_sub_ps(e, shf), _mm256_sub_ps(o, shf));
@@ -269,6 +274,7 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
       }
     }
     for (; i + 32 <= len; i += 32) {
+      prefetch_ahead(p + i);
       __m256 fa = _mm256_setzero_ps(), fb = fa;
 #pragma GCC unroll 4
       for (int j = 0; j < 32; j += 8) {
@@ -339,6 +345,8 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
       __m256 fa = _mm256_setzero_ps(), fb = fa, ga = fa, gb = fa;
 #pragma GCC unroll 4
       for (int j = 0; j < kGradChunk; j += 16) {
+        prefetch_ahead(dy + i + j);
+        prefetch_ahead(x + i + j);
         __m256 ge, go, xe, xo;
         load16_split(dy + i + j, ge, go);
         load16_split(x + i + j, xe, xo);
@@ -355,6 +363,8 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
     __m256 fa = _mm256_setzero_ps(), fb = fa;
 #pragma GCC unroll 4
     for (int j = 0; j < 32; j += 8) {
+      prefetch_ahead(dy + i + j);
+      prefetch_ahead(x + i + j);
       const __m256 g = load8(dy + i + j);
       fa = _mm256_add_ps(fa, g);
       fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i + j), mf), fb);

@@ -214,6 +214,7 @@ template <typename L, typename scalar_t, typename K>
 inline int64_t normalize_vectors(const scalar_t* x, scalar_t* y, int64_t i, int64_t n, const K& hi, const K& lo,
                                  const K& sc, const K& sh, bool folded, bool stream) {
   for (; i + L::width <= n; i += L::width) {
+    prefetch_ahead(x + i);
     const typename L::vec s = sc.template at<L>(i), t = sh.template at<L>(i);
     if (folded) {
       L::store_out(y + i, L::fmadd(L::load(x + i), s, t), stream);

@@ -16,6 +16,8 @@ inline int64_t grad_input_vectors(const scalar_t* dy, const scalar_t* x, scalar_
                                   const K& kd, const K& kx, const K& k0, const K& hi, const K& lo, bool folded,
                                   bool stream) {
   for (; i + L::width <= n; i += L::width) {
+    prefetch_ahead(dy + i);
+    prefetch_ahead(x + i);
     const typename L::vec d = kd.template at<L>(i);
     if (!kTraining) {
       L::store_out(dx + i, L::mul(d, L::load(dy + i)), stream);

@@ -56,6 +56,8 @@ inline int64_t grad_sums_row_vectors(const scalar_t* g, const scalar_t* xr, int6
     typename L::vec a = L::coef(fa + c), b = L::coef(fb + c);
     const typename L::vec m = L::coef(mf + c);
     for (int64_t r = 0; r < k; ++r) {
+      prefetch_ahead(g + r * stride + c);
+      prefetch_ahead(xr + r * stride + c);
       const typename L::vec gv = L::load(g + r * stride + c);
       a = L::add(a, gv);
       b = L::fmadd(gv, L::sub(L::load(xr + r * stride + c), m), b);
@@ -94,6 +96,7 @@ inline int64_t shifted_sums_row_vectors(const scalar_t* xr, int64_t stride, int6
     typename L::vec a = L::coef(fa + c), b = L::coef(fb + c);
     const typename L::vec s = L::coef(sf + c);
     for (int64_t r = 0; r < k; ++r) {
+      prefetch_ahead(xr + r * stride + c);
       const typename L::vec d = L::sub(L::load(xr + r * stride + c), s);
       a = L::add(a, d);
       b = L::fmadd(d, d, b);
