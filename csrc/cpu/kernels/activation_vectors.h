@@ -137,6 +137,8 @@ template <typename O, bool kRes, typename scalar_t, typename K>
 inline typename O::vec pre_act_vec(const scalar_t* x, const scalar_t* res, int64_t i, const K& hi, const K& lo,
                                    const K& sc, const K& sh, bool folded, typename O::vec& xv) {
   using L = typename O::L;
+  prefetch_ahead(x + i);
+  if constexpr (kRes) prefetch_ahead(res + i);
   xv = L::load(x + i);
   typename O::vec z =
       L::add(L::mul(centred_unless<L>(folded, xv, hi, lo, i), sc.template at<L>(i)), sh.template at<L>(i));
@@ -170,6 +172,7 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
   for (; i + L::width <= n; i += L::width) {
     typename O::vec xv;
     const typename O::vec z = pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, folded, xv);
+    prefetch_ahead(dy + i);
     const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
     if constexpr (kDres) L::store_out(dres + i, dz, stream);
     if constexpr (kDx) {
@@ -200,6 +203,7 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
   for (; i + 8 <= n; i += 8) {
     __m256 xv;
     const __m256 z = pre_act_vec<O, kRes>(x, res, i, bh, bl, bs, bt, folded, xv);
+    prefetch_ahead(dy + i);
     const __m256 dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
     if constexpr (kKeep) _mm256_storeu_ps(keep + i, dz);
     a = L::add(a, dz);
@@ -245,6 +249,7 @@ inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const
   for (; c + L::width <= n; c += L::width) {
     typename O::vec xv;
     const typename O::vec z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, folded, xv);
+    prefetch_ahead(dy + c);
     const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
     if constexpr (kKeep) L::store(keep + c, dz);
     L::store(sa + c, L::add(L::load(sa + c), dz));
