@@ -110,16 +110,19 @@ inline void narrow_lanes(const double* p, __m512* out) {
 
 // Channels [c, c + kWideTileChannels) as 8 vectors side by side (AVX-512, C >= 128):
 // each row gives 8 independent chains of sums, and every line it touches is used at once, so the
-// tile can take as many rows as the float32 sums allow (for_each_tile8).
-template <typename scalar_t>
-inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1, const double* shift,
-                                 double* s1, double* s2) {
+// tile can take as many rows as the float32 sums allow (for_each_tile8). kStream: the rows are the
+// tile's alone (C = kWideTileChannels), one after another, so their loads are prefetched as a
+// run's are (rows of more channels are read a few lines at a time, where that measured no gain).
+template <bool kStream, typename scalar_t>
+inline void shifted_sums_tile128_of(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                    const double* shift, double* s1, double* s2) {
   constexpr int V = kWideTileChannels / 16;
   __m512 shf[V], fa[V] = {}, fb[V] = {};
   narrow_lanes<V>(shift + c, shf);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = x + r * C + c;
     for (int v = 0; v < V; ++v) {
+      if constexpr (kStream) prefetch_ahead(row + 16 * v);
       const __m512 d = _mm512_sub_ps(load16(row + 16 * v), shf[v]);
       fa[v] = _mm512_add_ps(fa[v], d);
       fb[v] = _mm512_fmadd_ps(d, d, fb[v]);
@@ -127,6 +130,12 @@ inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_
   }
   for (int v = 0; v < V; ++v)
     add_tile16_sums(fa[v], fb[v], shf[v], shift + c + 16 * v, r1 - r0, s1 + c + 16 * v, s2 + c + 16 * v);
+}
+template <typename scalar_t>
+inline void shifted_sums_tile128(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1, const double* shift,
+                                 double* s1, double* s2) {
+  if (C == kWideTileChannels) return shifted_sums_tile128_of<true>(x, C, c, r0, r1, shift, s1, s2);
+  shifted_sums_tile128_of<false>(x, C, c, r0, r1, shift, s1, s2);
 }
 
 // Sixteen channels' float32 gradient tile sums (fa of dy, fb of dy * (x - mf), mf the mean rounded
@@ -159,10 +168,10 @@ inline void grad_sums_tile16(const scalar_t* dy, const scalar_t* x, int64_t C, i
 }
 
 // grad_sums_tile16 for channels [c, c + kWideTileChannels), 8 vectors side by side (as
-// shifted_sums_tile128; a lane's arithmetic is the same as in grad_sums_tile16).
-template <typename scalar_t>
-inline void grad_sums_tile128(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
-                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
+// shifted_sums_tile128_of, kStream too; a lane's arithmetic is the same as in grad_sums_tile16).
+template <bool kStream, typename scalar_t>
+inline void grad_sums_tile128_of(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                 const double* mean, double* sum_dy, double* sum_dy_xmu) {
   constexpr int V = kWideTileChannels / 16;
   __m512 mf[V], fa[V] = {}, fb[V] = {};
   narrow_lanes<V>(mean + c, mf);
@@ -170,6 +179,10 @@ inline void grad_sums_tile128(const scalar_t* dy, const scalar_t* x, int64_t C, 
     const scalar_t* g = dy + r * C + c;
     const scalar_t* xr = x + r * C + c;
     for (int v = 0; v < V; ++v) {
+      if constexpr (kStream) {
+        prefetch_ahead(g + 16 * v);
+        prefetch_ahead(xr + 16 * v);
+      }
       const __m512 gv = load16(g + 16 * v);
       fa[v] = _mm512_add_ps(fa[v], gv);
       fb[v] = _mm512_fmadd_ps(gv, _mm512_sub_ps(load16(xr + 16 * v), mf[v]), fb[v]);
@@ -177,6 +190,12 @@ inline void grad_sums_tile128(const scalar_t* dy, const scalar_t* x, int64_t C, 
   }
   for (int v = 0; v < V; ++v)
     add_grad_tile16_sums(fa[v], fb[v], mf[v], mean + c + 16 * v, sum_dy + c + 16 * v, sum_dy_xmu + c + 16 * v);
+}
+template <typename scalar_t>
+inline void grad_sums_tile128(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
+  if (C == kWideTileChannels) return grad_sums_tile128_of<true>(dy, x, C, c, r0, r1, mean, sum_dy, sum_dy_xmu);
+  grad_sums_tile128_of<false>(dy, x, C, c, r0, r1, mean, sum_dy, sum_dy_xmu);
 }
 #endif
 #endif  // BN_EXT_AVX2_INTRINSICS
