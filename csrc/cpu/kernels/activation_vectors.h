@@ -146,6 +146,17 @@ inline typename O::vec pre_act_vec(const scalar_t* x, const scalar_t* res, int64
   return z;
 }
 
+// dz = dy * act'(z) at position i, z as pre_act_vec gives it (x's vector left in xv): the step
+// every gradient loop below starts with.
+template <typename O, Act A, bool kRes, typename scalar_t, typename K>
+inline typename O::vec act_dz_vec(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t i, const K& hi,
+                                  const K& lo, const K& sc, const K& sh, bool folded, typename O::vec s,
+                                  typename O::vec& xv) {
+  const typename O::vec z = pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, folded, xv);
+  prefetch_ahead(dy + i);
+  return act_grad_vec<O, A>(O::L::load(dy + i), z, s);
+}
+
 // y = act(z) for whole vectors from position i on; returns where it stopped.
 template <typename O, Act A, bool kRes, typename scalar_t, typename K>
 inline int64_t act_forward_vectors(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t i, int64_t n,
@@ -171,9 +182,7 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
   const typename O::vec s = L::coef(slope);
   for (; i + L::width <= n; i += L::width) {
     typename O::vec xv;
-    const typename O::vec z = pre_act_vec<O, kRes>(x, res, i, hi, lo, sc, sh, folded, xv);
-    prefetch_ahead(dy + i);
-    const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
+    const typename O::vec dz = act_dz_vec<O, A, kRes>(dy, x, res, i, hi, lo, sc, sh, folded, s, xv);
     if constexpr (kDres) L::store_out(dres + i, dz, stream);
     if constexpr (kDx) {
       typename O::vec v = L::mul(kdy.template at<L>(i), dz);
@@ -202,9 +211,7 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 xv;
-    const __m256 z = pre_act_vec<O, kRes>(x, res, i, bh, bl, bs, bt, folded, xv);
-    prefetch_ahead(dy + i);
-    const __m256 dz = act_grad_vec<O, A>(L::load(dy + i), z, s);
+    const __m256 dz = act_dz_vec<O, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, xv);
     if constexpr (kKeep) _mm256_storeu_ps(keep + i, dz);
     a = L::add(a, dz);
     b = L::add(b, L::mul(dz, L::sub(xv, m)));
@@ -248,9 +255,7 @@ inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const
   const typename O::vec s = L::coef(slope);
   for (; c + L::width <= n; c += L::width) {
     typename O::vec xv;
-    const typename O::vec z = pre_act_vec<O, kRes>(x, res, c, ph, pl, ps, pt, folded, xv);
-    prefetch_ahead(dy + c);
-    const typename O::vec dz = act_grad_vec<O, A>(L::load(dy + c), z, s);
+    const typename O::vec dz = act_dz_vec<O, A, kRes>(dy, x, res, c, ph, pl, ps, pt, folded, s, xv);
     if constexpr (kKeep) L::store(keep + c, dz);
     L::store(sa + c, L::add(L::load(sa + c), dz));
     L::store(sb + c, L::add(L::load(sb + c), L::mul(dz, L::sub(xv, L::load(mt + c)))));
