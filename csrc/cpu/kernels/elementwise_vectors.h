@@ -7,18 +7,28 @@
 // same results as c10's scalar conversions).
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 #ifndef BN_EXT_AVX512BF16
-// Eight float32 values rounded to bfloat16, each in the upper half of its 32-bit lane.
-inline __m256i bf16_rounded(__m256 v) {
+// Eight float32 values rounded to bfloat16 (round to nearest even), each in the upper half of its
+// 32-bit lane; NaNs are left to bf16_rounded.
+inline __m256i bf16_rounded_finite(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
+  return _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
 }
+// The same with NaNs kept quiet (c10's 0x7FC0).
+inline __m256i bf16_rounded(__m256 v) {
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(bf16_rounded_finite(v), _mm256_set1_epi32(0x7FC00000), nan);
+}
+// Whether a or b has a NaN lane. One test per sixteen values lets the rounding skip the blends
+// where there is none: on Intel a blend by a vector mask is three micro-ops, and the rounding was
+// half of the AVX2 build's bfloat16 normalising loop (docs/design.md, "Measurements").
+inline bool any_nan(__m256 a, __m256 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) != 0; }
 // load16_split's two vectors rounded and stored back in place: the odd positions' upper halves
 // blended over the even positions' shifted down (no lane-crossing pack).
 inline __m256i bf16_joined(__m256 even, __m256 odd) {
-  return _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded(even), 16), bf16_rounded(odd), 0xAA);
+  if (__builtin_expect(any_nan(even, odd), 0))
+    return _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded(even), 16), bf16_rounded(odd), 0xAA);
+  return _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded_finite(even), 16), bf16_rounded_finite(odd), 0xAA);
 }
 #endif
 inline void store8(c10::BFloat16* p, __m256 v) {
@@ -28,7 +38,7 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   const __m128bh h = _mm256_cvtneps_pbh(v);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<const __m128i&>(h));
 #else
-  const __m256i halves = _mm256_srli_epi32(bf16_rounded(v), 16);
+  const __m256i halves = _mm256_srli_epi32(any_nan(v, v) ? bf16_rounded(v) : bf16_rounded_finite(v), 16);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 #endif
