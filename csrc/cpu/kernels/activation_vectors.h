@@ -209,6 +209,20 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
   const __m256 s = L::coef(slope), m = L::coef(mean);
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
   int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+  // sixteen terms a step, each half added as the 8-wide step adds its vector (the same bits):
+  // SiLU's exponential and division on 8 lanes left half of each unit's width idle, 85% of a
+  // fused SiLU backward's time
+  const __m512 s16 = Lanes16::coef(slope), m16 = Lanes16::coef(mean);
+  for (; i + 16 <= n; i += 16) {
+    __m512 xv;
+    const __m512 dz = act_dz_vec<ActOps16, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s16, xv);
+    if constexpr (kKeep) _mm512_storeu_ps(keep + i, dz);
+    const __m512 t = Lanes16::mul(dz, Lanes16::sub(xv, m16));
+    a = L::add(L::add(a, lower8(dz)), upper8(dz));
+    b = L::add(L::add(b, lower8(t)), upper8(t));
+  }
+#endif
   for (; i + 8 <= n; i += 8) {
     __m256 xv;
     const __m256 dz = act_dz_vec<O, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, xv);
