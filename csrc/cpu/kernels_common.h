@@ -46,6 +46,8 @@ constexpr int64_t kWideRowChannels = 64;
 // Channels of the AVX-512 build's wide channels-last reduction tiles (8 vectors of 16; statistics
 // and gradient sums), and the unit of the channel chunks of reductions over at least that many.
 constexpr int64_t kWideTileChannels = 128;
+// The AVX2 build's (4 vectors of 8), over rows of at least kWideTileChannels channels.
+constexpr int64_t kWideTile8Channels = 32;
 // Channels-last reductions (statistics, gradient sums) stream their rows (instead of tiling them)
 // when they read more than this (twice this machine's L2s: beyond the L2, tiles that read a few
 // hundred bytes of each row at a time run slower than in-order streams; should_stream_rows in

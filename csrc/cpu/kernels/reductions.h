@@ -7,7 +7,8 @@
 // templates below own the blocking, the parallelism and the block-order merge for both.
 
 // Channels-last rows [r0, r1), channels [c0, c1) (c0 a multiple of 16): tile(c, q0, q1, width) for
-// each tile of kWideTileChannels (AVX-512 build), 16 or 8 channels over chunks of at most
+// each tile of kWideTileChannels and 16 (AVX-512 build) or kWideTile8Channels (AVX2), then 8
+// channels, over chunks of at most
 // kRowsPerTile rows (AVX2 builds, non-double input). Returns the first channel it did not cover,
 // which the caller finishes with scalar code. Which tile a channel falls in depends on C alone,
 // never on [c0, c1) (channel_chunk cuts chunks in whole wide tiles).
@@ -21,25 +22,27 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
     const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t period = 4096 / std::gcd<int64_t>(row_bytes, 4096);
     int64_t rows = std::clamp<int64_t>(8 * period / kStreams, 1, kRowsPerTile);
-#ifdef BN_EXT_AVX512BF16
     // The wide tiles use every line of a row they touch at once, so no line waits in L1 for a
     // later tile and the set limit does not bind: as many rows as the float32 sums take (the
-    // 16-channel tiles of the last channels, if any, share this row count).
+    // narrower tiles of the last channels, if any, share this row count).
     if (C >= kWideTileChannels) rows = kRowsPerTile;
-#endif
     const int64_t tiled = std::max(c0, std::min(c1, C / 8 * 8));
 #ifdef BN_EXT_AVX512BF16
     const int64_t wide = std::max(c0, std::min(c1, C / 16 * 16));  // 16-channel tiles, then at most one of 8
 #else
-    const int64_t wide = c0;
+    // 32-channel tiles over rows of kWideTileChannels and more (chunks are whole 128s there)
+    const int64_t wide =
+        C >= kWideTileChannels ? std::max(c0, std::min(c1, C / kWideTile8Channels * kWideTile8Channels)) : c0;
 #endif
     for (int64_t q0 = r0; q0 < r1; q0 += rows) {
       const int64_t q1 = std::min(r1, q0 + rows);
       int64_t c = c0;
 #ifdef BN_EXT_AVX512BF16
       for (; c + kWideTileChannels <= wide; c += kWideTileChannels) tile(c, q0, q1, kWideTileChannels);
-#endif
       for (; c < wide; c += 16) tile(c, q0, q1, 16);
+#else
+      for (; c < wide; c += kWideTile8Channels) tile(c, q0, q1, kWideTile8Channels);
+#endif
       for (int64_t c = wide; c < tiled; c += 8) tile(c, q0, q1, 8);
     }
     return tiled;
@@ -92,6 +95,8 @@ struct ShiftedSquares {
 #ifdef BN_EXT_AVX512BF16
         if (width == kWideTileChannels) return shifted_sums_tile128(x, C, c, q0, q1, shift, a, b);
         if (width == 16) return shifted_sums_tile16(x, C, c, q0, q1, shift, a, b);
+#else
+        if (width == kWideTile8Channels) return shifted_sums_tile32(x, C, c, q0, q1, shift, a, b);
 #endif
         shifted_sums_tile8_simd(x, C, c, q0, q1, shift, a, b);
       }
@@ -148,6 +153,8 @@ struct GradSums {
 #ifdef BN_EXT_AVX512BF16
         if (width == kWideTileChannels) return grad_sums_tile128(dy, x, C, c, q0, q1, mean, a, b);
         if (width == 16) return grad_sums_tile16(dy, x, C, c, q0, q1, mean, a, b);
+#else
+        if (width == kWideTile8Channels) return grad_sums_tile32(dy, x, C, c, q0, q1, mean, a, b);
 #endif
         grad_sums_tile8_simd(dy, x, C, c, q0, q1, mean, a, b);
       }
