@@ -21,8 +21,9 @@ inline void add_tile8_sums(__m256 fa, __m256 fb, __m256 shf, __m256d sh0, __m256
     _mm256_storeu_pd(s2 + 4 * h, b);
   }
 }
-// Eight per-channel float64 values rounded to float32.
+// Eight per-channel float64 values rounded to float32 (given as two vectors, or where they are).
 inline __m256 narrow8(__m256d lo, __m256d hi) { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
+inline __m256 narrow8(const double* p) { return narrow8(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4)); }
 
 // Channels-last: add the shifted sums of channels [c, c + 8) over rows [r0, r1) into s1/s2.
 // Callers pass a few rows at a time: rows are C elements apart, and more than a handful of such
@@ -83,11 +84,8 @@ template <typename scalar_t>
 inline void shifted_sums_tile32(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1, const double* shift,
                                 double* s1, double* s2) {
   constexpr int V = kWideTile8Channels / 8;
-  __m256 shf[V], fa[V], fb[V];
-  for (int v = 0; v < V; ++v) {
-    shf[v] = narrow8(_mm256_loadu_pd(shift + c + 8 * v), _mm256_loadu_pd(shift + c + 8 * v + 4));
-    fa[v] = fb[v] = _mm256_setzero_ps();
-  }
+  __m256 shf[V], fa[V] = {}, fb[V] = {};
+  for (int v = 0; v < V; ++v) shf[v] = narrow8(shift + c + 8 * v);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = x + r * C + c;
     for (int v = 0; v < V; ++v) {
@@ -108,11 +106,8 @@ template <typename scalar_t>
 inline void grad_sums_tile32(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
   constexpr int V = kWideTile8Channels / 8;
-  __m256 mf[V], fa[V], fb[V];
-  for (int v = 0; v < V; ++v) {
-    mf[v] = narrow8(_mm256_loadu_pd(mean + c + 8 * v), _mm256_loadu_pd(mean + c + 8 * v + 4));
-    fa[v] = fb[v] = _mm256_setzero_ps();
-  }
+  __m256 mf[V], fa[V] = {}, fb[V] = {};
+  for (int v = 0; v < V; ++v) mf[v] = narrow8(mean + c + 8 * v);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* g = dy + r * C + c;
     const scalar_t* xr = x + r * C + c;
