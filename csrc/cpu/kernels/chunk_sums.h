@@ -222,13 +222,12 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
 #endif
   double* s1 = &acc.sa;
   double* s2 = &acc.sb;
-  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  __m256d a0 = _mm256_setzero_pd(), b0 = a0, b1 = a0;
   int64_t i = 0;
   // Chunks of 32 values are summed in float32 (4 terms per lane lose nothing measurable; x - shift
   // is exact for bfloat16/float16 values near the shift and one rounding for float32, as in the
-  // AVX-512 build's chunks), then widened into the float64 accumulators. Float32 runs widened
-  // every value until this: twice the instructions, (4, 1024, 14, 14) statistics took 1.6x the
-  // AVX-512 build's time.
+  // AVX-512 build's chunks), then widened into the float64 accumulators: half the instructions of
+  // widening every value.
   const __m256 shf = _mm256_set1_ps(static_cast<float>(shift));
   const double shift_rest = shift - static_cast<double>(static_cast<float>(shift));
   const __m256d rest = _mm256_set1_pd(shift_rest);
@@ -282,8 +281,9 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
     also(from, i - from);
   }
   const double n = static_cast<double>(i);
-  a1 = _mm256_set_pd(0, 0, 0, -n * shift_rest);
-  b2 = _mm256_set_pd(0, 0, 0, n * shift_rest * shift_rest);
+  const __m256d zero = _mm256_setzero_pd();
+  const __m256d rest_a = _mm256_set_pd(0, 0, 0, -n * shift_rest);
+  const __m256d rest_b = _mm256_set_pd(0, 0, 0, n * shift_rest * shift_rest);
   if (i < len) also(i, len - i);
   double ta = 0, tb = 0;
   for (; i < len; ++i) {
@@ -291,8 +291,8 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
     ta += d;
     tb += d * d;
   }
-  *s1 += hsum(a0, a1, a2, a3) + ta;
-  *s2 += hsum(b0, b1, b2, b3) + tb;
+  *s1 += hsum(a0, rest_a, zero, zero) + ta;
+  *s2 += hsum(b0, b1, rest_b, zero) + tb;
 }
 
 // sum(dy) and sum(dy * (x - mean)) over one run: chunks of 32 values (128 of bfloat16) in
