@@ -3,27 +3,28 @@
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 // Eight channels' float32 tile sums (fa of x - shf, fb of its squares, over `rows` rows, shf the
-// shift rounded to float32; sh0/sh1 the exact shifts) added into their float64 sums s1/s2: with
-// rest = shift - float(shift), sum(x - shift) = sa - n * rest and
-// sum((x - shift)^2) = sb - 2 * rest * sa + n * rest^2.
-inline void add_tile8_sums(__m256 fa, __m256 fb, __m256 shf, __m256d sh0, __m256d sh1, int64_t rows, double* s1,
+// shift rounded to float32) added into their float64 sums s1/s2: with rest = shift - float(shift),
+// sum(x - shift) = sa - n * rest and sum((x - shift)^2) = sb - 2 * rest * sa + n * rest^2.
+inline void add_tile8_sums(__m256 fa, __m256 fb, __m256 shf, const double* shift, int64_t rows, double* s1,
                            double* s2) {
   const __m256d n = _mm256_set1_pd(static_cast<double>(rows));
   const __m256d sa[2] = {lo4(fa), hi4(fa)}, sb[2] = {lo4(fb), hi4(fb)};
-  const __m256d rest[2] = {_mm256_sub_pd(sh0, lo4(shf)), _mm256_sub_pd(sh1, hi4(shf))};
+  const __m256d shf_d[2] = {lo4(shf), hi4(shf)};
   for (int h = 0; h < 2; ++h) {
-    const __m256d nr = _mm256_mul_pd(n, rest[h]);
+    const __m256d rest = _mm256_sub_pd(_mm256_loadu_pd(shift + 4 * h), shf_d[h]);
+    const __m256d nr = _mm256_mul_pd(n, rest);
     const __m256d a = _mm256_sub_pd(_mm256_add_pd(_mm256_loadu_pd(s1 + 4 * h), sa[h]), nr);
     __m256d b = _mm256_add_pd(_mm256_loadu_pd(s2 + 4 * h), sb[h]);
-    b = _mm256_fnmadd_pd(_mm256_add_pd(rest[h], rest[h]), sa[h], b);
-    b = _mm256_fmadd_pd(nr, rest[h], b);
+    b = _mm256_fnmadd_pd(_mm256_add_pd(rest, rest), sa[h], b);
+    b = _mm256_fmadd_pd(nr, rest, b);
     _mm256_storeu_pd(s1 + 4 * h, a);
     _mm256_storeu_pd(s2 + 4 * h, b);
   }
 }
-// Eight per-channel float64 values rounded to float32 (given as two vectors, or where they are).
-inline __m256 narrow8(__m256d lo, __m256d hi) { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
-inline __m256 narrow8(const double* p) { return narrow8(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4)); }
+// Eight per-channel float64 values rounded to float32.
+inline __m256 narrow8(const double* p) {
+  return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
+}
 
 // Channels-last: add the shifted sums of channels [c, c + 8) over rows [r0, r1) into s1/s2.
 // Callers pass a few rows at a time: rows are C elements apart, and more than a handful of such
@@ -34,28 +35,28 @@ inline __m256 narrow8(const double* p) { return narrow8(_mm256_loadu_pd(p), _mm2
 template <typename scalar_t>
 inline void shifted_sums_tile8_simd(const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                     const double* shift, double* s1, double* s2) {
-  const __m256d sh0 = _mm256_loadu_pd(shift + c), sh1 = _mm256_loadu_pd(shift + c + 4);
-  const __m256 shf = narrow8(sh0, sh1);
+  const __m256 shf = narrow8(shift + c);
   __m256 fa = _mm256_setzero_ps(), fb = fa;
   for (int64_t r = r0; r < r1; ++r) {
     const __m256 d = _mm256_sub_ps(load8(x + r * C + c), shf);
     fa = _mm256_add_ps(fa, d);
     fb = _mm256_fmadd_ps(d, d, fb);
   }
-  add_tile8_sums(fa, fb, shf, sh0, sh1, r1 - r0, s1 + c, s2 + c);
+  add_tile8_sums(fa, fb, shf, shift + c, r1 - r0, s1 + c, s2 + c);
 }
 
 // Eight channels' float32 gradient tile sums (fa of dy, fb of dy * (x - mf), mf the mean rounded
-// to float32; m0/m1 the exact means) added into their float64 sums with that rounding corrected:
+// to float32) added into their float64 sums with that rounding corrected:
 // sum(dy * (x - mean)) = fb - (mean - mf) * fa.
-inline void add_grad_tile8_sums(__m256 fa, __m256 fb, __m256 mf, __m256d m0, __m256d m1, double* sum_dy,
+inline void add_grad_tile8_sums(__m256 fa, __m256 fb, __m256 mf, const double* mean, double* sum_dy,
                                 double* sum_dy_xmu) {
   const __m256d sa[2] = {lo4(fa), hi4(fa)}, sb[2] = {lo4(fb), hi4(fb)};
-  const __m256d rest[2] = {_mm256_sub_pd(m0, lo4(mf)), _mm256_sub_pd(m1, hi4(mf))};
+  const __m256d mf_d[2] = {lo4(mf), hi4(mf)};
   for (int h = 0; h < 2; ++h) {
     _mm256_storeu_pd(sum_dy + 4 * h, _mm256_add_pd(_mm256_loadu_pd(sum_dy + 4 * h), sa[h]));
     const __m256d b = _mm256_add_pd(_mm256_loadu_pd(sum_dy_xmu + 4 * h), sb[h]);
-    _mm256_storeu_pd(sum_dy_xmu + 4 * h, _mm256_fnmadd_pd(rest[h], sa[h], b));
+    const __m256d rest = _mm256_sub_pd(_mm256_loadu_pd(mean + 4 * h), mf_d[h]);
+    _mm256_storeu_pd(sum_dy_xmu + 4 * h, _mm256_fnmadd_pd(rest, sa[h], b));
   }
 }
 
@@ -64,15 +65,14 @@ inline void add_grad_tile8_sums(__m256 fa, __m256 fb, __m256 mf, __m256d m0, __m
 template <typename scalar_t>
 inline void grad_sums_tile8_simd(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                  const double* mean, double* sum_dy, double* sum_dy_xmu) {
-  const __m256d m0 = _mm256_loadu_pd(mean + c), m1 = _mm256_loadu_pd(mean + c + 4);
-  const __m256 mf = narrow8(m0, m1);
+  const __m256 mf = narrow8(mean + c);
   __m256 fa = _mm256_setzero_ps(), fb = fa;
   for (int64_t r = r0; r < r1; ++r) {
     const __m256 g = load8(dy + r * C + c);
     fa = _mm256_add_ps(fa, g);
     fb = _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + r * C + c), mf), fb);
   }
-  add_grad_tile8_sums(fa, fb, mf, m0, m1, sum_dy + c, sum_dy_xmu + c);
+  add_grad_tile8_sums(fa, fb, mf, mean + c, sum_dy + c, sum_dy_xmu + c);
 }
 
 #ifndef BN_EXT_AVX512BF16
@@ -94,11 +94,8 @@ inline void shifted_sums_tile32(const scalar_t* x, int64_t C, int64_t c, int64_t
       fb[v] = _mm256_fmadd_ps(d, d, fb[v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    const double* sh = shift + c + 8 * v;
-    add_tile8_sums(fa[v], fb[v], shf[v], _mm256_loadu_pd(sh), _mm256_loadu_pd(sh + 4), r1 - r0, s1 + c + 8 * v,
-                   s2 + c + 8 * v);
-  }
+  for (int v = 0; v < V; ++v)
+    add_tile8_sums(fa[v], fb[v], shf[v], shift + c + 8 * v, r1 - r0, s1 + c + 8 * v, s2 + c + 8 * v);
 }
 
 // grad_sums_tile8_simd for channels [c, c + kWideTile8Channels), as shifted_sums_tile32.
@@ -117,11 +114,8 @@ inline void grad_sums_tile32(const scalar_t* dy, const scalar_t* x, int64_t C, i
       fb[v] = _mm256_fmadd_ps(gv, _mm256_sub_ps(load8(xr + 8 * v), mf[v]), fb[v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    const double* m = mean + c + 8 * v;
-    add_grad_tile8_sums(fa[v], fb[v], mf[v], _mm256_loadu_pd(m), _mm256_loadu_pd(m + 4), sum_dy + c + 8 * v,
-                        sum_dy_xmu + c + 8 * v);
-  }
+  for (int v = 0; v < V; ++v)
+    add_grad_tile8_sums(fa[v], fb[v], mf[v], mean + c + 8 * v, sum_dy + c + 8 * v, sum_dy_xmu + c + 8 * v);
 }
 #endif
 
