@@ -36,6 +36,10 @@ constexpr int64_t kRowBlockMinElems = 65536;
 // blocks per thread, into chunks of at least kMinChunkChannels channels.
 constexpr int64_t kMinReductionTasksPerThread = 8;
 constexpr int64_t kMinChunkChannels = 128;
+// Channels-last reductions add their per-block partials in parallel, kMergeChannels channels a
+// piece, from kParallelMergeValues partials (blocks x channels) up.
+constexpr int64_t kParallelMergeValues = 8192;
+constexpr int64_t kMergeChannels = 256;
 // Elements per parallel chunk of the elementwise passes.
 constexpr int64_t kElemGrain = 32768;
 // Elements averaged into each channel's shift for the shifted sums.

@@ -190,6 +190,29 @@ int64_t channel_chunk(const Geometry& g, int64_t blocks) {
   return split <= 1 ? g.C : ceil_div(ceil_div(g.C, split), unit) * unit;
 }
 
+// Channels-last partials (per block k: C sums of a, then C of b) added into a and b in block
+// order. Where there are many, threads take channel ranges: one thread reading every other
+// thread's partials from their caches took 7 us of a 51 us (4, 2048, 7, 7) statistics.
+inline void add_block_partials(const double* part, int64_t blocks, int64_t C, double* a, double* b) {
+  auto add = [&](int64_t c0, int64_t c1) {
+    double* __restrict pa = a;
+    double* __restrict pb = b;
+    for (int64_t k = 0; k < blocks; ++k) {
+      const double* __restrict pk = part + k * C * 2;
+      for (int64_t c = c0; c < c1; ++c) {
+        pa[c] += pk[c];
+        pb[c] += pk[C + c];
+      }
+    }
+  };
+  if (blocks * C < kParallelMergeValues) {
+    add(0, C);
+    return;
+  }
+  parallel_pieces(ceil_div(C, kMergeChannels), Sweep::kForward,
+                  [&](int64_t p) { add(p * kMergeChannels, std::min(C, (p + 1) * kMergeChannels)); });
+}
+
 // NC(D)HW: the sums of block k of channel c (its flat elements [k * kBlockElems, ...)), each run
 // added by run(offset, len, acc) (sum.run, or a loop that does more beside it).
 template <typename Summand, typename Run>
@@ -279,20 +302,16 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   const RowBlocks rb = row_blocks(g);
   const int64_t chunk = channel_chunk(g, rb.blocks);
   const int64_t chunks = ceil_div(g.C, chunk);
-  std::vector<double> part(rb.blocks * g.C * 2, 0.0);
+  // each task zeroes its own partials (left uninitialised here), in its thread's cache
+  const std::unique_ptr<double[]> part(new double[rb.blocks * g.C * 2]);
   parallel_pieces(rb.blocks * chunks, Sweep::kForward, [&](int64_t task) {
-    const int64_t k = task / chunks, c0 = task % chunks * chunk;
-    double* pa = part.data() + k * g.C * 2;
-    sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0, std::min(g.C, c0 + chunk), pa,
-             pa + g.C);
+    const int64_t k = task / chunks, c0 = task % chunks * chunk, c1 = std::min(g.C, c0 + chunk);
+    double* pa = part.get() + k * g.C * 2;
+    std::fill(pa + c0, pa + c1, 0.0);
+    std::fill(pa + g.C + c0, pa + g.C + c1, 0.0);
+    sum.rows(k * rb.rows_per_block, std::min(g.rows(), (k + 1) * rb.rows_per_block), c0, c1, pa, pa + g.C);
   });
-  for (int64_t k = 0; k < rb.blocks; ++k) {  // block order, contiguous reads
-    const double* pk = part.data() + k * g.C * 2;
-    for (int64_t c = 0; c < g.C; ++c) {
-      a[c] += pk[c];
-      b[c] += pk[g.C + c];
-    }
-  }
+  add_block_partials(part.get(), rb.blocks, g.C, a.data(), b.data());
 }
 
 // Whether a channels-last reduction reading `tensors` tensors streams its rows (sweep_row_streams)
