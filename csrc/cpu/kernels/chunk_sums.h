@@ -76,12 +76,10 @@ struct LaneSums {
   LaneSums()         // user-provided: built for AVX-512
       : a(_mm512_setzero_pd()), b(a), fa(_mm512_setzero_ps()), fb(fa), ga(fa), gb(fa) {}
   void widen();
-  // The sums with the pending float32 chunk sums widened in.
-  LaneSums flushed() const {
-    LaneSums t = *this;
-    t.widen();
-    return t;
-  }
+  // The two lane sums with the pending float32 chunk sums widened in, each reduced to one value.
+  // Field by field, not through a copy of the whole: a 64-byte load of the scalar fields that
+  // the block had just stored one by one stalled each 7x7 channel's finish (store forwarding).
+  void totals(double* A, double* B) const;
 #endif
   double sa = 0, sb = 0;
 };
@@ -107,6 +105,9 @@ inline void LaneSums::widen() {
   b = widen_add(b, _mm512_add_ps(fb, gb));
   fa = fb = ga = gb = _mm512_setzero_ps();
   vecs = 0;
+}
+inline void LaneSums::totals(double* A, double* B) const {
+  hsum8_pair(widen_add(a, _mm512_add_ps(fa, ga)), widen_add(b, _mm512_add_ps(fb, gb)), A, B);
 }
 
 // Vectors summed in float32 before widening: at most this many terms in any lane of f and g.

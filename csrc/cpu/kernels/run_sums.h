@@ -52,10 +52,9 @@ inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double
   *s1 = acc.sa;
   *s2 = acc.sb;
 #ifdef BN_EXT_AVX512BF16
-  const LaneSums t = acc.flushed();
   double A, B;
-  hsum8_pair(t.a, t.b, &A, &B);
-  add_shifted_sums(A, B, t.n, shift, s1, s2);
+  acc.totals(&A, &B);
+  add_shifted_sums(A, B, acc.n, shift, s1, s2);
 #else
   (void)shift;
 #endif
@@ -101,9 +100,8 @@ inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double
   *sum_dy = acc.sa;
   *sum_dy_xmu = acc.sb;
 #ifdef BN_EXT_AVX512BF16
-  const LaneSums t = acc.flushed();
   double A, B;
-  hsum8_pair(t.a, t.b, &A, &B);
+  acc.totals(&A, &B);
   add_grad_sums(A, B, mean, sum_dy, sum_dy_xmu);
 #else
   (void)mean;
