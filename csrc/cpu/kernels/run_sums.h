@@ -51,7 +51,7 @@ inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double s
 inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double* s2) {
   *s1 = acc.sa;
   *s2 = acc.sb;
-#ifdef BN_EXT_AVX512BF16
+#ifdef BN_EXT_AVX2_INTRINSICS
   double A, B;
   acc.totals(&A, &B);
   add_shifted_sums(A, B, acc.n, shift, s1, s2);
@@ -99,7 +99,7 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
 inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double* sum_dy_xmu) {
   *sum_dy = acc.sa;
   *sum_dy_xmu = acc.sb;
-#ifdef BN_EXT_AVX512BF16
+#ifdef BN_EXT_AVX2_INTRINSICS
   double A, B;
   acc.totals(&A, &B);
   add_grad_sums(A, B, mean, sum_dy, sum_dy_xmu);
