@@ -128,9 +128,10 @@ constexpr int64_t kChunkVectors = kChunk16 / 16;
 
 // Values [0, len) of a run, the last vector masked: body(j, n, fa, fb) adds the vector at j, whose
 // first n lanes are values (n = 16 but for the last), into the float32 chunk sums fa/fb (acc's f
-// or g pair, alternately), widened into acc's lanes every kChunkVectors vectors.
-template <typename Body>
-inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
+// or g pair, alternately), widened into acc's lanes every kChunkVectors vectors; pair(j, fa, fb,
+// ga, gb) adds the 32 values at j into both pairs, a vector's worth into each.
+template <typename Body, typename Pair>
+inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body, Pair&& pair) {
   // The float32 sums in locals, written back once: left in acc, which the body's output stores
   // may alias, GCC stored them to memory after every vector
   __m512 fa = acc.fa, fb = acc.fb, ga = acc.ga, gb = acc.gb;
@@ -144,8 +145,7 @@ inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
   };
   int64_t j = 0;
   for (; j + 32 <= len; j += 32) {
-    body(j, 16, fa, fb);
-    body(j + 16, 16, ga, gb);
+    pair(j, fa, fb, ga, gb);
     added(2);
   }
   if (j + 16 <= len) {
@@ -163,6 +163,15 @@ inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
   acc.gb = gb;
   acc.vecs = vecs;
   acc.n += static_cast<double>(len);
+}
+// chunked_lanes with each 32 values taken as two vectors in order, the first into f, the second
+// into g.
+template <typename Body>
+inline void chunked_lanes(int64_t len, LaneSums& acc, Body&& body) {
+  chunked_lanes(len, acc, body, [&](int64_t j, __m512& fa, __m512& fb, __m512& ga, __m512& gb) {
+    body(j, 16, fa, fb);
+    body(j + 16, 16, ga, gb);
+  });
 }
 
 template <typename scalar_t>
@@ -188,6 +197,51 @@ inline void add_grad16(const scalar_t* dy, const scalar_t* x, int64_t n, __m512 
   const __m512 g = load16_n(dy, n);
   fa = _mm512_add_ps(fa, g);
   fb = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(first_lanes(n), load16_n(x, n), zm), fb);
+}
+
+// 32 bfloat16 values from one 64-byte load as float32, the even positions' (shifted up) and the
+// odd positions' (masked): two instructions where two widening loads take four.
+inline void load32_split(const c10::BFloat16* p, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+// The pair bodies of chunked_lanes for add_shifted16 and add_grad16: bfloat16 as load32_split's
+// even positions into f and odd ones into g (the statistics' and gradient sums' bits differ from
+// taking them in order, deterministically), other types as two vectors in order.
+template <typename scalar_t>
+inline void add_shifted32(const scalar_t* p, __m512 shf, __m512& fa, __m512& fb, __m512& ga, __m512& gb) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    prefetch_ahead(p);
+    __m512 e, o;
+    load32_split(p, e, o);
+    const __m512 de = _mm512_sub_ps(e, shf), dd = _mm512_sub_ps(o, shf);
+    fa = _mm512_add_ps(fa, de);
+    fb = _mm512_fmadd_ps(de, de, fb);
+    ga = _mm512_add_ps(ga, dd);
+    gb = _mm512_fmadd_ps(dd, dd, gb);
+  } else {
+    add_shifted16(p, 16, shf, fa, fb);
+    add_shifted16(p + 16, 16, shf, ga, gb);
+  }
+}
+template <typename scalar_t>
+inline void add_grad32(const scalar_t* dy, const scalar_t* x, __m512 zm, __m512& fa, __m512& fb, __m512& ga,
+                       __m512& gb) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    prefetch_ahead(dy);
+    prefetch_ahead(x);
+    __m512 ge, go, xe, xo;
+    load32_split(dy, ge, go);
+    load32_split(x, xe, xo);
+    fa = _mm512_add_ps(fa, ge);
+    fb = _mm512_fmadd_ps(ge, _mm512_sub_ps(xe, zm), fb);
+    ga = _mm512_add_ps(ga, go);
+    gb = _mm512_fmadd_ps(go, _mm512_sub_ps(xo, zm), gb);
+  } else {
+    add_grad16(dy, x, 16, zm, fa, fb);
+    add_grad16(dy + 16, x + 16, 16, zm, ga, gb);
+  }
 }
 #endif
 
@@ -230,8 +284,9 @@ inline void shifted_sums_run_simd(const scalar_t* p, int64_t len, double shift, 
 #ifdef BN_EXT_AVX512BF16
   // (x - shift_f) and its square in float32 chunks; finish_shifted corrects for the rounding
   const __m512 shf16 = _mm512_set1_ps(static_cast<float>(shift));
-  chunked_lanes(len, acc,
-                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_shifted16(p + j, n, shf16, fa, fb); });
+  chunked_lanes(
+      len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_shifted16(p + j, n, shf16, fa, fb); },
+      [&](int64_t j, __m512& fa, __m512& fb, __m512& ga, __m512& gb) { add_shifted32(p + j, shf16, fa, fb, ga, gb); });
 #else
   // The lanes in locals, written back once (chunked_lanes' reason)
   __m256d a0 = acc.a, b0 = acc.b;
@@ -311,8 +366,11 @@ inline void grad_sums_run_simd(const scalar_t* dy, const scalar_t* x, int64_t le
 #ifdef BN_EXT_AVX512BF16
   // dy and dy * (x - mean_f) in float32 chunks; finish_grad corrects for the rounding of the mean
   const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
-  chunked_lanes(len, acc,
-                [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_grad16(dy + j, x + j, n, zm, fa, fb); });
+  chunked_lanes(
+      len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) { add_grad16(dy + j, x + j, n, zm, fa, fb); },
+      [&](int64_t j, __m512& fa, __m512& fb, __m512& ga, __m512& gb) {
+        add_grad32(dy + j, x + j, zm, fa, fb, ga, gb);
+      });
 #else
   // dy and dy * (x - mean_f) into the lanes (finish_grad corrects for the rounding of the mean)
   const __m256 mf = _mm256_set1_ps(static_cast<float>(mean));

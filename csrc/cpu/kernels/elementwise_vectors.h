@@ -271,7 +271,7 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
 
 #ifdef BN_EXT_AVX512BF16
 // The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
-// added as shifted_sums_run_simd adds them (add_shifted16 into the same chunk sums, so the same
+// added as shifted_sums_run_simd adds them (add_shifted16/32 into the same chunk sums, so the same
 // bits), and in the same loop the run at the same (n, s) of the channel before it, whose
 // statistics are done, normalised a vector at a time by normalize_span (normalize_run_simd's).
 // The run summed comes from memory while the one normalised comes from cache and its output goes
@@ -282,11 +282,19 @@ inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double sh
                                        scalar_t* yp, float hi, float lo, float sc, float sh, bool stream) {
   const __m512 shf = _mm512_set1_ps(static_cast<float>(shift));
   const bool folded = hi == 0.0f && lo == 0.0f;
-  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    add_shifted16(x + j, n, shf, fa, fb);
-    // n <= 16 values: one vector, or the masked last one
+  auto normalize = [&](int64_t j, int64_t n) {
     normalize_span(xp + j, yp + j, n, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, stream);
-  });
+  };
+  chunked_lanes(
+      len, acc,
+      [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
+        add_shifted16(x + j, n, shf, fa, fb);
+        normalize(j, n);  // n <= 16 values: one vector, or the masked last one
+      },
+      [&](int64_t j, __m512& fa, __m512& fb, __m512& ga, __m512& gb) {
+        add_shifted32(x + j, shf, fa, fb, ga, gb);
+        normalize(j, 32);
+      });
 }
 #else
 // The AVX2 build's: shifted_sums_run_simd over the run, normalising the same span of the channel

@@ -88,7 +88,7 @@ inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t
 
 #ifdef BN_EXT_AVX512BF16
 // The pipelined training backward's loop (backward_pipelined), as shifted_sums_normalize_run:
-// one run of a channel's gradient sums, added as grad_sums_run_simd adds them (add_grad16), and
+// one run of a channel's gradient sums, added as grad_sums_run_simd adds them (add_grad16/32), and
 // in the same loop the input gradient of the run at the same (n, s) of the channel before it, a
 // vector at a time by grad_input_span (grad_input_run_simd's, the training formula).
 template <typename scalar_t>
@@ -97,12 +97,20 @@ inline void grad_sums_grad_input_run(const scalar_t* dy, const scalar_t* x, int6
                                      const BackwardCoeffs<float>& k, bool stream) {
   const __m512 zm = _mm512_set1_ps(static_cast<float>(mean));
   const bool folded = k.mean_hi == 0.0f && k.mean_lo == 0.0f;
-  chunked_lanes(len, acc, [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
-    add_grad16(dy + j, x + j, n, zm, fa, fb);
-    // n <= 16 values: one vector, or the masked last one
+  auto grad_input = [&](int64_t j, int64_t n) {
     grad_input_span<true>(dyp + j, xp + j, dxp + j, n, Broadcast{k.k_dy}, Broadcast{k.k_x}, Broadcast{k.k_0},
                           Broadcast{k.mean_hi}, Broadcast{k.mean_lo}, folded, stream);
-  });
+  };
+  chunked_lanes(
+      len, acc,
+      [&](int64_t j, int64_t n, __m512& fa, __m512& fb) {
+        add_grad16(dy + j, x + j, n, zm, fa, fb);
+        grad_input(j, n);  // n <= 16 values: one vector, or the masked last one
+      },
+      [&](int64_t j, __m512& fa, __m512& fb, __m512& ga, __m512& gb) {
+        add_grad32(dy + j, x + j, zm, fa, fb, ga, gb);
+        grad_input(j, 32);
+      });
 }
 #else
 // The AVX2 build's, as its shifted_sums_normalize_run: grad_sums_run_simd, the channel before's
