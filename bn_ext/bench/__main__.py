@@ -87,9 +87,11 @@ def warm(fn, device, warmup, seconds=None):
 def interleaved_times(fns, device, repeats, warmup, min_time=0.0):
     """Seconds per call of each of fns, a list of samples each. On the CPU they take turns call by
     call, so that each sees the same machine state: a noisy neighbour slows all of them, not one,
-    and each call follows one that read the same input and wrote an output of the same size, so
-    none of them finds the tensors in cache that another does not. On the GPU each is timed by
-    median_time (one sample each)."""
+    and each call follows one that read the same input and wrote an output of the same size. The
+    callers never put two of bn_ext's calls on the same tensors one after the other: the second
+    would find its threads' shares of the input in their own L2s, left there by the first, which
+    split the tensor between the threads the same way. On the GPU each is timed by median_time
+    (one sample each)."""
     if device == "cuda":
         return [[median_time(fn, device, repeats, warmup, min_time)] for fn in fns]
     for fn in fns:
@@ -352,7 +354,8 @@ def run(args, builds):
             extra = [on_build(start_build, fn) if side_by_side else fn for fn in two_reads_fns(ours, x)]
         # Each build takes its turns after torch's call, one build at a time: a build timed right
         # after another on the same tensors finds its thread's share of x in its own L2 (the
-        # second of two builds ran up to 1.2x faster than alone), which no layer of a network does.
+        # second of two builds came out 1.17x its speed alone, geomean), which no layer of a
+        # network does.
         # times: torch's (pooled), each build's, the copy's (pooled), then the two-reads pair.
         times = [[] for _ in range(len(ours_fns) + 2 + len(extra))]
         for j, fn in enumerate(ours_fns):
