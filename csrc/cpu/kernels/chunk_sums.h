@@ -64,11 +64,10 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
 // float64 lanes of widened float32 chunk sums (taken against the float32-rounded shift or mean),
 // added across runs and reduced once, when the block finishes: a horizontal sum per run would
 // cost more than a 7x7 plane's run itself. The float32 chunk sums (two pairs, f and g, taking
-// alternate vectors) carry over from one run to the next and are widened every kChunkVectors
-// vectors and when the block finishes, not per run: four 49-value runs of a 7x7 channel widen
-// once, not four times. The AVX2 build keeps four such float64 lanes (its float32 chunks stay
-// within a run); the baseline build, and the last values of the AVX2 build's runs, sum into sa
-// and sb.
+// alternate vectors, or a 32-value step's even and odd bfloat16 positions) carry over from one run to the next and are
+// widened every kChunkVectors vectors and when the block finishes, not per run: four 49-value runs of a 7x7 channel
+// widen once, not four times. The AVX2 build keeps four such float64 lanes (its float32 chunks stay within a run); the
+// baseline build, and the last values of the AVX2 build's runs, sum into sa and sb.
 struct LaneSums {
 #ifdef BN_EXT_AVX512BF16
   __m512d a, b;
@@ -77,7 +76,6 @@ struct LaneSums {
   double n = 0;      // values in the lanes
   LaneSums()         // user-provided: built for AVX-512
       : a(_mm512_setzero_pd()), b(a), fa(_mm512_setzero_ps()), fb(fa), ga(fa), gb(fa) {}
-  void widen();
   // The two lane sums with the pending float32 chunk sums widened in, each reduced to one value.
   // Field by field, not through a copy of the whole: a 64-byte load of the scalar fields that
   // the block had just stored one by one stalled each 7x7 channel's finish (store forwarding).
@@ -113,12 +111,6 @@ inline void add_grad_sums(double A, double B, double mean, double* sum_dy, doubl
 
 #ifdef BN_EXT_AVX2_INTRINSICS
 #ifdef BN_EXT_AVX512BF16
-inline void LaneSums::widen() {
-  a = widen_add(a, _mm512_add_ps(fa, ga));
-  b = widen_add(b, _mm512_add_ps(fb, gb));
-  fa = fb = ga = gb = _mm512_setzero_ps();
-  vecs = 0;
-}
 inline void LaneSums::totals(double* A, double* B) const {
   hsum8_pair(widen_add(a, _mm512_add_ps(fa, ga)), widen_add(b, _mm512_add_ps(fb, gb)), A, B);
 }

@@ -9,8 +9,9 @@
 // Channels-last rows [r0, r1), channels [c0, c1) (c0 a multiple of 16): tile(c, q0, q1, width) for
 // each tile of kWideTileChannels and 16 (AVX-512 build) or kWideTile8Channels (AVX2), then 8
 // channels, over chunks of at most kRowsPerTile rows (SIMD builds, non-double input). Returns the
-// first channel it did not cover, which the caller finishes with scalar code. Which tile a channel falls in depends on
-// C alone, never on [c0, c1) (channel_chunk cuts chunks in whole wide tiles).
+// first channel it did not cover, which the caller finishes with scalar code. Which tile a
+// channel falls in depends on C alone, never on [c0, c1) (channel_chunk cuts chunks in whole wide
+// tiles).
 template <typename scalar_t, int64_t kStreams, typename Tile>
 inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int64_t r1, Tile&& tile) {
 #ifdef BN_EXT_AVX2_INTRINSICS
