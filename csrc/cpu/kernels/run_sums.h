@@ -48,7 +48,9 @@ inline void shifted_sums_run(const scalar_t* __restrict p, int64_t len, double s
 }
 
 // A block's shifted sums from its LaneSums (the lanes hold sums against the float32 shift).
-inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double* s2) {
+// Always inlined: called out of line it took the block's LaneSums by address, and GCC then kept
+// the float64 lanes in memory, loaded and stored around every run of the block.
+[[gnu::always_inline]] inline void finish_shifted(const LaneSums& acc, double shift, double* s1, double* s2) {
   *s1 = acc.sa;
   *s2 = acc.sb;
 #ifdef BN_EXT_AVX2_INTRINSICS
@@ -96,7 +98,8 @@ inline void grad_sums_run(const scalar_t* __restrict dy, const scalar_t* __restr
 }
 
 // A block's gradient sums from its LaneSums (the lanes hold sum(dy) and sum(dy * (x - mean_f))).
-inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double* sum_dy_xmu) {
+// Always inlined, as finish_shifted.
+[[gnu::always_inline]] inline void finish_grad(const LaneSums& acc, double mean, double* sum_dy, double* sum_dy_xmu) {
   *sum_dy = acc.sa;
   *sum_dy_xmu = acc.sb;
 #ifdef BN_EXT_AVX2_INTRINSICS
