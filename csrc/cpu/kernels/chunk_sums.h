@@ -64,10 +64,11 @@ std::vector<double> channel_shifts(const scalar_t* x, const Geometry& g) {
 // float64 lanes of widened float32 chunk sums (taken against the float32-rounded shift or mean),
 // added across runs and reduced once, when the block finishes: a horizontal sum per run would
 // cost more than a 7x7 plane's run itself. The float32 chunk sums (two pairs, f and g, taking
-// alternate vectors, or a 32-value step's even and odd bfloat16 positions) carry over from one run to the next and are
-// widened every kChunkVectors vectors and when the block finishes, not per run: four 49-value runs of a 7x7 channel
-// widen once, not four times. The AVX2 build keeps four such float64 lanes (its float32 chunks stay within a run); the
-// baseline build, and the last values of the AVX2 build's runs, sum into sa and sb.
+// alternate vectors, or a 32-value step's even and odd bfloat16 positions) carry over from one
+// run to the next and are widened every kChunkVectors vectors and when the block finishes, not
+// per run: four 49-value runs of a 7x7 channel widen once, not four times. The AVX2 build keeps
+// four such float64 lanes (its float32 chunks stay within a run); the baseline build, and the
+// last values of the AVX2 build's runs, sum into sa and sb.
 struct LaneSums {
 #ifdef BN_EXT_AVX512BF16
   __m512d a, b;
