@@ -128,11 +128,13 @@ def test_bfloat16_outputs_round_to_nearest_even_in_every_build(shape, layout, re
     ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("cl" if v is not None else "nchw"),
 )
-def test_fused_ops_give_the_baseline_bits_in_every_build(shape, fmt, dtype, restore_build):
+def test_fused_ops_agree_across_builds(shape, fmt, dtype, restore_build):
     """The fused ops' elementwise loops with given statistics compute the scalar loops' formulas
     operation for operation, whatever their width (8, 16, bfloat16 as even and odd halves with the
     per-position coefficients reordered to match): every build gives the baseline build's bits,
-    forward and backward, every activation, with and without a residual."""
+    forward and backward, every activation, with and without a residual. SiLU's exponential fuses
+    its multiply-adds in the SIMD builds and not in the baseline: there the SIMD builds agree with
+    each other to the bit and with the baseline to rounding."""
     builds = runnable_builds()
     if len(builds) < 2:
         pytest.skip("this CPU runs one build only")
@@ -151,11 +153,24 @@ def test_fused_ops_give_the_baseline_bits_in_every_build(shape, fmt, dtype, rest
         out = []
         for act, r in (("relu", res), ("relu6", None), ("leaky_relu", res), ("silu", None), ("identity", res)):
             mask = [True, True, True, r is not None]
-            out.append(ops.batch_norm_act(x, w, b, r, mean, var, 1e-5, act, 0.2))
+            out.append((act, ops.batch_norm_act(x, w, b, r, mean, var, 1e-5, act, 0.2)))
             for training in (True, False):
-                out += ops.batch_norm_act_backward(dy, x, w, b, r, mean, var, 1e-5, training, act, 0.2, mask)
+                out += [
+                    (act, t)
+                    for t in ops.batch_norm_act_backward(dy, x, w, b, r, mean, var, 1e-5, training, act, 0.2, mask)
+                ]
         runs[build] = out
-    for build in builds[1:]:
-        for i, (p, q) in enumerate(zip(runs["default"], runs[build], strict=True)):
+    simd = builds[1:]
+    for build in simd:
+        for i, ((act, p), (_, q)) in enumerate(zip(runs["default"], runs[build], strict=True)):
             assert p.stride() == q.stride()
-            assert torch.equal(p, q), f"{build} differs from the baseline build in output {i}"
+            if act != "silu":
+                assert torch.equal(p, q), f"{build} differs from the baseline build in output {i} ({act})"
+            else:
+                # one rounding fewer per multiply-add: float32 within a few ulp of the output's
+                # scale, bfloat16 at most one ulp where a value sits on a rounding boundary
+                tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+                torch.testing.assert_close(q, p, **tol, msg=lambda m, i=i, b=build: f"{b}, output {i} (silu): {m}")
+    for build in simd[1:]:
+        for i, ((act, p), (_, q)) in enumerate(zip(runs[simd[0]], runs[build], strict=True)):
+            assert torch.equal(p, q), f"{build} differs from {simd[0]} in output {i} ({act})"

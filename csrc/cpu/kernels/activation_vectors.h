@@ -1,9 +1,10 @@
 // Part of kernels.h, included inside the ISA's namespace: it includes nothing itself.
 // The fused ops' loops over a vector width (Lanes8; the AVX-512 build runs Lanes16 first):
-// activation.h's scalar formulas, operation for operation (no fused multiply-add, the same
-// comparisons and selects), so a vector and the scalar tail give the same bits and nothing
-// depends on where a thread's range starts. Lanes8's compiler-vectorised counterparts ran at a
-// third of the plain BatchNorm loops' speed (bfloat16 loads and stores, the selects).
+// activation.h's scalar formulas, operation for operation (fused multiply-adds where those write
+// mul_add and nowhere else, the same comparisons and selects), so a vector and the scalar tail
+// give the same bits and nothing depends on where a thread's range starts. Lanes8's
+// compiler-vectorised counterparts ran at a third of the plain BatchNorm loops' speed (bfloat16
+// loads and stores, the selects).
 
 // 1.5 * 2^23: adding it rounds a float of magnitude below 2^22 to an integer (exp_basic).
 constexpr float kRoundToInt = 12582912.0f;
@@ -82,16 +83,16 @@ inline typename O::vec exp_basic_vec(typename O::vec v) {
   using L = typename O::L;
   using vec = typename O::vec;
   const vec k = O::min(O::max(v, L::coef(-87.0f)), L::coef(89.0f));
-  const vec f = L::add(L::mul(k, L::coef(1.44269504088896341f)), L::coef(kRoundToInt));
+  const vec f = L::fmadd(k, L::coef(1.44269504088896341f), L::coef(kRoundToInt));
   const vec n = L::sub(f, L::coef(kRoundToInt));
-  const vec r = L::add(L::sub(k, L::mul(n, L::coef(0.693359375f))), L::mul(n, L::coef(2.12194440e-4f)));
+  const vec r = L::fmadd(n, L::coef(2.12194440e-4f), L::fmadd(n, L::coef(-0.693359375f), k));
   const vec r2 = L::mul(r, r);
   const vec r4 = L::mul(r2, r2);
   const vec p01 = L::add(L::coef(1.0f), r);
-  const vec p23 = L::add(L::coef(0.5f), L::mul(r, L::coef(1.0f / 6.0f)));
-  const vec p45 = L::add(L::coef(1.0f / 24.0f), L::mul(r, L::coef(1.0f / 120.0f)));
-  const vec p67 = L::add(L::coef(1.0f / 720.0f), L::mul(r, L::coef(1.0f / 5040.0f)));
-  const vec p = L::add(L::add(p01, L::mul(r2, p23)), L::mul(r4, L::add(p45, L::mul(r2, p67))));
+  const vec p23 = L::fmadd(r, L::coef(1.0f / 6.0f), L::coef(0.5f));
+  const vec p45 = L::fmadd(r, L::coef(1.0f / 120.0f), L::coef(1.0f / 24.0f));
+  const vec p67 = L::fmadd(r, L::coef(1.0f / 5040.0f), L::coef(1.0f / 720.0f));
+  const vec p = L::fmadd(r4, L::fmadd(r2, p67, p45), L::fmadd(r2, p23, p01));
   return L::mul(p, O::pow2_of_rounded(f));
 }
 
@@ -119,7 +120,7 @@ inline typename O::vec act_grad_vec(typename O::vec dy, typename O::vec z, typen
   if constexpr (A == Act::kSilu) {
     const typename O::vec one = L::coef(1.0f);
     const typename O::vec s = O::div(one, L::add(one, exp_basic_vec<O>(O::neg(z))));
-    return L::mul(dy, L::mul(s, L::add(one, L::mul(z, L::sub(one, s)))));
+    return L::mul(dy, L::mul(s, L::fmadd(z, L::sub(one, s), one)));
   }
   return dy;
 }
