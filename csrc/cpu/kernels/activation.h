@@ -169,6 +169,13 @@ inline void act_forward_span(const scalar_t* __restrict xs, const scalar_t* __re
                                              slope, folded, stream);
     }
   });
+#ifdef BN_EXT_AVX512BF16
+  if constexpr (kStep == 0 && !std::is_same_v<scalar_t, double>) {
+    if (i < len)
+      act_forward_tail<A, kRes>(xs + i, kRes ? rs + i : nullptr, ys + i, len - i, *hi, *lo, *sc, *sh, slope, folded);
+    return;
+  }
+#endif
 #endif
   for (; i < len; ++i) {
     const int64_t j = kStep * i;
@@ -271,8 +278,15 @@ struct ActGradSums {
 #endif
       // the rest: terms into the buffers (index i - v), whole groups of 8 into the lanes as the
       // vector loop adds them, the last values in double
-      act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c], k.sh[c],
-                              k.slope, mt, dzs, ts);
+#ifdef BN_EXT_AVX512BF16
+      if constexpr (!std::is_same_v<opmath_t, double>) {
+        if (v < n)  // fewer than 8 values: one masked vector (act_forward_tail)
+          act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c],
+                                       k.sh[c], k.slope, mt, k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0), dzs, ts);
+      } else
+#endif
+        act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c], k.sh[c],
+                                k.slope, mt, dzs, ts);
       if constexpr (kKeep) std::copy(dzs, dzs + (n - v), keep + s0 + v);
       int64_t i = v;
       for (; i + 8 <= n; i += 8) {
@@ -407,6 +421,15 @@ inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restr
           PerLane{kx}, PerLane{k0}, PerLane{mhi}, PerLane{mlo}, slope, folded, stream);
     }
   });
+#ifdef BN_EXT_AVX512BF16
+  if constexpr (kStep == 0 && !std::is_same_v<scalar_t, double>) {
+    if (i < len)
+      act_grad_tail<A, kRes, kTraining, kDx, kDres>(dy + i, x + i, kRes ? res + i : nullptr, kDx ? dx + i : nullptr,
+                                                    kDres ? dres + i : nullptr, len - i,
+                                                    {hi, lo, sc, sh, kdy, kx, k0, mhi, mlo}, slope, folded);
+    return;
+  }
+#endif
 #endif
   for (; i < len; ++i) {
     const int64_t j = kStep * i;
