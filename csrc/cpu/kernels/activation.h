@@ -336,7 +336,10 @@ struct ActGradSums {
       for (int64_t j = 0; j < n; ++j) mt[j] = static_cast<opmath_t>(mean[c0 + j]);
       for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
         std::fill(sa, sb + n, opmath_t(0));
-        for (int64_t r = g0; r < std::min(r1, g0 + kRowGroup); ++r) row_terms(r * C + c0, c0, n, mt, sa, sb);
+        const int64_t g1 = std::min(r1, g0 + kRowGroup);
+        int64_t r = g0;
+        for (; r + 2 <= g1; r += 2) row_terms<2>(r * C + c0, c0, n, mt, sa, sb);
+        if (r < g1) row_terms<1>(r * C + c0, c0, n, mt, sa, sb);
         for (int64_t j = 0; j < n; ++j) {
           const double da = static_cast<double>(sa[j]);
           a[c0 + j] += da;
@@ -349,28 +352,33 @@ struct ActGradSums {
   // channel, as the plain reductions' chunks), then into the float64 ones with the rounding of the
   // mean (mt) put back: a float64 read-modify-write per value held this loop. Rows in memory order.
   static constexpr int64_t kRowGroup = 8;
-  // One row's n values from flat offset o (channels c0 on): sa += dz, sb += dz * (x - mt).
+  // kRows rows' n values from flat offset o (channels c0 on), row after row: sa += dz,
+  // sb += dz * (x - mt).
+  template <int kRows>
   void row_terms(int64_t o, int64_t c0, int64_t n, const opmath_t* mt, opmath_t* __restrict sa,
                  opmath_t* __restrict sb) const {
-    const scalar_t* __restrict dys = dy + o;
-    const scalar_t* __restrict xs = x + o;
-    const scalar_t* __restrict rs = kRes ? res + o : nullptr;
-    opmath_t* ks = keep != nullptr ? keep + o : nullptr;
     const opmath_t *hi = k.hi + c0, *lo = k.lo + c0, *sc = k.sc + c0, *sh = k.sh + c0;
-    int64_t j = 0;
+    int64_t j0 = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-    j = ks != nullptr
-            ? act_grad_row_sums<A, kRes, true>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, k.folded, mt, sa, sb, ks)
-            : act_grad_row_sums<A, kRes, false>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, k.folded, mt, sa, sb, nullptr);
+    j0 = keep != nullptr ? act_grad_row_sums<A, kRes, true, kRows>(dy + o, x + o, kRes ? res + o : nullptr, C, n, hi,
+                                                                   lo, sc, sh, k.slope, k.folded, mt, sa, sb, keep + o)
+                         : act_grad_row_sums<A, kRes, false, kRows>(dy + o, x + o, kRes ? res + o : nullptr, C, n, hi,
+                                                                    lo, sc, sh, k.slope, k.folded, mt, sa, sb, nullptr);
 #endif
-    for (; j < n; ++j) {
-      const opmath_t xv = load_value<opmath_t>(xs[j]);
-      opmath_t z = normalized(xv, hi[j], lo[j], sc[j], sh[j]);
-      if constexpr (kRes) z += load_value<opmath_t>(rs[j]);
-      const opmath_t dz = act_grad<A>(load_value<opmath_t>(dys[j]), z, k.slope);
-      if (ks != nullptr) ks[j] = dz;
-      sa[j] += dz;
-      sb[j] += dz * (xv - mt[j]);
+    for (int r = 0; r < kRows; ++r) {
+      const scalar_t* __restrict dys = dy + o + r * C;
+      const scalar_t* __restrict xs = x + o + r * C;
+      const scalar_t* __restrict rs = kRes ? res + o + r * C : nullptr;
+      opmath_t* ks = keep != nullptr ? keep + o + r * C : nullptr;
+      for (int64_t j = j0; j < n; ++j) {
+        const opmath_t xv = load_value<opmath_t>(xs[j]);
+        opmath_t z = normalized(xv, hi[j], lo[j], sc[j], sh[j]);
+        if constexpr (kRes) z += load_value<opmath_t>(rs[j]);
+        const opmath_t dz = act_grad<A>(load_value<opmath_t>(dys[j]), z, k.slope);
+        if (ks != nullptr) ks[j] = dz;
+        sa[j] += dz;
+        sb[j] += dz * (xv - mt[j]);
+      }
     }
   }
   void add(int64_t i, int64_t ch, double* a, double* b) const {

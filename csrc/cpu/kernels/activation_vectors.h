@@ -320,38 +320,51 @@ inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* 
   return i;
 }
 
-// ActGradSums::row_terms' vector loop over n channels of one channels-last row: sa[c] += dz,
-// sb[c] += dz * (x - mt[c]) in float32, O's width of channels at a time (from channel c on) as the
-// scalar loop does; returns where it stopped. kKeep: each dz is also stored to keep[c].
-template <typename O, Act A, bool kRes, bool kKeep, typename scalar_t>
-inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t c, int64_t n,
-                                    const float* hi, const float* lo, const float* sc, const float* sh, float slope,
-                                    bool folded, const float* mt, float* sa, float* sb, float* keep) {
+// ActGradSums::row_terms' vector loop over n channels of kRows channels-last rows (the second
+// `stride` values after the first): sa[c] += dz, sb[c] += dz * (x - mt[c]) in float32, row after
+// row, O's width of channels at a time (from channel c on) as the scalar loop does; returns where
+// it stopped. kKeep: each dz is also stored to keep[c] (keep[stride + c]). Two rows a step load
+// and store the sums once for both and give the scheduler two exponentials' chains at once.
+template <typename O, Act A, bool kRes, bool kKeep, int kRows, typename scalar_t>
+inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t stride,
+                                    int64_t c, int64_t n, const float* hi, const float* lo, const float* sc,
+                                    const float* sh, float slope, bool folded, const float* mt, float* sa, float* sb,
+                                    float* keep) {
   using L = typename O::L;
   const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
   const typename O::vec s = L::coef(slope);
   for (; c + L::width <= n; c += L::width) {
-    typename O::vec xv;
-    const typename O::vec dz = act_dz_vec<O, A, kRes>(dy, x, res, c, ph, pl, ps, pt, folded, s, xv);
-    if constexpr (kKeep) L::store(keep + c, dz);
-    L::store(sa + c, L::add(L::load(sa + c), dz));
-    L::store(sb + c, L::add(L::load(sb + c), L::mul(dz, L::sub(xv, L::load(mt + c)))));
+    typename O::vec a = L::load(sa + c), b = L::load(sb + c);
+    const typename O::vec m = L::load(mt + c);
+#pragma GCC unroll 2
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t o = r * stride;
+      typename O::vec xv;
+      const typename O::vec dz =
+          act_dz_vec<O, A, kRes>(dy + o, x + o, kRes ? res + o : res, c, ph, pl, ps, pt, folded, s, xv);
+      if constexpr (kKeep) L::store(keep + o + c, dz);
+      a = L::add(a, dz);
+      b = L::add(b, L::mul(dz, L::sub(xv, m)));
+    }
+    L::store(sa + c, a);
+    L::store(sb + c, b);
   }
   return c;
 }
 
 // The same, 16 channels at a time first in the AVX-512 build (each channel's sums take the same
 // terms in the same order whatever the width: the same bits).
-template <Act A, bool kRes, bool kKeep, typename scalar_t>
-inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, const float* hi,
-                                 const float* lo, const float* sc, const float* sh, float slope, bool folded,
-                                 const float* mt, float* sa, float* sb, float* keep) {
+template <Act A, bool kRes, bool kKeep, int kRows, typename scalar_t>
+inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t stride, int64_t n,
+                                 const float* hi, const float* lo, const float* sc, const float* sh, float slope,
+                                 bool folded, const float* mt, float* sa, float* sb, float* keep) {
   int64_t c = 0;
 #ifdef BN_EXT_AVX512BF16
-  c = act_grad_row_sums_of<ActOps16, A, kRes, kKeep>(dy, x, res, c, n, hi, lo, sc, sh, slope, folded, mt, sa, sb, keep);
+  c = act_grad_row_sums_of<ActOps16, A, kRes, kKeep, kRows>(dy, x, res, stride, c, n, hi, lo, sc, sh, slope, folded, mt,
+                                                            sa, sb, keep);
 #endif
-  return act_grad_row_sums_of<ActOps8, A, kRes, kKeep>(dy, x, res, c, n, hi, lo, sc, sh, slope, folded, mt, sa, sb,
-                                                       keep);
+  return act_grad_row_sums_of<ActOps8, A, kRes, kKeep, kRows>(dy, x, res, stride, c, n, hi, lo, sc, sh, slope, folded,
+                                                              mt, sa, sb, keep);
 }
 
 #endif  // BN_EXT_AVX2_INTRINSICS
