@@ -263,6 +263,7 @@ struct ActGradSums {
     opmath_t dzs[kChunk], ts[kChunk];
     const opmath_t mt = static_cast<opmath_t>(mean[c]);
     const double rest = mean[c] - static_cast<double>(mt);
+    const bool folded = k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0);
     for (int64_t s0 = 0; s0 < len; s0 += kChunk) {
       const int64_t n = std::min(kChunk, len - s0);
       const scalar_t* dys = dy + off + s0;
@@ -272,9 +273,8 @@ struct ActGradSums {
       int64_t v = 0;  // values [0, v) summed by the vector loop (whole vectors of 8)
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<opmath_t, double>)
-        v = act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt,
-                                           k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0), a8, b8,
-                                           kKeep ? keep + s0 : nullptr);
+        v = act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt, folded, a8,
+                                           b8, kKeep ? keep + s0 : nullptr);
 #endif
       // the rest: terms into the buffers (index i - v), whole groups of 8 into the lanes as the
       // vector loop adds them, the last values in double
@@ -282,7 +282,7 @@ struct ActGradSums {
       if constexpr (!std::is_same_v<opmath_t, double>) {
         if (v < n)  // fewer than 8 values: one masked vector (act_forward_tail)
           act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c],
-                                       k.sh[c], k.slope, mt, k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0), dzs, ts);
+                                       k.sh[c], k.slope, mt, folded, dzs, ts);
       } else
 #endif
         act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c], k.sh[c],

@@ -212,12 +212,23 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
 // vector, in place of the scalar loop: lanes past the run's end load zeros, the formulas above
 // give the scalar loop's bits, and only the first m lanes are stored. On 14 x 14 planes the
 // scalar loop over the last four values had taken about a fifth of a fused pass's samples.
+
+// pre_act_vec of a run's last m values (x's vector left in xv).
+template <bool kRes, typename scalar_t>
+inline __m512 pre_act_tail(const scalar_t* x, const scalar_t* res, int64_t m, float hi, float lo, float sc, float sh,
+                           bool folded, __m512& xv) {
+  xv = load16_first(x, m);
+  __m512 z = normalized_vec<Lanes16>(xv, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, 0);
+  if constexpr (kRes) z = Lanes16::add(z, load16_first(res, m));
+  return z;
+}
+
+// act_forward_vectors over a run's last m values.
 template <Act A, bool kRes, typename scalar_t>
 inline void act_forward_tail(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t m, float hi, float lo,
                              float sc, float sh, float slope, bool folded) {
-  __m512 z = normalized_vec<Lanes16>(load16_first(x, m), Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh},
-                                     folded, 0);
-  if constexpr (kRes) z = Lanes16::add(z, load16_first(res, m));
+  __m512 xv;
+  const __m512 z = pre_act_tail<kRes>(x, res, m, hi, lo, sc, sh, folded, xv);
   store16_first(y, activate_vec<ActOps16, A>(z, Lanes16::coef(slope)), m);
 }
 
@@ -225,9 +236,7 @@ inline void act_forward_tail(const scalar_t* x, const scalar_t* res, scalar_t* y
 template <Act A, bool kRes, typename scalar_t>
 inline __m512 act_dz_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi, float lo,
                           float sc, float sh, float slope, bool folded, __m512& xv) {
-  xv = load16_first(x, m);
-  __m512 z = normalized_vec<Lanes16>(xv, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, 0);
-  if constexpr (kRes) z = Lanes16::add(z, load16_first(res, m));
+  const __m512 z = pre_act_tail<kRes>(x, res, m, hi, lo, sc, sh, folded, xv);
   return act_grad_vec<ActOps16, A>(load16_first(dy, m), z, Lanes16::coef(slope));
 }
 
