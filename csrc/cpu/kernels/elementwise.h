@@ -62,6 +62,22 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
                   const Affine<at::opmath_type<scalar_t>>& a, Sweep order, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
+#ifdef BN_EXT_AVX512BF16
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // a piece's planes in one call
+      parallel_spans(
+          g,
+          [&](int64_t c, int64_t s0, int64_t off, int64_t len) {
+            normalize_planes16(
+                x + off, y + off, len, g.S, s0, c, [&](int64_t ch) { return ch + 1 == g.C ? 0 : ch + 1; },
+                [&](int64_t ch) {
+                  return ForwardCoeffs<float>{a.mean_hi[ch], a.mean_lo[ch], a.scale[ch], a.shift[ch]};
+                },
+                stream);
+          },
+          order);
+      return;
+    }
+#endif
     parallel_runs(
         g,
         [&](int64_t c, int64_t off, int64_t len) {

@@ -270,6 +270,33 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
 }
 
 #ifdef BN_EXT_AVX512BF16
+// Consecutive NC(D)HW planes normalised in one call: `len` values from x, the first s0 values into
+// a plane of channel c, each plane followed by one of channel next(c); k(c) gives channel c's
+// ForwardCoeffs<float>. Each plane goes as normalize_span takes a run (whole vectors, then one
+// masked vector: the same bits), but inline: on planes of a few dozen values (7 x 7) a call per
+// run, its prologue and its broadcasts weighed on the pass.
+template <typename scalar_t, typename Next, typename Coeffs>
+inline void normalize_planes16(const scalar_t* x, scalar_t* y, int64_t len, int64_t S, int64_t s0, int64_t c,
+                               Next&& next, Coeffs&& k, bool stream) {
+  for (int64_t i = 0; i < len; c = next(c)) {
+    const int64_t end = std::min(len, i + S - s0);
+    s0 = 0;
+    const auto q = k(c);
+    const __m512 hi = _mm512_set1_ps(q.mean_hi), lo = _mm512_set1_ps(q.mean_lo), sc = _mm512_set1_ps(q.scale),
+                 sh = _mm512_set1_ps(q.shift);
+    const bool folded = q.mean_hi == 0.0f && q.mean_lo == 0.0f;
+    auto out = [&](__m512 xv) { return folded ? Lanes16::fmadd(xv, sc, sh) : normalized<Lanes16>(xv, hi, lo, sc, sh); };
+    for (; i + 16 <= end; i += 16) {
+      prefetch_ahead(x + i);
+      Lanes16::store_out(y + i, out(load16(x + i)), stream);
+    }
+    if (i < end) {
+      store16_first(y + i, out(load16_first(x + i, end - i)), end - i);
+      i = end;
+    }
+  }
+}
+
 // The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
 // added as shifted_sums_run_simd adds them (add_shifted16/32 into the same chunk sums, so the same
 // bits), and in the same loop the run at the same (n, s) of the channel before it, whose

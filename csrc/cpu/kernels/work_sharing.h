@@ -115,6 +115,22 @@ void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
       store_fence);
 }
 
+// fn(c, s0, offset, len) for each piece of about kElemGrain elements of an NC(D)HW tensor, in
+// parallel: the piece's `len` elements from flat `offset`, which lies s0 values into a plane of
+// channel c (the planes after it: channels c + 1, ..., wrapping to 0 at the next sample).
+template <typename Fn>
+void parallel_spans(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
+  const int64_t numel = g.numel();
+  parallel_pieces(
+      ceil_div(numel, kElemGrain), order,
+      [&](int64_t p) {
+        const int64_t lo = p * kElemGrain, hi = std::min(numel, lo + kElemGrain);
+        const int64_t plane = lo / g.S;
+        fn(plane % g.C, lo - plane * g.S, lo, hi - lo);
+      },
+      store_fence);
+}
+
 // fn(offset) for each row of C channels, channels-last layout, in parallel.
 template <typename Fn>
 void parallel_rows(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
