@@ -22,6 +22,7 @@ import torch
 import bn_ext
 
 from .cases import suite
+from .fused import torch_label
 
 MODES = {
     # name: (bytes moved per element of input, in units of the element size)
@@ -419,7 +420,7 @@ def result_row(case, dname, mode, cudnn, device, build, times_s, check):
 def print_table(rows, info):
     print(
         f"\nbn_ext vs PyTorch on {rows[0]['device'] if rows else '?'}: {info['cpu'] if not info['gpu'] else info['gpu']}, "
-        f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}, malloc {info['allocator']}"
+        f"{info['threads']} threads, {torch_label(info)}, bn_ext {info['bn_ext_commit']}, malloc {info['allocator']}"
     )
     head = f"{'case':<26} {'layout':<13} {'dtype':<8} {'mode':<13} {'ours':>10} {'torch':>6} {'torch ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} {'of copy':>7} parity"
     print(head)
@@ -515,7 +516,7 @@ def write_plot(rows, info, path):
     ax1.set_yscale("log")
     ax1.set_ylabel("speed-up over PyTorch (x)")
     ax1.set_title(
-        f"bn_ext vs PyTorch: {info['gpu'] or info['cpu']}, {info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']}"
+        f"bn_ext vs PyTorch: {info['gpu'] or info['cpu']}, {info['threads']} threads, {torch_label(info)}, bn_ext {info['bn_ext_commit']}"
     )
     ax2.bar(xs, [r["bw_fraction_of_copy"] for r in rows], color=[colors[r["mode"]] for r in rows])
     ax2.axhline(1.0, color="black", linewidth=0.8)

@@ -141,10 +141,18 @@ def run_fused(args, interleaved_times):
     return rows
 
 
+def torch_label(info):
+    """torch's version and, on the CPU, which of ATen's kernel builds ran: ATEN_CPU_CAPABILITY=avx2
+    caps it, so that an AVX-512 CPU runs both libraries' AVX2 code (BN_EXT_CPU_ISA=avx2), as an
+    AVX2-only CPU would."""
+    cap = None if info.get("gpu") else info.get("torch_cpu_capability")
+    return f"torch {info['torch']}" + (f" ({cap} kernels)" if cap else "")
+
+
 def fused_table(rows, info, geomean):
     lines = [
         f"bn_ext fused BatchNorm+activation on {info['cpu'] if not info['gpu'] else info['gpu']}, "
-        f"{info['threads']} threads, torch {info['torch']}, bn_ext {info['bn_ext_commit']} "
+        f"{info['threads']} threads, {torch_label(info)}, bn_ext {info['bn_ext_commit']} "
         f"({info.get('bn_ext_cpu_kernels')} kernels)",
         "torch: torch.nn BatchNorm + torch add/activation; unfused: bn_ext BatchNorm + the same; fused: BatchNormAct",
     ]
