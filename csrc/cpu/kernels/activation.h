@@ -615,9 +615,11 @@ void act_train_per_channel(const scalar_t* x, const scalar_t* res, scalar_t* y, 
     }
   }
 #endif
-  train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t off, int64_t len, const auto& k) {
-    act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &k.mean_hi, &k.mean_lo,
-                                              &k.scale, &k.shift, slope, stream);
+  train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t c0, int64_t c1, const auto* kg) {
+    each_run_of_channels(g, c0, c1, kg, [&](int64_t off, int64_t len, const auto& k) {
+      act_forward_span<scalar_t, A, kRes, T, 0>(x + off, kRes ? res + off : nullptr, y + off, len, &k.mean_hi,
+                                                &k.mean_lo, &k.scale, &k.shift, slope, stream);
+    });
   });
 }
 

@@ -205,8 +205,9 @@ void train_pipelined(const scalar_t* x, scalar_t* y, const Geometry& g, const st
 #endif
 
 // A training forward over NC(D)HW channel groups of `group` channels: a group's statistics, then
-// norm(off, len, coeffs) over each of its channels' runs while the group's values are still in
-// cache. The plain and the fused training forwards share it, and with it their statistics' bits.
+// norm(c0, c1, k) over its channels [c0, c1) (k[c - c0] channel c's coefficients) while the
+// group's values are still in cache. The plain and the fused training forwards share it, and with
+// it their statistics' bits.
 template <typename scalar_t, typename Norm>
 void train_channel_groups(const scalar_t* x, const Geometry& g, int64_t group, const std::vector<double>& weight,
                           const std::vector<double>& bias, double eps, std::vector<double>& mean,
@@ -229,12 +230,16 @@ void train_channel_groups(const scalar_t* x, const Geometry& g, int64_t group, c
         // in a loop of their own, so the channels' square roots and divisions overlap
         for (int64_t c = c0; c < c1; ++c)
           k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);
-        for (int64_t c = c0; c < c1; ++c) {
-          const ForwardCoeffs<opmath_t>& kc = k[c - c0];
-          for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { norm(off, len, kc); });
-        }
+        norm(c0, c1, k.data());
       },
       store_fence);
+}
+
+// fn(off, len, k[c - c0]) over every run of channels [c0, c1), channel by channel.
+template <typename Coeffs, typename Fn>
+inline void each_run_of_channels(const Geometry& g, int64_t c0, int64_t c1, const Coeffs* k, Fn&& fn) {
+  for (int64_t c = c0; c < c1; ++c)
+    for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) { fn(off, len, k[c - c0]); });
 }
 
 // Training forward, NC(D)HW, channels in groups (channel_group): statistics, then the
@@ -252,7 +257,20 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
     }
   }
 #endif
-  train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t off, int64_t len, const auto& k) {
-    normalize_run(x + off, y + off, len, k.mean_hi, k.mean_lo, k.scale, k.shift, stream);
+  train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t c0, int64_t c1, const auto* k) {
+#ifdef BN_EXT_AVX512BF16
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // a sample's planes of the group in one call
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t off = (n * g.C + c0) * g.S;
+        normalize_planes16(
+            x + off, y + off, (c1 - c0) * g.S, g.S, 0, c0, [](int64_t ch) { return ch + 1; },
+            [&](int64_t ch) { return k[ch - c0]; }, stream);
+      }
+      return;
+    }
+#endif
+    each_run_of_channels(g, c0, c1, k, [&](int64_t off, int64_t len, const auto& kc) {
+      normalize_run(x + off, y + off, len, kc.mean_hi, kc.mean_lo, kc.scale, kc.shift, stream);
+    });
   });
 }
