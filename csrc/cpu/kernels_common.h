@@ -42,6 +42,10 @@ constexpr int64_t kParallelMergeValues = 8192;
 constexpr int64_t kMergeChannels = 256;
 // Elements per parallel chunk of the elementwise passes.
 constexpr int64_t kElemGrain = 32768;
+// What an NC(D)HW run (a plane) or a reduction block costs beyond its values, in values: pieces
+// of kElemGrain values of 2 x 2 planes held 8192 runs, so a (4, 2048, 2, 2) tensor was one
+// piece and one thread's work.
+constexpr int64_t kRunCostValues = 64;
 // Elements averaged into each channel's shift for the shifted sums.
 constexpr int64_t kShiftSamples = 16;
 // Channels-last rows with fewer channels than this, and not a multiple of 8, are walked 8 rows at

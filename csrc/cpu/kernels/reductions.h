@@ -256,8 +256,9 @@ void channel_sums(const Summand& sum, const Geometry& g, std::vector<double>& a,
   if (g.layout == Layout::kNCS) {
     const int64_t blocks = ceil_div(g.rows(), kBlockElems);
     const int64_t tasks = g.C * blocks;
-    // pieces of whole blocks and about kElemGrain elements: a 7x7 channel's block is 196 values
-    const int64_t per_piece = std::max<int64_t>(1, kElemGrain / std::min(g.rows(), kBlockElems));
+    // pieces of whole blocks and about kElemGrain elements' worth of work, each block counted
+    // with its fixed cost: a 7x7 channel's block is 196 values, a 2x2 one's 16
+    const int64_t per_piece = std::max<int64_t>(1, kElemGrain / (std::min(g.rows(), kBlockElems) + kRunCostValues));
     std::vector<double> part(tasks * 2);
     parallel_pieces(ceil_div(tasks, per_piece), Sweep::kForward, [&](int64_t p) {
       for (int64_t task = p * per_piece; task < std::min(tasks, (p + 1) * per_piece); ++task)

@@ -94,14 +94,18 @@ void parallel_pieces(int64_t pieces, Sweep order, Body&& body) {
   parallel_pieces(pieces, order, std::forward<Body>(body), [] {});
 }
 
+// Values per piece of an NC(D)HW elementwise pass: about kElemGrain values' worth of work, each
+// run counted with its fixed cost (kRunCostValues).
+inline int64_t run_grain(const Geometry& g) { return std::max<int64_t>(1, kElemGrain * g.S / (g.S + kRunCostValues)); }
+
 // fn(c, offset, len) over every element, NC(D)HW layout, in parallel.
 template <typename Fn>
 void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
-  const int64_t numel = g.numel();
+  const int64_t numel = g.numel(), grain = run_grain(g);
   parallel_pieces(
-      ceil_div(numel, kElemGrain), order,
+      ceil_div(numel, grain), order,
       [&](int64_t p) {
-        const int64_t lo = p * kElemGrain, hi = std::min(numel, lo + kElemGrain);
+        const int64_t lo = p * grain, hi = std::min(numel, lo + grain);
         // one division per piece, not per run: planes of a few elements are common (7x7)
         int64_t plane = lo / g.S;
         int64_t c = plane % g.C;
@@ -115,16 +119,16 @@ void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
       store_fence);
 }
 
-// fn(c, s0, offset, len) for each piece of about kElemGrain elements of an NC(D)HW tensor, in
-// parallel: the piece's `len` elements from flat `offset`, which lies s0 values into a plane of
+// fn(c, s0, offset, len) for each piece (run_grain) of an NC(D)HW tensor, in parallel: the
+// piece's `len` elements from flat `offset`, which lies s0 values into a plane of
 // channel c (the planes after it: channels c + 1, ..., wrapping to 0 at the next sample).
 template <typename Fn>
 void parallel_spans(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
-  const int64_t numel = g.numel();
+  const int64_t numel = g.numel(), grain = run_grain(g);
   parallel_pieces(
-      ceil_div(numel, kElemGrain), order,
+      ceil_div(numel, grain), order,
       [&](int64_t p) {
-        const int64_t lo = p * kElemGrain, hi = std::min(numel, lo + kElemGrain);
+        const int64_t lo = p * grain, hi = std::min(numel, lo + grain);
         const int64_t plane = lo / g.S;
         fn(plane % g.C, lo - plane * g.S, lo, hi - lo);
       },
