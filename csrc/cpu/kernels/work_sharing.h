@@ -98,27 +98,6 @@ void parallel_pieces(int64_t pieces, Sweep order, Body&& body) {
 // run counted with its fixed cost (kRunCostValues).
 inline int64_t run_grain(const Geometry& g) { return std::max<int64_t>(1, kElemGrain * g.S / (g.S + kRunCostValues)); }
 
-// fn(c, offset, len) over every element, NC(D)HW layout, in parallel.
-template <typename Fn>
-void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
-  const int64_t numel = g.numel(), grain = run_grain(g);
-  parallel_pieces(
-      ceil_div(numel, grain), order,
-      [&](int64_t p) {
-        const int64_t lo = p * grain, hi = std::min(numel, lo + grain);
-        // one division per piece, not per run: planes of a few elements are common (7x7)
-        int64_t plane = lo / g.S;
-        int64_t c = plane % g.C;
-        for (int64_t i = lo; i < hi; ++plane) {
-          const int64_t run_end = std::min(hi, (plane + 1) * g.S);
-          fn(c, i, run_end - i);
-          i = run_end;
-          if (++c == g.C) c = 0;
-        }
-      },
-      store_fence);
-}
-
 // fn(c, s0, offset, len) for each piece (run_grain) of an NC(D)HW tensor, in parallel: the
 // piece's `len` elements from flat `offset`, which lies s0 values into a plane of
 // channel c (the planes after it: channels c + 1, ..., wrapping to 0 at the next sample).
@@ -133,6 +112,22 @@ void parallel_spans(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
         fn(plane % g.C, lo - plane * g.S, lo, hi - lo);
       },
       store_fence);
+}
+
+// fn(c, offset, len) over every element, NC(D)HW layout, in parallel: each piece's runs in turn.
+template <typename Fn>
+void parallel_runs(const Geometry& g, Fn&& fn, Sweep order = Sweep::kForward) {
+  parallel_spans(
+      g,
+      [&](int64_t c, int64_t s0, int64_t off, int64_t len) {
+        for (int64_t i = off, end = off + len; i < end; s0 = 0) {
+          const int64_t run_end = std::min(end, i - s0 + g.S);
+          fn(c, i, run_end - i);
+          i = run_end;
+          if (++c == g.C) c = 0;
+        }
+      },
+      order);
 }
 
 // fn(offset) for each row of C channels, channels-last layout, in parallel.
