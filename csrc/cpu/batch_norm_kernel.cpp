@@ -123,8 +123,8 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
   const int64_t C = p.g.C;
   if (p.g.numel() > 0)
     cpu_kernels().grad_input(p.inputs[0], p.inputs[1], p.out, p.g, /*training=*/true, channel_values(mean, C, 0.0),
-                             channel_values(var, C, 0.0), channel_values(weight, C, 1.0),
-                             channel_values(sum_dy, C, 0.0), channel_values(sum_dy_xmu, C, 0.0), eps, count);
+                             cpu_kernels().invstds(channel_values(var, C, 0.0), eps), channel_values(weight, C, 1.0),
+                             channel_values(sum_dy, C, 0.0), channel_values(sum_dy_xmu, C, 0.0), count);
   finish(p);
   return p.result;
 }
@@ -139,13 +139,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   Operands p = prepare(input, {grad_out, input}, /*with_output=*/output_mask[0]);
   const int64_t C = p.g.C;
   const std::vector<double> mean_v = channel_values(mean, C, 0.0);
-  const std::vector<double> var_v = channel_values(var, C, 0.0);
+  // taken once: the kernels' coefficients and grad_weight share it
+  const std::vector<double> invstd = cpu_kernels().invstds(channel_values(var, C, 0.0), eps);
   const std::vector<double> weight_v = channel_values(weight, C, 1.0);
   std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
   const bool fused = training && output_mask[0] && p.g.numel() > 0;  // sums and dx in one call
   if (fused) {
-    cpu_kernels().backward_train(p.inputs[0], p.inputs[1], p.out, p.g, mean_v, var_v, weight_v, eps, sum_dy,
-                                 sum_dy_xmu);
+    cpu_kernels().backward_train(p.inputs[0], p.inputs[1], p.out, p.g, mean_v, invstd, weight_v, sum_dy, sum_dy_xmu);
   } else if (need_sums) {
     compute_grad_sums(p.inputs[0], p.inputs[1], p.g, mean_v, sum_dy, sum_dy_xmu);
   }
@@ -155,16 +155,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
     if (!fused && p.g.numel() > 0)
-      cpu_kernels().grad_input(p.inputs[0], p.inputs[1], p.out, p.g, training, mean_v, var_v, weight_v, sum_dy,
-                               sum_dy_xmu, eps, p.g.rows());
+      cpu_kernels().grad_input(p.inputs[0], p.inputs[1], p.out, p.g, training, mean_v, invstd, weight_v, sum_dy,
+                               sum_dy_xmu, p.g.rows());
     finish(p);
     grad_input = p.result;
   } else {
     grad_input = at::empty({0}, input.options());
   }
   if (output_mask[1]) {
-    std::vector<double> gw = cpu_kernels().invstds(var_v, eps);
-    for (int64_t c = 0; c < C; ++c) gw[c] *= sum_dy_xmu[c];
+    std::vector<double> gw(C);
+    for (int64_t c = 0; c < C; ++c) gw[c] = invstd[c] * sum_dy_xmu[c];
     grad_weight = channel_tensor(gw, input, param_dtype);
   } else {
     grad_weight = at::empty({0}, input.options().dtype(param_dtype));
@@ -292,14 +292,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   Operands p = has_res ? prepare(input, {grad_out, input, *residual}, output_mask[0])
                        : prepare(input, {grad_out, input}, output_mask[0]);
   const int64_t C = p.g.C;
-  const std::vector<double> var_v = channel_values(var, C, 0.0);
+  // taken once: the kernels' coefficients and grad_weight share it
+  const std::vector<double> invstd = cpu_kernels().invstds(channel_values(var, C, 0.0), eps);
   std::vector<double> sum_dz(C, 0.0), sum_dz_xmu(C, 0.0);
   // the residual's gradient in the kernel's layout (that of its input operand)
   Tensor dres = need_dres ? at::empty_like(p.inputs[1]) : Tensor();
   if (p.g.numel() > 0 && (sums || output_mask[0] || need_dres))
     cpu_kernels().act_backward(p.inputs[0], p.inputs[1], act_residual(p, has_res, 2), output_mask[0] ? p.out : Tensor(),
-                               dres, p.g, training, sums, channel_values(mean, C, 0.0), var_v,
-                               channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), eps, act, negative_slope,
+                               dres, p.g, training, sums, channel_values(mean, C, 0.0), invstd,
+                               channel_values(weight, C, 1.0), channel_values(bias, C, 0.0), act, negative_slope,
                                sum_dz, sum_dz_xmu);
   Tensor grad_input = at::empty({0}, input.options());
   if (output_mask[0]) {
@@ -311,8 +312,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   const auto bias_dtype = is_given(bias) ? bias->scalar_type() : stat;
   Tensor grad_weight = at::empty({0}, input.options().dtype(weight_dtype));
   if (output_mask[1]) {
-    std::vector<double> gw = cpu_kernels().invstds(var_v, eps);
-    for (int64_t c = 0; c < C; ++c) gw[c] *= sum_dz_xmu[c];
+    std::vector<double> gw(C);
+    for (int64_t c = 0; c < C; ++c) gw[c] = invstd[c] * sum_dz_xmu[c];
     grad_weight = channel_tensor(gw, input, weight_dtype);
   }
   Tensor grad_bias =

@@ -95,12 +95,11 @@ void grad_sums(const Tensor& dy, const Tensor& x, const Geometry& g, const std::
 }
 
 void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geometry& g, bool training,
-                const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
-                const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, double eps, int64_t count) {
+                const std::vector<double>& mean, const std::vector<double>& invstd, const std::vector<double>& weight,
+                const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, int64_t count) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_backward_elemt", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     GradCoeffs<opmath_t> k(g.C);
-    const std::vector<double> invstd = invstd_vector(var, eps);
     const double inv_count = 1.0 / static_cast<double>(count);
     for (int64_t c = 0; c < g.C; ++c)
       k.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dy[c], sum_dy_xmu[c], inv_count,
@@ -120,19 +119,19 @@ void grad_input(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geome
 }
 
 void backward_train(const Tensor& dy, const Tensor& x, const Tensor& dx, const Geometry& g,
-                    const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
-                    double eps, std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+                    const std::vector<double>& mean, const std::vector<double>& invstd,
+                    const std::vector<double>& weight, std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_backward_train", [&] {
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (per_channel(g)) {
       const bool stream = stream_output(g, 3, sizeof(scalar_t));  // dy, x, dx
-      backward_per_channel(dyp, xp, dx.mutable_data_ptr<scalar_t>(), g, mean, var, weight, eps, sum_dy, sum_dy_xmu,
+      backward_per_channel(dyp, xp, dx.mutable_data_ptr<scalar_t>(), g, mean, invstd, weight, sum_dy, sum_dy_xmu,
                            stream);
       return;
     }
     grad_sums_kernel(dyp, xp, g, mean, sum_dy, sum_dy_xmu);
-    grad_input(dy, x, dx, g, /*training=*/true, mean, var, weight, sum_dy, sum_dy_xmu, eps, g.rows());
+    grad_input(dy, x, dx, g, /*training=*/true, mean, invstd, weight, sum_dy, sum_dy_xmu, g.rows());
   });
 }
 
@@ -190,11 +189,11 @@ void act_train(const Tensor& x, const Tensor& res, const Tensor& y, const Geomet
 #if BN_EXT_CPU_PART == BN_EXT_CPU_PART_ACT_BACKWARD
 void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Tensor& dx, const Tensor& dres,
                   const Geometry& g, bool training, bool sums, const std::vector<double>& mean,
-                  const std::vector<double>& var, const std::vector<double>& weight, const std::vector<double>& bias,
-                  double eps, Act act, double slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xmu) {
+                  const std::vector<double>& invstd, const std::vector<double>& weight, const std::vector<double>& bias,
+                  Act act, double slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_ext_act_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const Affine<opmath_t> a(mean, var, weight, bias, eps);
+    const Affine<opmath_t> a(mean, invstd, weight, bias);
     const PreAct<opmath_t> k{
         a.mean_hi.data(), a.mean_lo.data(), a.scale.data(), a.shift.data(), static_cast<opmath_t>(slope), a.folded()};
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -211,7 +210,6 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
         const bool stream =
             stream_output(g, 2 + (rp != nullptr) + (dxp != nullptr) + (drp != nullptr), sizeof(scalar_t));
         if (training && sums && (dxp != nullptr || drp != nullptr) && per_channel(g)) {
-          const std::vector<double> invstd = invstd_vector(var, eps);
           auto per_channel_pass = [&](auto dx_tag, auto dres_tag) {
             act_backward_per_channel<scalar_t, A, kRes, decltype(dx_tag)::value, decltype(dres_tag)::value>(
                 dyp, xp, rp, dxp, drp, g, k, mean, invstd, weight, sum_dz, sum_dz_xmu, stream);
@@ -242,7 +240,6 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
         }
         if (dxp == nullptr && drp == nullptr) return;
         GradCoeffs<opmath_t> q(g.C);
-        const std::vector<double> invstd = invstd_vector(var, eps);
         const double inv_count = 1.0 / static_cast<double>(std::max<int64_t>(1, g.rows()));
         for (int64_t c = 0; c < g.C; ++c)
           q.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c],

@@ -100,12 +100,12 @@ constexpr int64_t kPerChannelMinTasksPerThread = 4;
   void grad_sums(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const std::vector<double>& mean,        \
                  std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu);                                        \
   void grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g, bool training,   \
-                  const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,  \
-                  const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, double eps,                \
-                  int64_t count);                                                                                      \
+                  const std::vector<double>& mean, const std::vector<double>& invstd,                                  \
+                  const std::vector<double>& weight, const std::vector<double>& sum_dy,                                \
+                  const std::vector<double>& sum_dy_xmu, int64_t count);                                               \
   void backward_train(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const Geometry& g,              \
-                      const std::vector<double>& mean, const std::vector<double>& var,                                 \
-                      const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,                      \
+                      const std::vector<double>& mean, const std::vector<double>& invstd,                              \
+                      const std::vector<double>& weight, std::vector<double>& sum_dy,                                  \
                       std::vector<double>& sum_dy_xmu);                                                                \
   std::vector<double> invstds(const std::vector<double>& var, double eps);                                             \
   void act_forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& y, const Geometry& g,                 \
@@ -116,9 +116,9 @@ constexpr int64_t kPerChannelMinTasksPerThread = 4;
                  double slope, std::vector<double>& mean, std::vector<double>& var);                                   \
   void act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& res, const at::Tensor& dx,            \
                     const at::Tensor& dres, const Geometry& g, bool training, bool sums,                               \
-                    const std::vector<double>& mean, const std::vector<double>& var,                                   \
-                    const std::vector<double>& weight, const std::vector<double>& bias, double eps, Act act,           \
-                    double slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xmu);
+                    const std::vector<double>& mean, const std::vector<double>& invstd,                                \
+                    const std::vector<double>& weight, const std::vector<double>& bias, Act act, double slope,         \
+                    std::vector<double>& sum_dz, std::vector<double>& sum_dz_xmu);
 
 namespace isa_default {
 BN_EXT_DECLARE_CPU_KERNELS

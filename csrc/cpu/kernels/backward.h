@@ -87,9 +87,9 @@ void grad_input_kernel(const scalar_t* __restrict dy, const scalar_t* __restrict
 // The training backward, pipelined (grad_sums_grad_input_run).
 template <typename scalar_t>
 void backward_pipelined(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
-                        const std::vector<double>& mean, const std::vector<double>& var,
-                        const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,
-                        std::vector<double>& sum_dy_xmu, bool stream) {
+                        const std::vector<double>& mean, const std::vector<double>& invstd,
+                        const std::vector<double>& weight, std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu,
+                        bool stream) {
   const GradSums<scalar_t> sum{dy, x, mean.data(), g.C};
   std::vector<BackwardCoeffs<float>> k(g.C);
   const double inv_count = 1.0 / static_cast<double>(g.rows());
@@ -106,8 +106,8 @@ void backward_pipelined(const scalar_t* dy, const scalar_t* x, scalar_t* dx, con
                                      dx + off + back, kp, stream);
           });
         }
-        k[c] = backward_coeffs_from_invstd<float>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
-                                                  sum_dy_xmu[c], inv_count, /*training=*/true);
+        k[c] = backward_coeffs_from_invstd<float>(mean[c], invstd[c], weight[c], sum_dy[c], sum_dy_xmu[c], inv_count,
+                                                  /*training=*/true);
       },
       [&](int64_t c) {
         for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {
@@ -120,15 +120,15 @@ void backward_pipelined(const scalar_t* dy, const scalar_t* x, scalar_t* dx, con
 // Fused training backward, NC(D)HW, channels in groups (channel_group): the sums, then dx.
 template <typename scalar_t>
 void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
-                          const std::vector<double>& mean, const std::vector<double>& var,
-                          const std::vector<double>& weight, double eps, std::vector<double>& sum_dy,
+                          const std::vector<double>& mean, const std::vector<double>& invstd,
+                          const std::vector<double>& weight, std::vector<double>& sum_dy,
                           std::vector<double>& sum_dy_xmu, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t group = channel_group(g, 2 * sizeof(scalar_t));
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (group == 1) {
-      backward_pipelined(dy, x, dx, g, mean, var, weight, eps, sum_dy, sum_dy_xmu, stream);
+      backward_pipelined(dy, x, dx, g, mean, invstd, weight, sum_dy, sum_dy_xmu, stream);
       return;
     }
   }
@@ -142,8 +142,8 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
         const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
         for (int64_t c = c0; c < c1; ++c) channel_total(sum, g, c, &sum_dy[c], &sum_dy_xmu[c]);
         for (int64_t c = c0; c < c1; ++c)
-          k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd_from_var(var[c], eps), weight[c], sum_dy[c],
-                                                            sum_dy_xmu[c], inv_count, /*training=*/true);
+          k[c - c0] = backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dy[c], sum_dy_xmu[c],
+                                                            inv_count, /*training=*/true);
         for (int64_t c = c0; c < c1; ++c) {
           const auto& kc = k[c - c0];
           for_each_run_of_channel(g, c, 0, g.rows(), [&](int64_t off, int64_t len) {

@@ -32,8 +32,11 @@ struct Affine {
   std::vector<opmath_t> mean_hi, mean_lo, scale, shift;
   Affine(const std::vector<double>& mean, const std::vector<double>& var, const std::vector<double>& weight,
          const std::vector<double>& bias, double eps)
+      : Affine(mean, invstd_vector(var, eps), weight, bias) {}
+  // From invstd_vector's values, where the caller has them already.
+  Affine(const std::vector<double>& mean, const std::vector<double>& invstd, const std::vector<double>& weight,
+         const std::vector<double>& bias)
       : mean_hi(mean.size()), mean_lo(mean.size()), scale(mean.size()), shift(mean.size()) {
-    const std::vector<double> invstd = invstd_vector(var, eps);
     for (size_t c = 0; c < mean.size(); ++c) {
       const auto k = forward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], bias[c]);
       mean_hi[c] = k.mean_hi;
