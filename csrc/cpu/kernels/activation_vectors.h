@@ -268,9 +268,9 @@ inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const sca
 #endif
 
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
-// dz and of dz * (x - mean) in eight float32 lanes, lane j taking positions j, j + 8, ..., as
-// the scalar loop it replaces; returns how many values were taken (whole vectors of 8). kKeep:
-// each dz is also stored to keep[i].
+// dz and of dz * (x - mean) added into eight float32 lanes a8 and b8, lane j taking positions j,
+// j + 8, ..., as the scalar loop it replaces; returns how many values were taken (whole vectors
+// of 8). kKeep: each dz is also stored to keep[i].
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
                               float sc, float sh, float slope, float mean, bool folded, float* a8, float* b8,
@@ -279,7 +279,7 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
   using O = ActOps8;
   const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
   const __m256 s = L::coef(slope), m = L::coef(mean);
-  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  __m256 a = _mm256_loadu_ps(a8), b = _mm256_loadu_ps(b8);
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
   // sixteen terms a step, each half added as the 8-wide step adds its vector (the same bits):
@@ -305,6 +305,20 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
   _mm256_storeu_ps(a8, a);
   _mm256_storeu_ps(b8, b);
   return i;
+}
+
+// Adds t[0, m) (m < 8; t holds 8 readable values) into lanes next, next + 1, ... (mod 8) of
+// lanes[0, 8), as the scalar loop does, in one vector load, add and store: element by element, a
+// run's last values left stores that the next run's vector load of the lanes had to wait out
+// (store forwarding).
+inline void add_into_lanes(float* lanes, const float* t, int64_t m, int next) {
+  const __m256i pos =
+      _mm256_and_si256(_mm256_sub_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(next)),
+                       _mm256_set1_epi32(7));  // lane j takes t[pos[j]] if pos[j] < m
+  const __m256 take = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), pos));
+  const __m256 old = _mm256_loadu_ps(lanes);  // the other lanes kept as they are (-0.0 + 0.0 is 0.0)
+  _mm256_storeu_ps(lanes,
+                   _mm256_blendv_ps(old, _mm256_add_ps(old, _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), pos)), take));
 }
 
 // dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 and the residual's gradient dz from the

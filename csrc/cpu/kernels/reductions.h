@@ -55,6 +55,7 @@ inline int64_t for_each_tile8(int64_t C, int64_t c0, int64_t c1, int64_t r0, int
 template <typename scalar_t>
 struct ShiftedSquares {
   using scalar_type = scalar_t;
+  using Lanes = LaneSums;                   // a block's accumulators (block_sums)
   static constexpr bool kWideTiles = true;  // has 128-channel tiles (in_order_tiles)
   const scalar_t* x;
   const double* shift;
@@ -109,6 +110,7 @@ struct ShiftedSquares {
 template <typename scalar_t>
 struct GradSums {
   using scalar_type = scalar_t;
+  using Lanes = LaneSums;
   static constexpr bool kWideTiles = true;
   const scalar_t* dy;
   const scalar_t* x;
@@ -219,14 +221,14 @@ inline void add_block_partials(const double* part, int64_t blocks, int64_t C, do
 template <typename Summand, typename Run>
 inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b, Run&& run) {
   const int64_t start = k * kBlockElems;
-  LaneSums acc;
+  typename Summand::Lanes acc;
   for_each_run_of_channel(g, c, start, std::min(g.rows(), start + kBlockElems),
                           [&](int64_t off, int64_t len) { run(off, len, acc); });
   sum.finish(c, acc, a, b);
 }
 template <typename Summand>
 inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b) {
-  block_sums(sum, g, c, k, a, b, [&](int64_t off, int64_t len, LaneSums& acc) { sum.run(c, off, len, acc); });
+  block_sums(sum, g, c, k, a, b, [&](int64_t off, int64_t len, auto& acc) { sum.run(c, off, len, acc); });
 }
 
 // NC(D)HW: channel c's sums, its blocks added in order (what channel_sums gives for c).
@@ -245,7 +247,7 @@ inline void channel_total(const Summand& sum, const Geometry& g, int64_t c, doub
 }
 template <typename Summand>
 inline void channel_total(const Summand& sum, const Geometry& g, int64_t c, double* a, double* b) {
-  channel_total(sum, g, c, a, b, [&](int64_t off, int64_t len, LaneSums& acc) { sum.run(c, off, len, acc); });
+  channel_total(sum, g, c, a, b, [&](int64_t off, int64_t len, auto& acc) { sum.run(c, off, len, acc); });
 }
 
 // Every channel's sums: blocks in parallel, then added in block order.
