@@ -256,7 +256,7 @@ struct ActGradSums {
     int next = 0;         // the lane a run's next last value goes into: round the lanes, so each
                           // takes about kChunk / 8 terms however short the runs
     double rest = 0;      // the block's mean - mean_t (below)
-    // the lanes into the double sums, added pairwise (in lane order, a chain of sixteen
+    // the lanes into the double sums, added pairwise (in lane order: a chain of sixteen
     // dependent additions a block)
     void widen() {
       const double sa = lanes_total(a8), sb = lanes_total(b8);
@@ -273,9 +273,8 @@ struct ActGradSums {
   };
   // A run in chunks: dz and dz * (x - mean) summed into the lanes (whole vectors of 8 by the
   // vector loop, the rest through two buffers: a loop the compiler vectorises, activation and
-  // all). The mean is taken rounded to opmath_t and
-  // the rounding put back in double: sum(dz * (x - mean)) = sum(dz * (x - mean_t)) - (mean -
-  // mean_t) * sum(dz).
+  // all). The mean is taken rounded to opmath_t and the rounding put back in double:
+  // sum(dz * (x - mean)) = sum(dz * (x - mean_t)) - (mean - mean_t) * sum(dz).
   void run(int64_t c, int64_t off, int64_t len, Lanes& acc) const {
     if (keep != nullptr) {
       run_keeping<true>(c, off, len, acc, keep + off);
@@ -326,9 +325,9 @@ struct ActGradSums {
       }
 #ifdef BN_EXT_AVX2_INTRINSICS
       if constexpr (!std::is_same_v<opmath_t, double>) {
-        if (i < n) {  // fewer than 8, at the buffers' start
-          add_into_lanes(a8, dzs, n - i, acc.next);
-          add_into_lanes(b8, ts, n - i, acc.next);
+        if (i < n) {  // fewer than 8
+          add_into_lanes(a8, dzs + (i - v), n - i, acc.next);
+          add_into_lanes(b8, ts + (i - v), n - i, acc.next);
           acc.next = static_cast<int>((acc.next + n - i) & 7);
         }
         i = n;
