@@ -255,10 +255,9 @@ struct ActGradSums {
     int64_t pending = 0;  // values in a8 and b8
     int next = 0;         // the lane a run's next last value goes into: round the lanes, so each
                           // takes about kChunk / 8 terms however short the runs
-    double rest = 0;      // the block's mean - mean_t (below)
     // the lanes into the double sums, added pairwise (in lane order: a chain of sixteen
-    // dependent additions a block)
-    void widen() {
+    // dependent additions a block); rest: the channel's mean - mean_t (below)
+    void widen(double rest) {
       const double sa = lanes_total(a8), sb = lanes_total(b8);
       for (int j = 0; j < 8; ++j) a8[j] = b8[j] = opmath_t(0);
       this->sa += sa;
@@ -287,12 +286,12 @@ struct ActGradSums {
   void run_keeping(int64_t c, int64_t off, int64_t len, Lanes& acc, opmath_t* keep) const {
     opmath_t dzs[kChunk], ts[kChunk];
     const opmath_t mt = static_cast<opmath_t>(mean[c]);
-    acc.rest = mean[c] - static_cast<double>(mt);
+    const double rest = mean[c] - static_cast<double>(mt);
     const bool folded = k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0);
     opmath_t* a8 = acc.a8;
     opmath_t* b8 = acc.b8;
     for (int64_t s0 = 0; s0 < len;) {
-      if (acc.pending == kChunk) acc.widen();
+      if (acc.pending == kChunk) acc.widen(rest);
       const int64_t n = std::min(kChunk - acc.pending, len - s0);
       const scalar_t* dys = dy + off + s0;
       const scalar_t* xs = x + off + s0;
@@ -342,8 +341,8 @@ struct ActGradSums {
       s0 += n;
     }
   }
-  void finish(int64_t, Lanes& acc, double* a, double* b) const {
-    acc.widen();
+  void finish(int64_t c, Lanes& acc, double* a, double* b) const {
+    acc.widen(mean[c] - static_cast<double>(static_cast<opmath_t>(mean[c])));
     *a = acc.sa;
     *b = acc.sb;
   }
