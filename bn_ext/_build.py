@@ -35,6 +35,9 @@ def build_info() -> dict:
         "cuda_device_available": torch.cuda.is_available(),
         # which build of the CPU loops runs: "avx512bf16", "avx2" or "default" (BN_EXT_CPU_ISA caps it)
         "cpu_kernels": flags["cpu_kernels"],
+        # whether the CPU loops that stream tensors prefetch ahead (off on AMD CPUs with AVX-512;
+        # BN_EXT_PREFETCH=0 or =1 overrides)
+        "cpu_prefetch": flags["cpu_prefetch"],
         "num_threads": torch.get_num_threads(),
         "openmp_runtimes": _loaded_openmp_runtimes(),
     }

@@ -13,6 +13,7 @@ namespace cpu {
 const char* cpu_kernels_name();                        // batch_norm_kernel.cpp
 int parallel_threads_used();                           // batch_norm_kernel.cpp
 const char* use_cpu_kernels(const std::string& name);  // batch_norm_kernel.cpp
+extern const bool kPrefetchStreams;                    // batch_norm_kernel.cpp
 }  // namespace cpu
 }  // namespace bn_ext
 
@@ -20,10 +21,13 @@ namespace {
 
 PyObject* build_flags(PyObject*, PyObject*) {
   const char* isa = bn_ext::cpu::cpu_kernels_name();
+  PyObject* prefetch = bn_ext::cpu::kPrefetchStreams ? Py_True : Py_False;
 #ifdef BN_EXT_WITH_CUDA
-  return Py_BuildValue("{s:O,s:i,s:s}", "cuda", Py_True, "cuda_version", CUDA_VERSION, "cpu_kernels", isa);
+  return Py_BuildValue("{s:O,s:i,s:s,s:O}", "cuda", Py_True, "cuda_version", CUDA_VERSION, "cpu_kernels", isa,
+                       "cpu_prefetch", prefetch);
 #else
-  return Py_BuildValue("{s:O,s:O,s:s}", "cuda", Py_False, "cuda_version", Py_None, "cpu_kernels", isa);
+  return Py_BuildValue("{s:O,s:O,s:s,s:O}", "cuda", Py_False, "cuda_version", Py_None, "cpu_kernels", isa,
+                       "cpu_prefetch", prefetch);
 #endif
 }
 

@@ -81,6 +81,27 @@ def test_switched_build_gives_the_capped_process_bits(build, tmp_path, restore_b
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_prefetch_setting_is_reported_and_changes_no_bit(setting, tmp_path):
+    """BN_EXT_PREFETCH=0 / =1 turns the streaming loops' prefetches off / on whatever the CPU
+    (build_info reports it); a process either way computes the bits of one that left the choice to
+    the CPU."""
+    script = os.path.join(SCRIPTS, "cpu_kernels.py")
+    env = dict(repo_env(), BN_EXT_PREFETCH=setting)
+    subprocess.run([sys.executable, script, str(tmp_path / "set.pt")], check=True, env=env)
+    env.pop("BN_EXT_PREFETCH")
+    subprocess.run([sys.executable, script, str(tmp_path / "chosen.pt")], check=True, env=env)
+    info = "import bn_ext; print(bn_ext.build_info()['cpu_prefetch'])"
+    reported = subprocess.run(
+        [sys.executable, "-c", info], env=dict(env, BN_EXT_PREFETCH=setting), capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert reported == str(setting == "1")
+    set_, chosen = torch.load(tmp_path / "set.pt"), torch.load(tmp_path / "chosen.pt")
+    assert len(set_) == len(chosen) > 1
+    for a, b in zip(set_, chosen):
+        assert a == b if isinstance(a, str) else torch.equal(a, b)
+
+
 def _specials(n):
     """bfloat16 values: random ones of every magnitude and the special ones, n in all."""
     torch.manual_seed(0)

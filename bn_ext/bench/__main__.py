@@ -254,6 +254,7 @@ def machine_info(device, allocator):
         "torch": torch.__version__,
         "bn_ext_commit": git_commit(),
         "bn_ext_cpu_kernels": bn_ext.build_info()["cpu_kernels"],
+        "bn_ext_cpu_prefetch": bn_ext.build_info()["cpu_prefetch"],
         "cpu_flags": cpu_flags(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),

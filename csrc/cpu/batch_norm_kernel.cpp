@@ -413,6 +413,24 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// Measured to pay on the Intel Xeon and to cost on Zen 4, in both SIMD builds; not measured on
+// AMD CPUs without AVX-512 (docs/design.md, "Measurements").
+namespace {
+bool prefetch_streams_default() {
+  if (const char* env = std::getenv("BN_EXT_PREFETCH")) {
+    if (std::string(env) == "0") return false;
+    if (std::string(env) == "1") return true;
+  }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  return !(__builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f"));
+#else
+  return true;
+#endif
+}
+}  // namespace
+
+extern const bool kPrefetchStreams = prefetch_streams_default();
+
 // How many distinct threads at::parallel_for uses from inside this library (a build check: the
 // OpenMP implementation is a header template, serial unless this library is built with OpenMP).
 int parallel_threads_used() {

@@ -71,6 +71,11 @@ constexpr int64_t kStreamedMinChannels = 64;
 // "Measurements").
 int64_t last_level_cache_bytes();
 
+// Whether the SIMD loops that stream tensors prefetch ahead (simd_loads.h's prefetch_ahead): on
+// every CPU but AMD's with AVX-512 (Zen 4), where the loops ran faster without; BN_EXT_PREFETCH=1
+// or =0 overrides. Set once, before any op runs (docs/design.md, "Measurements").
+extern const bool kPrefetchStreams;
+
 // The bytes of `tensors` tensors of g's shape, elem_size bytes an element.
 inline int64_t tensors_bytes(const Geometry& g, int64_t tensors, size_t elem_size) {
   return tensors * g.numel() * static_cast<int64_t>(elem_size);

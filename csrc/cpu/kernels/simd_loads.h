@@ -10,10 +10,12 @@ inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cas
 // hardware prefetchers stop at every 4 KiB page, and a 16-bit loop takes half a line a vector, so
 // too few lines were in flight: from memory, (4, 64, 112, 112) bfloat16 backward ran in 0.61-0.63x
 // its time with the prefetches (docs/design.md, "Measurements"). The address is formed as an
-// integer: it may lie past the tensor's end, where a prefetch is harmless.
+// integer: it may lie past the tensor's end, where a prefetch is harmless. Not on Zen 4
+// (kPrefetchStreams).
 constexpr uintptr_t kPrefetchBytes = 2048;
 inline void prefetch_ahead(const void* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), _MM_HINT_T0);
+  if (kPrefetchStreams)
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), _MM_HINT_T0);
 }
 
 // Eight elements widened to float32 (the compiler does not vectorise the float -> double widening
