@@ -211,7 +211,19 @@ def test_fused_suite_writes_its_results(tmp_path):
         assert r["parity"] == "ok"
         assert r["speedup"] == pytest.approx(r["torch_ms"] / r["fused_ms"])
         assert r["speedup_vs_unfused"] == pytest.approx(r["unfused_ms"] / r["fused_ms"])
-    assert "geomean train_fwd_bwd float32" in (tmp_path / f"bench-cpu-{kernels}-fused-partial.txt").read_text()
+    table = (tmp_path / f"bench-cpu-{kernels}-fused-partial.txt").read_text()
+    assert "geomean train_fwd_bwd float32" in table
+    # --render redoes the .txt from the JSON alone
+    (tmp_path / f"bench-cpu-{kernels}-fused-partial.txt").unlink()
+    render = [
+        sys.executable,
+        "-m",
+        "bn_ext.bench",
+        "--render",
+        str(tmp_path / f"bench-cpu-{kernels}-fused-partial.json"),
+    ]
+    assert subprocess.run(render, capture_output=True, text=True, env=repo_env(), timeout=600).returncode == 0
+    assert (tmp_path / f"bench-cpu-{kernels}-fused-partial.txt").read_text() == table
 
 
 def test_model_bench_runs_each_variant(capsys):

@@ -574,7 +574,15 @@ def main(argv=None):
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
-        print("wrote " + render_files(saved["results"], saved["machine"], os.path.splitext(args.render)[0]))
+        base = os.path.splitext(args.render)[0]
+        if saved["results"] and "fused_ms" in saved["results"][0]:  # the fused suite's: a table only
+            from .fused import fused_table
+
+            with open(base + ".txt", "w") as f:
+                f.write(fused_table(saved["results"], saved["machine"], geomean))
+            print(f"wrote {base}.txt")
+            return 0
+        print("wrote " + render_files(saved["results"], saved["machine"], base))
         return 0
     allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     # A filtered run (--shapes, --dtype, --mode) writes bench-<device>-partial.*, so that it never
