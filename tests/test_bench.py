@@ -232,12 +232,27 @@ def test_model_bench_runs_each_variant(capsys):
 
     model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1"])
     model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--eval", "--profile"])
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6, lines
+    out = capsys.readouterr().out.splitlines()
+    headers, lines = [line for line in out if "threads, malloc" in line], [line for line in out if "ms/step" in line]
+    assert len(headers) == 2 and len(lines) == 6, out
     assert [line.split()[4] for line in lines] == ["torch.nn", "bn_ext", "bn_ext.fuse"] * 2
     assert all("eager train" in line for line in lines[:3]) and all("eager eval" in line for line in lines[3:])
     shares = [float(line.split("BN+act ")[1].split("%")[0]) for line in lines[3:]]
     assert all(0 < s < 100 for s in shares), lines
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_bench_allocator_setting_applies_and_the_model_bench_names_it(capsys):
+    # Whether a freed block's pages fault back in depends on the whole heap's layout (in separate
+    # processes 40 copies of a 12 MB tensor faulted 0 to 15,000 pages either way), so what is
+    # tested is that glibc takes the setting and that the results say which one held.
+    pytest.importorskip("torchvision")
+    from bn_ext.bench import model
+    from bn_ext.bench.allocator import MALLOC_SETTING, keep_freed_memory
+
+    assert keep_freed_memory() == MALLOC_SETTING
+    model.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--eval"])
+    assert f"malloc {MALLOC_SETTING}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])

@@ -3,7 +3,9 @@
 112x112, SGD), or its eval forward, with torch.nn's BatchNorm, with bn_ext's (convert_model) and
 with bn_ext.fuse, the three taking turns step by step; median ms per step and speed against
 torch.nn. --compile runs each through torch.compile (inductor; bn_ext.enable_compile_fusion on);
---profile adds the share of a step's CPU time spent in BatchNorm and activation ops."""
+--profile adds the share of a step's CPU time spent in BatchNorm and activation ops. Freed blocks
+stay in glibc's heap as in the main bench (bench/allocator.py; --malloc-defaults keeps glibc's
+thresholds)."""
 
 import argparse
 import copy
@@ -13,6 +15,8 @@ import time
 import torch
 
 import bn_ext
+
+from .allocator import keep_freed_memory
 
 
 def _parser():
@@ -25,6 +29,7 @@ def _parser():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--profile", action="store_true", help="report the step's share in BatchNorm + activation")
+    p.add_argument("--malloc-defaults", action="store_true", help="keep glibc's malloc thresholds")
     return p
 
 
@@ -49,6 +54,7 @@ def main(argv=None):
     import torchvision
 
     args = _parser().parse_args(argv)
+    allocator = "default" if args.malloc_defaults else (keep_freed_memory() or "default")
     torch.manual_seed(0)
     base = getattr(torchvision.models, args.model)(num_classes=100)
     nets = {
@@ -90,6 +96,7 @@ def main(argv=None):
             times[k].append(time.perf_counter() - t0)
     ref = statistics.median(times["torch.nn"])
     mode = ("compiled " if args.compile else "eager ") + ("eval" if args.eval else "train")
+    print(f"{torch.get_num_threads()} threads, malloc {allocator}")
     for k, v in times.items():
         m = statistics.median(v)
         share = f"  BN+act {bn_act_share(lambda k=k: step(k)):.1%} of CPU time" if args.profile else ""

@@ -9,7 +9,8 @@ ratio holds where absolute times drift by 30% from one process to the next. Save
 alternating processes of the two trees (A, B, A, B, ...; e.g. a git worktree of the commit before,
 built), each started outside both trees with PYTHONPATH=<tree>: `python -m` puts the working
 directory first on the path. compare takes the median per op of the files given for each side
-(odd positions: before, even: after)."""
+(odd positions: before, even: after). Freed blocks stay in glibc's heap as in the main bench
+(bench/allocator.py), so that no op's time includes page-faulting its output in."""
 
 import argparse
 import json
@@ -20,6 +21,8 @@ import time
 import torch
 
 import bn_ext  # noqa: F401  (registers the ops)
+
+from .allocator import keep_freed_memory
 
 CASES = [
     ("resnet50.bn1", (4, 64, 112, 112), None),
@@ -120,6 +123,7 @@ def main(argv=None):
     cmp.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
     if args.command == "save":
+        keep_freed_memory()
         with open(args.path, "w") as f:
             json.dump(relative_times(args.repeats, args.fused), f, indent=1)
         return 0
