@@ -241,6 +241,22 @@ def test_model_bench_runs_each_variant(capsys):
     assert all(0 < s < 100 for s in shares), lines
 
 
+def test_model_bench_runs_every_batchnorm_of_the_bn_ext_variants_on_bn_ext():
+    # resnet18's downsample BatchNorms have no activation after them: fuse alone leaves them
+    torchvision = pytest.importorskip("torchvision")
+    from bn_ext.bench import model
+
+    nets = model.variants(torchvision.models.resnet18(num_classes=10))
+    kinds = {
+        name: {type(m) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        for name, net in nets.items()
+    }
+    assert kinds["torch.nn"] == {torch.nn.BatchNorm2d}
+    assert kinds["bn_ext"] == {bn_ext.BatchNorm2d}
+    assert kinds["bn_ext.fuse"] == {bn_ext.BatchNorm2d, bn_ext.BatchNormAct2d}
+    assert nets["bn_ext.fuse"].bn_ext_fused == 17
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_bench_allocator_setting_applies_and_the_model_bench_names_it(capsys):
     # Whether a freed block's pages fault back in depends on the whole heap's layout (in separate
