@@ -3,9 +3,9 @@
 112x112, SGD), or its eval forward, with torch.nn's BatchNorm, with bn_ext's (convert_model) and
 with bn_ext.fuse of that, the three taking turns step by step; median ms per step and speed against
 torch.nn. --compile runs each through torch.compile (inductor; bn_ext.enable_compile_fusion on);
---profile adds the share of a step's CPU time spent in BatchNorm and activation ops. Freed blocks
-stay in glibc's heap as in the main bench (bench/allocator.py; --malloc-defaults keeps glibc's
-thresholds)."""
+--profile adds the CPU time per step spent in BatchNorm and activation ops (and its share), and
+in adds. Freed blocks stay in glibc's heap as in the main bench (bench/allocator.py;
+--malloc-defaults keeps glibc's thresholds)."""
 
 import argparse
 import copy
@@ -34,20 +34,27 @@ def _parser():
 
 
 # op names (torch.profiler keys) counted as BatchNorm or activation work, forward and backward;
-# adds are not counted: the optimiser's and gradient accumulation's are the same op
+# adds apart: the residual adds go into the fused layers, but the optimiser's and gradient
+# accumulation's are the same op
 _BN_ACT_KEYS = ("batch_norm", "bn_ext::", "relu", "threshold_backward", "hardtanh", "silu")
+_ADD_KEYS = ("aten::add", "aten::add_")
+PROFILED_STEPS = 3
 
 
-def bn_act_share(step) -> float:
-    """The share of one call of step()'s self CPU time spent in BatchNorm and activation ops."""
+def bn_act_profile(step):
+    """(BatchNorm + activation ms, add ms, their share of the CPU time) per call of step(), from
+    the profiler's self CPU times over PROFILED_STEPS calls."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        for _ in range(PROFILED_STEPS):
+            step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     ours = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in _BN_ACT_KEYS))
-    return ours / total if total else 0.0
+    adds = sum(e.self_cpu_time_total for e in events if e.key in _ADD_KEYS)
+    per_step_ms = 1e-3 / PROFILED_STEPS  # self_cpu_time_total is in microseconds
+    return ours * per_step_ms, adds * per_step_ms, ours / total if total else 0.0
 
 
 def variants(base):
@@ -106,7 +113,10 @@ def main(argv=None):
     print(f"{torch.get_num_threads()} threads, malloc {allocator}")
     for k, v in times.items():
         m = statistics.median(v)
-        share = f"  BN+act {bn_act_share(lambda k=k: step(k)):.1%} of CPU time" if args.profile else ""
+        share = ""
+        if args.profile:
+            bn_ms, add_ms, frac = bn_act_profile(lambda k=k: step(k))
+            share = f"  BN+act {bn_ms:.1f} ms {frac:.1%} of CPU time, adds {add_ms:.1f} ms"
         print(
             f"{args.model:<16} {args.layout:<13} {mode:<14} {k:<12} {m * 1e3:8.1f} ms/step  "
             f"speed vs torch.nn {ref / m:.2f}x{share}"
