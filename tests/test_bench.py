@@ -238,7 +238,8 @@ def test_model_bench_runs_each_variant(capsys):
     assert [line.split()[4] for line in lines] == ["torch.nn", "bn_ext", "bn_ext.fuse"] * 2
     assert all("eager train" in line for line in lines[:3]) and all("eager eval" in line for line in lines[3:])
     profiled = [line.split("BN+act ")[1].split() for line in lines[3:]]
-    assert all(float(p[0]) > 0 and 0 < float(p[2].rstrip("%")) < 100 and float(p[-2]) >= 0 for p in profiled), lines
+    # ms of BatchNorm + activation, their share of the step's CPU time, ms of adds
+    assert all(float(p[0]) >= 0 and 0 < float(p[2].rstrip("%")) < 100 and float(p[-2]) >= 0 for p in profiled), lines
 
 
 def test_model_bench_runs_every_batchnorm_of_the_bn_ext_variants_on_bn_ext():

@@ -28,7 +28,7 @@ def _parser():
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
-    p.add_argument("--profile", action="store_true", help="report the step's share in BatchNorm + activation")
+    p.add_argument("--profile", action="store_true", help="report each step's CPU time in BatchNorm + activation")
     p.add_argument("--malloc-defaults", action="store_true", help="keep glibc's malloc thresholds")
     return p
 
