@@ -554,10 +554,9 @@ def main(argv=None):
             saved = json.load(f)
         base = os.path.splitext(args.render)[0]
         if saved["results"] and "fused_ms" in saved["results"][0]:  # the fused suite's: a table only
-            from .fused import fused_table
+            from .fused import render_fused
 
-            with open(base + ".txt", "w") as f:
-                f.write(fused_table(saved["results"], saved["machine"], geomean))
+            render_fused(saved["results"], saved["machine"], base, geomean)
             print(f"wrote {base}.txt")
             return 0
         print("wrote " + render_files(saved["results"], saved["machine"], base))

@@ -181,12 +181,17 @@ def fused_table(rows, info, geomean):
     return "\n".join(lines) + "\n"
 
 
+def render_fused(rows, info, base, geomean):
+    """The table as base.txt (from a run, or from its JSON with --render); returns the text."""
+    text = fused_table(rows, info, geomean)
+    with open(base + ".txt", "w") as f:
+        f.write(text)
+    return text
+
+
 def write_fused(rows, info, out_dir, tag, geomean):
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"bench-{tag}")
     with open(base + ".json", "w") as f:
         json.dump({"machine": info, "results": rows}, f, indent=1)
-    text = fused_table(rows, info, geomean)
-    with open(base + ".txt", "w") as f:
-        f.write(text)
-    return base, text
+    return base, render_fused(rows, info, base, geomean)
