@@ -338,10 +338,16 @@ const Kernels kAvx2 = BN_EXT_KERNEL_TABLE(isa_avx2, "avx2");
 const Kernels kAvx512bf16 = BN_EXT_KERNEL_TABLE(isa_avx512bf16, "avx512bf16");
 #undef BN_EXT_KERNEL_TABLE
 
+// GCC's __builtin_cpu_is / __builtin_cpu_supports, which both CPU choices below ask; elsewhere
+// the baseline build and the prefetches, as on an unknown CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BN_EXT_ASK_CPU 1
+#endif
+
 // The best build this CPU runs, at most `cap` ("default", "avx2", anything else: no cap).
 const Kernels* best_kernels(const std::string& cap) {
   if (cap == "default") return &kBaseline;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef BN_EXT_ASK_CPU
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
     return &kBaseline;
 #if __GNUC__ >= 10
@@ -421,7 +427,7 @@ bool prefetch_streams_default() {
     if (std::string(env) == "0") return false;
     if (std::string(env) == "1") return true;
   }
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef BN_EXT_ASK_CPU
   return !(__builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f"));
 #else
   return true;
