@@ -146,6 +146,8 @@ def test_bfloat16_outputs_round_to_nearest_even_in_every_build(shape, layout, re
         ((2, 64, 5, 7), torch.channels_last),  # rows the AVX-512 plain reductions take two at a time
         ((100, 37), None),  # (N, C) rows as channels-last spans
         ((2, 24, 7, 9), None),  # NC(D)HW runs of 63 values
+        ((5, 16, 7, 9), None),  # runs split where the backward's float32 lanes widen (256 values)
+        ((3, 8, 53, 59), None),  # a run across a reduction block's end (8192 values)
     ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("cl" if v is not None else "nchw"),
 )

@@ -250,31 +250,55 @@ struct ActGradSums {
   // values paid sixteen dependent float64 additions, which made a (4, 2048, 7, 7) ReLU backward
   // 1.7x the plain one.
   static constexpr int64_t kChunk = 256;  // values a widening: about 32 terms a lane
-  struct Lanes : LaneSums {
-    opmath_t a8[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t pending = 0;  // values in a8 and b8
-    int next = 0;         // the lane a run's next last value goes into: round the lanes, so each
-                          // takes about kChunk / 8 terms however short the runs
-    // the lanes into the double sums, added pairwise (in lane order: a chain of sixteen
-    // dependent additions a block); rest: the channel's mean - mean_t (below)
-    void widen(double rest) {
-      const double sa = lanes_total(a8), sb = lanes_total(b8);
-      for (int j = 0; j < 8; ++j) a8[j] = b8[j] = opmath_t(0);
-      this->sa += sa;
-      this->sb += sb - rest * sa;
-      pending = 0;
-    }
-    static double lanes_total(const opmath_t* l) {
+#ifdef BN_EXT_AVX2_INTRINSICS
+  static constexpr bool kVectorLanes = !std::is_same_v<opmath_t, double>;
+#else
+  static constexpr bool kVectorLanes = false;
+#endif
+  // The eight lanes of one sum: a vector in the SIMD builds' float32 loops, held in a register
+  // from run to run (kept in memory, each run's loads waited on the last run's stores).
+  struct Eight {
+    opmath_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double total() const {
       double t[8];
-      for (int j = 0; j < 8; ++j) t[j] = static_cast<double>(l[j]);
+      for (int j = 0; j < 8; ++j) t[j] = static_cast<double>(v[j]);
       return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
     }
   };
+#ifdef BN_EXT_AVX2_INTRINSICS
+  struct EightVector {
+    __m256 v;
+    EightVector() : v(_mm256_setzero_ps()) {}  // user-provided: built for the ISA (LaneSums)
+    double total() const { return lanes_total(v); }
+  };
+  using Lane8 = std::conditional_t<kVectorLanes, EightVector, Eight>;
+#else
+  using Lane8 = Eight;
+#endif
+  struct Lanes {
+    Lanes() {}  // user-provided, as EightVector's
+    double sa = 0, sb = 0;
+    Lane8 a8, b8;
+    int64_t pending = 0;  // values in a8 and b8
+    int next = 0;         // the lane a run's next last value goes into: round the lanes, so each
+                          // takes about kChunk / 8 terms however short the runs
+    // the lanes into the double sums, each added pairwise (in lane order: a chain of sixteen
+    // dependent additions a block); rest: the channel's mean - mean_t (below)
+    void widen(double rest) {
+      const double ta = a8.total(), tb = b8.total();
+      a8 = Lane8{};
+      b8 = Lane8{};
+      sa += ta;
+      sb += tb - rest * ta;
+      pending = 0;
+    }
+  };
   // A run in chunks: dz and dz * (x - mean) summed into the lanes (whole vectors of 8 by the
-  // vector loop, the rest through two buffers: a loop the compiler vectorises, activation and
-  // all). The mean is taken rounded to opmath_t and the rounding put back in double:
+  // vector loop, the rest one a lane from lane `next` on: in the SIMD builds by a permute, in the
+  // baseline build through two buffers, a loop the compiler vectorises, activation and all).
+  // The mean is taken rounded to opmath_t and the rounding put back in double:
   // sum(dz * (x - mean)) = sum(dz * (x - mean_t)) - (mean - mean_t) * sum(dz).
-  void run(int64_t c, int64_t off, int64_t len, Lanes& acc) const {
+  [[gnu::always_inline]] void run(int64_t c, int64_t off, int64_t len, Lanes& acc) const {
     if (keep != nullptr) {
       run_keeping<true>(c, off, len, acc, keep + off);
     } else {
@@ -283,59 +307,62 @@ struct ActGradSums {
   }
   // run, with kKeep each dz also stored to keep[0, len)
   template <bool kKeep>
-  void run_keeping(int64_t c, int64_t off, int64_t len, Lanes& acc, opmath_t* keep) const {
-    opmath_t dzs[kChunk], ts[kChunk];
+  [[gnu::always_inline]] void run_keeping(int64_t c, int64_t off, int64_t len, Lanes& acc, opmath_t* keep) const {
     const opmath_t mt = static_cast<opmath_t>(mean[c]);
-    const double rest = mean[c] - static_cast<double>(mt);
-    const bool folded = k.hi[c] == opmath_t(0) && k.lo[c] == opmath_t(0);
-    opmath_t* a8 = acc.a8;
-    opmath_t* b8 = acc.b8;
+    const opmath_t hi = k.hi[c], lo = k.lo[c], sc = k.sc[c], sh = k.sh[c];
+    [[maybe_unused]] const bool folded = hi == opmath_t(0) && lo == opmath_t(0);
     for (int64_t s0 = 0; s0 < len;) {
-      if (acc.pending == kChunk) acc.widen(rest);
+      if (acc.pending == kChunk) acc.widen(mean[c] - static_cast<double>(mt));
       const int64_t n = std::min(kChunk - acc.pending, len - s0);
       const scalar_t* dys = dy + off + s0;
       const scalar_t* xs = x + off + s0;
       const scalar_t* rs = kRes ? res + off + s0 : nullptr;
-      int64_t v = 0;  // values [0, v) summed by the vector loop (whole vectors of 8)
+      opmath_t* ks = kKeep ? keep + s0 : nullptr;
+      if constexpr (kVectorLanes) {
 #ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<opmath_t, double>)
-        v = act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, k.hi[c], k.lo[c], k.sc[c], k.sh[c], k.slope, mt, folded, a8,
-                                           b8, kKeep ? keep + s0 : nullptr);
-#endif
-      // the rest: terms into the buffers (index i - v), whole groups of 8 into the lanes as the
-      // vector loop adds them, the last values one a lane from lane `next` on
+        const int64_t v =
+            act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, folded, acc.a8.v, acc.b8.v, ks);
+        if (v < n) {  // fewer than 8
+          const int64_t m = n - v;
+          __m256 d, t;
 #ifdef BN_EXT_AVX512BF16
-      if constexpr (!std::is_same_v<opmath_t, double>) {
-        if (v < n)  // fewer than 8 values: one masked vector (act_forward_tail)
-          act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c],
-                                       k.sh[c], k.slope, mt, folded, dzs, ts);
-      } else
+          __m512 d16, t16;  // one masked vector, as act_forward_tail
+          act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, folded,
+                                       d16, t16);
+          if constexpr (kKeep) store16_first(ks + v, d16, m);
+          d = lower8(d16);
+          t = lower8(t16);
+#else
+          opmath_t dzs[8] = {}, ts[8] = {};
+          act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, dzs, ts);
+          if constexpr (kKeep) std::copy(dzs, dzs + m, ks + v);
+          d = _mm256_loadu_ps(dzs);
+          t = _mm256_loadu_ps(ts);
 #endif
-        act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, k.hi[c], k.lo[c], k.sc[c], k.sh[c],
-                                k.slope, mt, dzs, ts);
-      if constexpr (kKeep) std::copy(dzs, dzs + (n - v), keep + s0 + v);
-      int64_t i = v;
-      for (; i + 8 <= n; i += 8) {
+          add_into_lanes(acc.a8.v, d, m, acc.next);
+          add_into_lanes(acc.b8.v, t, m, acc.next);
+          acc.next = static_cast<int>((acc.next + m) & 7);
+        }
+#endif
+      } else {
+        opmath_t dzs[kChunk], ts[kChunk];
+        act_grad_terms<A, kRes>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, dzs, ts);
+        if constexpr (kKeep) std::copy(dzs, dzs + n, ks);
+        opmath_t* a8 = acc.a8.v;
+        opmath_t* b8 = acc.b8.v;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-          a8[j] += dzs[i - v + j];
-          b8[j] += ts[i - v + j];
+          for (int j = 0; j < 8; ++j) {
+            a8[j] += dzs[i + j];
+            b8[j] += ts[i + j];
+          }
         }
-      }
-#ifdef BN_EXT_AVX2_INTRINSICS
-      if constexpr (!std::is_same_v<opmath_t, double>) {
-        if (i < n) {  // fewer than 8
-          add_into_lanes(a8, dzs + (i - v), n - i, acc.next);
-          add_into_lanes(b8, ts + (i - v), n - i, acc.next);
-          acc.next = static_cast<int>((acc.next + n - i) & 7);
+        for (; i < n; ++i) {
+          a8[acc.next] += dzs[i];
+          b8[acc.next] += ts[i];
+          acc.next = (acc.next + 1) & 7;
         }
-        i = n;
-      }
-#endif
-      for (; i < n; ++i) {
-        a8[acc.next] += dzs[i - v];
-        b8[acc.next] += ts[i - v];
-        acc.next = (acc.next + 1) & 7;
       }
       acc.pending += n;
       s0 += n;

@@ -254,32 +254,30 @@ inline void act_grad_tail(const scalar_t* dy, const scalar_t* x, const scalar_t*
                   m);
 }
 
-// The gradient sums' terms (act_grad_terms') of a run's last m values into dz[0, 16) and
-// t[0, 16); the caller reads the first m.
+// The gradient sums' terms (act_grad_terms') of a run's last m values, zero past the m-th:
+// dz in d, dz * (x - mean) in t.
 template <Act A, bool kRes, typename scalar_t>
 inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
-                                float lo, float sc, float sh, float slope, float mean, bool folded, float* dz,
-                                float* t) {
+                                float lo, float sc, float sh, float slope, float mean, bool folded, __m512& d,
+                                __m512& t) {
   __m512 xv;
-  const __m512 d = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
-  _mm512_storeu_ps(dz, d);
-  _mm512_storeu_ps(t, Lanes16::mul(d, Lanes16::sub(xv, Lanes16::coef(mean))));
+  d = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
+  t = Lanes16::mul(d, Lanes16::sub(xv, Lanes16::coef(mean)));
 }
 #endif
 
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
-// dz and of dz * (x - mean) added into eight float32 lanes a8 and b8, lane j taking positions j,
+// dz and of dz * (x - mean) added into eight float32 lanes a and b, lane j taking positions j,
 // j + 8, ..., as the scalar loop it replaces; returns how many values were taken (whole vectors
 // of 8). kKeep: each dz is also stored to keep[i].
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
-                              float sc, float sh, float slope, float mean, bool folded, float* a8, float* b8,
+                              float sc, float sh, float slope, float mean, bool folded, __m256& a, __m256& b,
                               float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
   const __m256 s = L::coef(slope), m = L::coef(mean);
-  __m256 a = _mm256_loadu_ps(a8), b = _mm256_loadu_ps(b8);
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
   // sixteen terms a step, each half added as the 8-wide step adds its vector (the same bits):
@@ -302,23 +300,25 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
     a = L::add(a, dz);
     b = L::add(b, L::mul(dz, L::sub(xv, m)));
   }
-  _mm256_storeu_ps(a8, a);
-  _mm256_storeu_ps(b8, b);
   return i;
 }
 
-// Adds t[0, m) (m < 8; t holds 8 readable values) into lanes next, next + 1, ... (mod 8) of
-// lanes[0, 8), as the scalar loop does, in one vector load, add and store: element by element, a
-// run's last values left stores that the next run's vector load of the lanes had to wait out
-// (store forwarding).
-inline void add_into_lanes(float* lanes, const float* t, int64_t m, int next) {
+// Adds t's first m values (m < 8) into lanes next, next + 1, ... (mod 8) of `lanes`, as a scalar
+// loop would, in one permute, add and blend (the other lanes keep their bits: no -0.0 + 0.0).
+inline void add_into_lanes(__m256& lanes, __m256 t, int64_t m, int next) {
   const __m256i pos =
       _mm256_and_si256(_mm256_sub_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(next)),
                        _mm256_set1_epi32(7));  // lane j takes t[pos[j]] if pos[j] < m
   const __m256 take = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), pos));
-  const __m256 old = _mm256_loadu_ps(lanes);  // the other lanes kept as they are (-0.0 + 0.0 is 0.0)
-  _mm256_storeu_ps(lanes,
-                   _mm256_blendv_ps(old, _mm256_add_ps(old, _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), pos)), take));
+  lanes = _mm256_blendv_ps(lanes, _mm256_add_ps(lanes, _mm256_permutevar8x32_ps(t, pos)), take);
+}
+
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) in float64: ActGradSums' widening of its lanes.
+inline double lanes_total(__m256 l) {
+  const __m256d s =
+      _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(l)), _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1)));
+  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
 }
 
 // dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 and the residual's gradient dz from the
