@@ -456,14 +456,18 @@ struct ActGradSums {
 // residual's gradient dz, over `len` elements whose coefficients are at index `step * i` of the
 // arrays (step 0: one channel's run; 1: a channels-last row). kDx, kDres: which are written.
 // kSplit: as act_forward_span's, `split` holding the nine arrays in split_even_odd's order.
+// Always inlined, so that a caller's loop over one channel's runs loads and broadcasts the
+// coefficients once, not once a run (act_backward_per_channel).
 template <Act A, bool kRes, bool kTraining, bool kDx, bool kDres, int64_t kStep, bool kSplit = false, typename scalar_t,
           typename T>
-inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restrict x, const scalar_t* __restrict res,
-                          scalar_t* __restrict dx, scalar_t* __restrict dres, int64_t len, const T* __restrict hi,
-                          const T* __restrict lo, const T* __restrict sc, const T* __restrict sh,
-                          const T* __restrict kdy, const T* __restrict kx, const T* __restrict k0,
-                          const T* __restrict mhi, const T* __restrict mlo, T slope, bool stream,
-                          const T* const* split = nullptr, bool rows_folded = false) {
+[[gnu::always_inline]] inline void act_grad_span(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                                 const scalar_t* __restrict res, scalar_t* __restrict dx,
+                                                 scalar_t* __restrict dres, int64_t len, const T* __restrict hi,
+                                                 const T* __restrict lo, const T* __restrict sc, const T* __restrict sh,
+                                                 const T* __restrict kdy, const T* __restrict kx,
+                                                 const T* __restrict k0, const T* __restrict mhi,
+                                                 const T* __restrict mlo, T slope, bool stream,
+                                                 const T* const* split = nullptr, bool rows_folded = false) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
   // as act_forward_span's, for both means (the forward's hi, lo and the backward's mhi, mlo)
@@ -722,7 +726,11 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
           q[c - c0] = backward_coeffs_from_invstd<T>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c], inv_count,
                                                      /*training=*/true);
         for (int64_t c = c0; c < c1; ++c) {
-          const BackwardCoeffs<T>& qc = q[c - c0];
+          // the coefficients as locals: read through pointers into the arrays, every run loaded
+          // them again after the stores to dx, which may alias them (a third of a (8, 2048, 4, 4)
+          // ReLU backward went to a call and nine loads and broadcasts a 16-value run)
+          const BackwardCoeffs<T> qc = q[c - c0];
+          const T kc[4] = {k.hi[c], k.lo[c], k.sc[c], k.sh[c]};
           for_each_run_of_channel(g, c, 0, rows, [&](int64_t off, int64_t len) {
             scalar_t* dxs = kDx ? dx + off : nullptr;
             scalar_t* drs = kDres ? dres + off : nullptr;
@@ -731,8 +739,8 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
                                              &qc.k_dy, &qc.k_x, &qc.k_0, &qc.mean_hi, &qc.mean_lo, stream);
             } else {
               act_grad_span<A, kRes, true, kDx, kDres, 0>(dy + off, x + off, kRes ? res + off : nullptr, dxs, drs, len,
-                                                          k.hi + c, k.lo + c, k.sc + c, k.sh + c, &qc.k_dy, &qc.k_x,
-                                                          &qc.k_0, &qc.mean_hi, &qc.mean_lo, k.slope, stream);
+                                                          kc, kc + 1, kc + 2, kc + 3, &qc.k_dy, &qc.k_x, &qc.k_0,
+                                                          &qc.mean_hi, &qc.mean_lo, k.slope, stream);
             }
           });
         }
