@@ -269,15 +269,17 @@ inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const sca
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
 // dz and of dz * (x - mean) added into eight float32 lanes a and b, lane j taking positions j,
 // j + 8, ..., as the scalar loop it replaces; returns how many values were taken (whole vectors
-// of 8). kKeep: each dz is also stored to keep[i].
+// of 8). kKeep: each dz is also stored to keep[i]. The lanes are copied in and out: where the
+// caller's stay in memory, the loop's loads may alias them, and each step stored them back.
 template <Act A, bool kRes, bool kKeep, typename scalar_t>
 inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
-                              float sc, float sh, float slope, float mean, bool folded, __m256& a, __m256& b,
+                              float sc, float sh, float slope, float mean, bool folded, __m256& a_io, __m256& b_io,
                               float* keep) {
   using L = Lanes8;
   using O = ActOps8;
   const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
   const __m256 s = L::coef(slope), m = L::coef(mean);
+  __m256 a = a_io, b = b_io;
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
   // sixteen terms a step, each half added as the 8-wide step adds its vector (the same bits):
@@ -300,6 +302,8 @@ inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scala
     a = L::add(a, dz);
     b = L::add(b, L::mul(dz, L::sub(xv, m)));
   }
+  a_io = a;
+  b_io = b;
   return i;
 }
 
