@@ -136,7 +136,7 @@ def test_bfloat16_outputs_round_to_nearest_even_in_every_build(shape, layout, re
         )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(
     "shape, fmt",
     [
@@ -191,7 +191,7 @@ def test_fused_ops_agree_across_builds(shape, fmt, dtype, restore_build):
                 assert torch.equal(p, q), f"{build} differs from the baseline build in output {i} ({act})"
             else:
                 # one rounding fewer per multiply-add: float32 within a few ulp of the output's
-                # scale, bfloat16 at most one ulp where a value sits on a rounding boundary
+                # scale, bfloat16 and float16 at most one ulp where a value sits on a rounding boundary
                 tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
                 torch.testing.assert_close(q, p, **tol, msg=lambda m, i=i, b=build: f"{b}, output {i} (silu): {m}")
     for build in simd[1:]:

@@ -333,11 +333,9 @@ struct ActGradSums {
           d = lower8(d16);
           t = lower8(t16);
 #else
-          opmath_t dzs[8] = {}, ts[8] = {};
-          act_grad_terms<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, dzs, ts);
-          if constexpr (kKeep) std::copy(dzs, dzs + m, ks + v);
-          d = _mm256_loadu_ps(dzs);
-          t = _mm256_loadu_ps(ts);
+          act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, folded,
+                                       d, t);
+          if constexpr (kKeep) _mm256_maskstore_ps(ks + v, first8(m), d);
 #endif
           add_into_lanes(acc.a8.v, d, m, acc.next);
           add_into_lanes(acc.b8.v, t, m, acc.next);

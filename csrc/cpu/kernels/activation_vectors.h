@@ -266,6 +266,40 @@ inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const sca
 }
 #endif
 
+#ifndef BN_EXT_AVX512BF16
+// The AVX2 build's act_grad_terms_tail: the last m values (m < 8) as one vector, zero past the
+// m-th (float32 by masked loads, 16-bit values inserted one by one; nothing read past them).
+// Through a buffer, the vector load of the scalar loop's terms waited on the stores before it
+// (store forwarding fails): a fifth of a (8, 1024, 7, 7) residual backward's sums pass, whose
+// runs end in one value.
+inline __m256i first8(int64_t m) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load8_first(const float* p, int64_t m) { return _mm256_maskload_ps(p, first8(m)); }
+inline __m128i load8_first_bits(const uint16_t* p, int64_t m) {
+  __m128i h = _mm_setzero_si128();
+  for (int64_t j = m - 1; j >= 0; --j) h = _mm_insert_epi16(_mm_slli_si128(h, 2), p[j], 0);
+  return h;
+}
+inline __m256 load8_first(const c10::BFloat16* p, int64_t m) {
+  const __m128i h = load8_first_bits(reinterpret_cast<const uint16_t*>(p), m);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8_first(const c10::Half* p, int64_t m) {
+  return _mm256_cvtph_ps(load8_first_bits(reinterpret_cast<const uint16_t*>(p), m));
+}
+template <Act A, bool kRes, typename scalar_t>
+inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
+                                float lo, float sc, float sh, float slope, float mean, bool folded, __m256& d,
+                                __m256& t) {
+  const __m256 xv = load8_first(x, m);
+  __m256 z = normalized_vec<Lanes8>(xv, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, 0);
+  if constexpr (kRes) z = Lanes8::add(z, load8_first(res, m));
+  d = act_grad_vec<ActOps8, A>(load8_first(dy, m), z, Lanes8::coef(slope));
+  t = Lanes8::mul(d, Lanes8::sub(xv, Lanes8::coef(mean)));
+}
+#endif
+
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
 // dz and of dz * (x - mean) added into eight float32 lanes a and b, lane j taking positions j,
 // j + 8, ..., as the scalar loop it replaces; returns how many values were taken (whole vectors
