@@ -255,8 +255,9 @@ struct ActGradSums {
 #else
   static constexpr bool kVectorLanes = false;
 #endif
-  // The eight lanes of one sum: a vector in the SIMD builds' float32 loops, held in a register
-  // from run to run (kept in memory, each run's loads waited on the last run's stores).
+  // The eight lanes of one sum: a vector in the SIMD builds' float32 loops, which stays in a
+  // register from run to run where a block's runs inline into one loop (the AVX-512 build); as
+  // an array, each run's loads of the lanes waited on the last run's stores.
   struct Eight {
     opmath_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double total() const {
