@@ -325,19 +325,9 @@ struct ActGradSums {
             act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, folded, acc.a8.v, acc.b8.v, ks);
         if (v < n) {  // fewer than 8
           const int64_t m = n - v;
-          __m256 d, t;
-#ifdef BN_EXT_AVX512BF16
-          __m512 d16, t16;  // one masked vector, as act_forward_tail
+          __m256 d, t;  // one vector (act_grad_terms_tail)
           act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, folded,
-                                       d16, t16);
-          if constexpr (kKeep) store16_first(ks + v, d16, m);
-          d = lower8(d16);
-          t = lower8(t16);
-#else
-          act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, folded,
-                                       d, t);
-          if constexpr (kKeep) _mm256_maskstore_ps(ks + v, first8(m), d);
-#endif
+                                       d, t, kKeep ? ks + v : nullptr);
           add_into_lanes(acc.a8.v, d, m, acc.next);
           add_into_lanes(acc.b8.v, t, m, acc.next);
           acc.next = static_cast<int>((acc.next + m) & 7);

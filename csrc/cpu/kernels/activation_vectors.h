@@ -207,22 +207,79 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
   return i;
 }
 
+// A run's last m values (fewer than 8, after the whole vectors) as one vector, in place of the
+// scalar loop: lanes past the run's end load zeros, the formulas above give the scalar loop's
+// bits, and only the first m lanes are stored. The AVX-512 build takes a masked 16-wide vector
+// in every fused pass: on 14 x 14 planes the scalar loop over the last four values had taken
+// about a fifth of a fused pass's samples. The AVX2 build takes an 8-wide one in its gradient
+// sums only (float32 by masked loads, 16-bit values inserted one by one; nothing read past the
+// run): through a buffer, the vector load of the scalar loop's terms waited on the stores before
+// it (store forwarding fails), a fifth of a (8, 1024, 7, 7) residual backward's sums pass.
 #ifdef BN_EXT_AVX512BF16
-// A run's last m values (fewer than 8, after the 16- and 8-wide vectors) as one masked 16-wide
-// vector, in place of the scalar loop: lanes past the run's end load zeros, the formulas above
-// give the scalar loop's bits, and only the first m lanes are stored. On 14 x 14 planes the
-// scalar loop over the last four values had taken about a fifth of a fused pass's samples.
+using TailOps = ActOps16;
+template <typename scalar_t>
+inline __m512 load_first(const scalar_t* p, int64_t m) {
+  return load16_first(p, m);
+}
+inline void keep_first(float* p, __m512 v, int64_t m) { store16_first(p, v, m); }
+inline __m256 first8_of(__m512 v) { return lower8(v); }
+#else
+using TailOps = ActOps8;
+inline __m256i first8(int64_t m) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load_first(const float* p, int64_t m) { return _mm256_maskload_ps(p, first8(m)); }
+inline __m128i load_first_bits(const uint16_t* p, int64_t m) {
+  __m128i h = _mm_setzero_si128();
+  for (int64_t j = m - 1; j >= 0; --j) h = _mm_insert_epi16(_mm_slli_si128(h, 2), p[j], 0);
+  return h;
+}
+inline __m256 load_first(const c10::BFloat16* p, int64_t m) {
+  const __m128i h = load_first_bits(reinterpret_cast<const uint16_t*>(p), m);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load_first(const c10::Half* p, int64_t m) {
+  return _mm256_cvtph_ps(load_first_bits(reinterpret_cast<const uint16_t*>(p), m));
+}
+inline void keep_first(float* p, __m256 v, int64_t m) { _mm256_maskstore_ps(p, first8(m), v); }
+inline __m256 first8_of(__m256 v) { return v; }
+#endif
+using TailVec = TailOps::vec;
 
 // pre_act_vec of a run's last m values (x's vector left in xv).
 template <bool kRes, typename scalar_t>
-inline __m512 pre_act_tail(const scalar_t* x, const scalar_t* res, int64_t m, float hi, float lo, float sc, float sh,
-                           bool folded, __m512& xv) {
-  xv = load16_first(x, m);
-  __m512 z = normalized_vec<Lanes16>(xv, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, 0);
-  if constexpr (kRes) z = Lanes16::add(z, load16_first(res, m));
+inline TailVec pre_act_tail(const scalar_t* x, const scalar_t* res, int64_t m, float hi, float lo, float sc, float sh,
+                            bool folded, TailVec& xv) {
+  using L = TailOps::L;
+  xv = load_first(x, m);
+  TailVec z = normalized_vec<L>(xv, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, 0);
+  if constexpr (kRes) z = L::add(z, load_first(res, m));
   return z;
 }
 
+// dz (and x's vector) of a run's last m values, as act_dz_vec.
+template <Act A, bool kRes, typename scalar_t>
+inline TailVec act_dz_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi, float lo,
+                           float sc, float sh, float slope, bool folded, TailVec& xv) {
+  const TailVec z = pre_act_tail<kRes>(x, res, m, hi, lo, sc, sh, folded, xv);
+  return act_grad_vec<TailOps, A>(load_first(dy, m), z, TailOps::L::coef(slope));
+}
+
+// The gradient sums' terms (act_grad_terms') of a run's last m values, zero past the m-th: the
+// first eight lanes of dz in d and of dz * (x - mean) in t; where keep is given, dz stored there.
+template <Act A, bool kRes, typename scalar_t>
+inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
+                                float lo, float sc, float sh, float slope, float mean, bool folded, __m256& d,
+                                __m256& t, float* keep) {
+  using L = TailOps::L;
+  TailVec xv;
+  const TailVec dz = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
+  if (keep != nullptr) keep_first(keep, dz, m);
+  d = first8_of(dz);
+  t = first8_of(L::mul(dz, L::sub(xv, L::coef(mean))));
+}
+
+#ifdef BN_EXT_AVX512BF16
 // act_forward_vectors over a run's last m values.
 template <Act A, bool kRes, typename scalar_t>
 inline void act_forward_tail(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t m, float hi, float lo,
@@ -230,14 +287,6 @@ inline void act_forward_tail(const scalar_t* x, const scalar_t* res, scalar_t* y
   __m512 xv;
   const __m512 z = pre_act_tail<kRes>(x, res, m, hi, lo, sc, sh, folded, xv);
   store16_first(y, activate_vec<ActOps16, A>(z, Lanes16::coef(slope)), m);
-}
-
-// dz (and x's vector) of a run's last m values, as act_dz_vec.
-template <Act A, bool kRes, typename scalar_t>
-inline __m512 act_dz_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi, float lo,
-                          float sc, float sh, float slope, bool folded, __m512& xv) {
-  const __m512 z = pre_act_tail<kRes>(x, res, m, hi, lo, sc, sh, folded, xv);
-  return act_grad_vec<ActOps16, A>(load16_first(dy, m), z, Lanes16::coef(slope));
 }
 
 // act_grad_vectors over a run's last m values; k: hi, lo, sc, sh, k_dy, k_x, k_0, mean_hi, mean_lo.
@@ -252,51 +301,6 @@ inline void act_grad_tail(const scalar_t* dy, const scalar_t* x, const scalar_t*
                   dx_vec<Lanes16, kTraining>(dz, xv, Broadcast{*k[4]}, Broadcast{*k[5]}, Broadcast{*k[6]},
                                              Broadcast{*k[7]}, Broadcast{*k[8]}, folded, 0),
                   m);
-}
-
-// The gradient sums' terms (act_grad_terms') of a run's last m values, zero past the m-th:
-// dz in d, dz * (x - mean) in t.
-template <Act A, bool kRes, typename scalar_t>
-inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
-                                float lo, float sc, float sh, float slope, float mean, bool folded, __m512& d,
-                                __m512& t) {
-  __m512 xv;
-  d = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
-  t = Lanes16::mul(d, Lanes16::sub(xv, Lanes16::coef(mean)));
-}
-#endif
-
-#ifndef BN_EXT_AVX512BF16
-// The AVX2 build's act_grad_terms_tail: the last m values (m < 8) as one vector, zero past the
-// m-th (float32 by masked loads, 16-bit values inserted one by one; nothing read past them).
-// Through a buffer, the vector load of the scalar loop's terms waited on the stores before it
-// (store forwarding fails): a fifth of a (8, 1024, 7, 7) residual backward's sums pass, whose
-// runs end in one value.
-inline __m256i first8(int64_t m) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-inline __m256 load8_first(const float* p, int64_t m) { return _mm256_maskload_ps(p, first8(m)); }
-inline __m128i load8_first_bits(const uint16_t* p, int64_t m) {
-  __m128i h = _mm_setzero_si128();
-  for (int64_t j = m - 1; j >= 0; --j) h = _mm_insert_epi16(_mm_slli_si128(h, 2), p[j], 0);
-  return h;
-}
-inline __m256 load8_first(const c10::BFloat16* p, int64_t m) {
-  const __m128i h = load8_first_bits(reinterpret_cast<const uint16_t*>(p), m);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8_first(const c10::Half* p, int64_t m) {
-  return _mm256_cvtph_ps(load8_first_bits(reinterpret_cast<const uint16_t*>(p), m));
-}
-template <Act A, bool kRes, typename scalar_t>
-inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
-                                float lo, float sc, float sh, float slope, float mean, bool folded, __m256& d,
-                                __m256& t) {
-  const __m256 xv = load8_first(x, m);
-  __m256 z = normalized_vec<Lanes8>(xv, Broadcast{hi}, Broadcast{lo}, Broadcast{sc}, Broadcast{sh}, folded, 0);
-  if constexpr (kRes) z = Lanes8::add(z, load8_first(res, m));
-  d = act_grad_vec<ActOps8, A>(load8_first(dy, m), z, Lanes8::coef(slope));
-  t = Lanes8::mul(d, Lanes8::sub(xv, Lanes8::coef(mean)));
 }
 #endif
 
