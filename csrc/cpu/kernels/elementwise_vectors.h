@@ -339,8 +339,8 @@ inline void shifted_sums_normalize_run(const scalar_t* x, int64_t len, double sh
 // Channels-last: a span of `width` values, one coefficient per position: k holds hi, lo, sc, sh,
 // and after them (parallel_row_spans' kSplit) the same in split_even_odd's order.
 template <typename scalar_t, size_t N>
-[[gnu::flatten]] inline void normalize_rows_simd(const scalar_t* x, scalar_t* y, int64_t width, const std::array<const float*, N>& k,
-                                bool folded, bool stream) {
+[[gnu::flatten]] inline void normalize_rows_simd(const scalar_t* x, scalar_t* y, int64_t width,
+                                                 const std::array<const float*, N>& k, bool folded, bool stream) {
 #ifndef BN_EXT_AVX512BF16
   if constexpr (N == 8) {
     normalize_span(x, y, width, PerLaneSplit{k[0], k[4]}, PerLaneSplit{k[1], k[5]}, PerLaneSplit{k[2], k[6]},

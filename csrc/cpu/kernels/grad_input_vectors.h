@@ -73,7 +73,7 @@ inline void grad_input_run_simd(const scalar_t* dy, const scalar_t* x, scalar_t*
 // k: kd, kx, k0, hi, lo, and after them the same in split_even_odd's order (as normalize_rows_simd)
 template <bool kTraining, typename scalar_t, size_t N>
 [[gnu::flatten]] inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
-                                 const std::array<const float*, N>& k, bool folded, bool stream) {
+                                                  const std::array<const float*, N>& k, bool folded, bool stream) {
 #ifndef BN_EXT_AVX512BF16
   if constexpr (N == 10) {
     grad_input_span<kTraining>(dy, x, dx, width, PerLaneSplit{k[0], k[5]}, PerLaneSplit{k[1], k[6]},
