@@ -20,7 +20,7 @@ constexpr int64_t kRowsAtOnce = 4;
 
 // The partials of channels [c0, n) live at their channel's index, and only the flushes' clears
 // write zeros there: zero-initialised vectors had zeroed all n values once more per block and
-// task, which on 2048 channels of 7x7 was a sixth of a bfloat16 training forward (memset).
+// task (on 2048 channels of 7x7, 0.26 MB a call for a 0.8 MB bfloat16 tensor).
 template <typename Rows, typename Flush>
 inline void sweep_row_streams(int64_t c0, int64_t n, int64_t r0, int64_t r1, Rows&& rows, Flush&& flush) {
   const std::unique_ptr<float[]> fa(new float[n]), fb(new float[n]);
