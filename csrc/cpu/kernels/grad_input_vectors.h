@@ -70,7 +70,8 @@ inline void grad_input_run_simd(const scalar_t* dy, const scalar_t* x, scalar_t*
                              hi == 0.0f && lo == 0.0f, stream);
 }
 
-// k: kd, kx, k0, hi, lo, and after them the same in split_even_odd's order (as normalize_rows_simd)
+// k: kd, kx, k0, hi, lo, and after them the same in split_even_odd's order (flattened as
+// normalize_rows_simd, for the same reason)
 template <bool kTraining, typename scalar_t, size_t N>
 [[gnu::flatten]] inline void grad_input_rows_simd(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t width,
                                                   const std::array<const float*, N>& k, bool folded, bool stream) {
