@@ -245,56 +245,52 @@ struct ActGradSums {
   int64_t C0;  // channels
   bool streamed = false;
   opmath_t* keep = nullptr;  // where given, each dz is also stored there at its flat offset
-  // A block's sums: eight opmath_t lanes carried from run to run, widened into the double sums
+  // A block's sums: sixteen opmath_t lanes carried from run to run, widened into the double sums
   // every kChunk values and at the block's end. Widened at each run's end, a 7x7 plane's 49
   // values paid sixteen dependent float64 additions, which made a (4, 2048, 7, 7) ReLU backward
   // 1.7x the plain one.
-  static constexpr int64_t kChunk = 256;  // values a widening: about 32 terms a lane
+  static constexpr int64_t kChunk = 512;  // values a widening: about 32 terms a lane
 #ifdef BN_EXT_AVX2_INTRINSICS
   static constexpr bool kVectorLanes = !std::is_same_v<opmath_t, double>;
 #else
   static constexpr bool kVectorLanes = false;
 #endif
-  // The eight lanes of one sum: a vector in the SIMD builds' float32 loops, which stays in a
-  // register from run to run where a block's runs inline into one loop (the AVX-512 build); as
-  // an array, each run's loads of the lanes waited on the last run's stores.
-  struct Eight {
-    opmath_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // The sixteen lanes of one sum: vectors in the SIMD builds' float32 loops (SumLanes), which
+  // stay in registers from run to run where a block's runs inline into one loop (the AVX-512
+  // build); as an array, each run's loads of the lanes waited on the last run's stores.
+  struct Sixteen {
+    opmath_t v[16] = {};
+    // as SumLanes::total: s_j = l_j + l_{j+8} in float64, then a fixed tree over the eight
     double total() const {
       double t[8];
-      for (int j = 0; j < 8; ++j) t[j] = static_cast<double>(v[j]);
+      for (int j = 0; j < 8; ++j) t[j] = static_cast<double>(v[j]) + static_cast<double>(v[j + 8]);
       return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
     }
   };
 #ifdef BN_EXT_AVX2_INTRINSICS
-  struct EightVector {
-    __m256 v;
-    EightVector() : v(_mm256_setzero_ps()) {}  // user-provided: built for the ISA (LaneSums)
-    double total() const { return lanes_total(v); }
-  };
-  using Lane8 = std::conditional_t<kVectorLanes, EightVector, Eight>;
+  using Lane16 = std::conditional_t<kVectorLanes, SumLanes, Sixteen>;
 #else
-  using Lane8 = Eight;
+  using Lane16 = Sixteen;
 #endif
   struct Lanes {
-    Lanes() {}  // user-provided, as EightVector's
+    Lanes() {}  // user-provided, as SumLanes'
     double sa = 0, sb = 0;
-    Lane8 a8, b8;
-    int64_t pending = 0;  // values in a8 and b8
+    Lane16 a16, b16;
+    int64_t pending = 0;  // values in a16 and b16
     int next = 0;         // the lane a run's next last value goes into: round the lanes, so each
-                          // takes about kChunk / 8 terms however short the runs
-    // the lanes into the double sums, each added pairwise (in lane order: a chain of sixteen
-    // dependent additions a block); rest: the channel's mean - mean_t (below)
+                          // takes about kChunk / 16 terms however short the runs
+    // the lanes into the double sums (total: a fixed tree a sum); rest: the channel's mean -
+    // mean_t (below)
     void widen(double rest) {
-      const double ta = a8.total(), tb = b8.total();
-      a8 = Lane8{};
-      b8 = Lane8{};
+      const double ta = a16.total(), tb = b16.total();
+      a16 = Lane16{};
+      b16 = Lane16{};
       sa += ta;
       sb += tb - rest * ta;
       pending = 0;
     }
   };
-  // A run in chunks: dz and dz * (x - mean) summed into the lanes (whole vectors of 8 by the
+  // A run in chunks: dz and dz * (x - mean) summed into the lanes (whole vectors of 16 by the
   // vector loop, the rest one a lane from lane `next` on: in the SIMD builds by a permute, in the
   // baseline build through two buffers, a loop the compiler vectorises, activation and all).
   // The mean is taken rounded to opmath_t and the rounding put back in double:
@@ -322,35 +318,30 @@ struct ActGradSums {
       if constexpr (kVectorLanes) {
 #ifdef BN_EXT_AVX2_INTRINSICS
         const int64_t v =
-            act_grad_sums8<A, kRes, kKeep>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, folded, acc.a8.v, acc.b8.v, ks);
-        if (v < n) {  // fewer than 8
-          const int64_t m = n - v;
-          __m256 d, t;  // one vector (act_grad_terms_tail)
-          act_grad_terms_tail<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, m, hi, lo, sc, sh, k.slope, mt, folded,
-                                       d, t, kKeep ? ks + v : nullptr);
-          add_into_lanes(acc.a8.v, d, m, acc.next);
-          add_into_lanes(acc.b8.v, t, m, acc.next);
-          acc.next = static_cast<int>((acc.next + m) & 7);
-        }
+            act_grad_sums16<A, kRes, kKeep>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, folded, acc.a16, acc.b16, ks);
+        if (v < n)
+          acc.next =
+              act_grad_sums_rest<A, kRes>(dys + v, xs + v, kRes ? rs + v : nullptr, n - v, hi, lo, sc, sh, k.slope, mt,
+                                          folded, acc.a16, acc.b16, kKeep ? ks + v : nullptr, acc.next);
 #endif
       } else {
         opmath_t dzs[kChunk], ts[kChunk];
         act_grad_terms<A, kRes>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, dzs, ts);
         if constexpr (kKeep) std::copy(dzs, dzs + n, ks);
-        opmath_t* a8 = acc.a8.v;
-        opmath_t* b8 = acc.b8.v;
+        opmath_t* a16 = acc.a16.v;
+        opmath_t* b16 = acc.b16.v;
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) {
-            a8[j] += dzs[i + j];
-            b8[j] += ts[i + j];
+        for (; i + 16 <= n; i += 16) {
+#pragma GCC unroll 16
+          for (int j = 0; j < 16; ++j) {
+            a16[j] += dzs[i + j];
+            b16[j] += ts[i + j];
           }
         }
         for (; i < n; ++i) {
-          a8[acc.next] += dzs[i];
-          b8[acc.next] += ts[i];
-          acc.next = (acc.next + 1) & 7;
+          a16[acc.next] += dzs[i];
+          b16[acc.next] += ts[i];
+          acc.next = (acc.next + 1) & 15;
         }
       }
       acc.pending += n;

@@ -207,7 +207,7 @@ inline int64_t act_grad_vectors(const scalar_t* dy, const scalar_t* x, const sca
   return i;
 }
 
-// A run's last m values (fewer than 8, after the whole vectors) as one vector, in place of the
+// A run's last m values (fewer than a vector, after the whole vectors) as one vector, in place of the
 // scalar loop: lanes past the run's end load zeros, the formulas above give the scalar loop's
 // bits, and only the first m lanes are stored. The AVX-512 build takes a masked 16-wide vector
 // in every fused pass: on 14 x 14 planes the scalar loop over the last four values had taken
@@ -222,7 +222,6 @@ inline __m512 load_first(const scalar_t* p, int64_t m) {
   return load16_first(p, m);
 }
 inline void keep_first(float* p, __m512 v, int64_t m) { store16_first(p, v, m); }
-inline __m256 first8_of(__m512 v) { return lower8(v); }
 #else
 using TailOps = ActOps8;
 inline __m256i first8(int64_t m) {
@@ -242,7 +241,6 @@ inline __m256 load_first(const c10::Half* p, int64_t m) {
   return _mm256_cvtph_ps(load_first_bits(reinterpret_cast<const uint16_t*>(p), m));
 }
 inline void keep_first(float* p, __m256 v, int64_t m) { _mm256_maskstore_ps(p, first8(m), v); }
-inline __m256 first8_of(__m256 v) { return v; }
 #endif
 using TailVec = TailOps::vec;
 
@@ -265,18 +263,17 @@ inline TailVec act_dz_tail(const scalar_t* dy, const scalar_t* x, const scalar_t
   return act_grad_vec<TailOps, A>(load_first(dy, m), z, TailOps::L::coef(slope));
 }
 
-// The gradient sums' terms (act_grad_terms') of a run's last m values, zero past the m-th: the
-// first eight lanes of dz in d and of dz * (x - mean) in t; where keep is given, dz stored there.
+// The gradient sums' terms (act_grad_terms') of a run's last m values, zero past the m-th: dz in d
+// and dz * (x - mean) in t; where keep is given, dz stored there.
 template <Act A, bool kRes, typename scalar_t>
 inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
-                                float lo, float sc, float sh, float slope, float mean, bool folded, __m256& d,
-                                __m256& t, float* keep) {
+                                float lo, float sc, float sh, float slope, float mean, bool folded, TailVec& d,
+                                TailVec& t, float* keep) {
   using L = TailOps::L;
   TailVec xv;
-  const TailVec dz = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
-  if (keep != nullptr) keep_first(keep, dz, m);
-  d = first8_of(dz);
-  t = first8_of(L::mul(dz, L::sub(xv, L::coef(mean))));
+  d = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
+  if (keep != nullptr) keep_first(keep, d, m);
+  t = L::mul(d, L::sub(xv, L::coef(mean)));
 }
 
 #ifdef BN_EXT_AVX512BF16
@@ -304,63 +301,129 @@ inline void act_grad_tail(const scalar_t* dy, const scalar_t* x, const scalar_t*
 }
 #endif
 
-// The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
-// dz and of dz * (x - mean) added into eight float32 lanes a and b, lane j taking positions j,
-// j + 8, ..., as the scalar loop it replaces; returns how many values were taken (whole vectors
-// of 8). kKeep: each dz is also stored to keep[i]. The lanes are copied in and out: where the
-// caller's stay in memory, the loop's loads may alias them, and each step stored them back.
-template <Act A, bool kRes, bool kKeep, typename scalar_t>
-inline int64_t act_grad_sums8(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi, float lo,
-                              float sc, float sh, float slope, float mean, bool folded, __m256& a_io, __m256& b_io,
-                              float* keep) {
-  using L = Lanes8;
-  using O = ActOps8;
-  const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
-  const __m256 s = L::coef(slope), m = L::coef(mean);
-  __m256 a = a_io, b = b_io;
-  int64_t i = 0;
+// Sixteen float32 lanes of one of ActGradSums' sums (lane j takes the j-th value of each whole
+// vector of 16): one vector in the AVX-512 build, two in the AVX2 build. Sixteen lanes, not
+// eight, so that the AVX-512 build adds each vector of terms once: adding its halves into eight
+// lanes one after the other made the sums pass wait on two dependent additions a vector (the
+// AVX2 build's two vectors are two independent chains).
+struct SumLanes {
 #ifdef BN_EXT_AVX512BF16
-  // sixteen terms a step, each half added as the 8-wide step adds its vector (the same bits):
-  // SiLU's exponential and division on 8 lanes left half of each unit's width idle, 85% of a
-  // fused SiLU backward's time
-  const __m512 s16 = Lanes16::coef(slope), m16 = Lanes16::coef(mean);
-  for (; i + 16 <= n; i += 16) {
-    __m512 xv;
-    const __m512 dz = act_dz_vec<ActOps16, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s16, xv);
-    if constexpr (kKeep) _mm512_storeu_ps(keep + i, dz);
-    const __m512 t = Lanes16::mul(dz, Lanes16::sub(xv, m16));
-    a = L::add(L::add(a, lower8(dz)), upper8(dz));
-    b = L::add(L::add(b, lower8(t)), upper8(t));
+  __m512 v;
+  SumLanes() : v(_mm512_setzero_ps()) {}  // user-provided: built for the ISA (LaneSums)
+  // in float64, s_j = l_j + l_{j+8}, then ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+  double total() const {
+    const __m512d s = _mm512_add_pd(_mm512_cvtps_pd(lower8(v)), _mm512_cvtps_pd(upper8(v)));
+    const __m256d q = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+    return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+  }
+#else
+  __m256 lo, hi;  // lanes 0-7, 8-15
+  SumLanes() : lo(_mm256_setzero_ps()), hi(_mm256_setzero_ps()) {}
+  double total() const {
+    const __m256d s03 =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_castps256_ps128(hi)));
+    const __m256d s47 =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1)));
+    const __m256d q = _mm256_add_pd(s03, s47);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+    return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
   }
 #endif
-  for (; i + 8 <= n; i += 8) {
-    __m256 xv;
-    const __m256 dz = act_dz_vec<O, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, xv);
-    if constexpr (kKeep) _mm256_storeu_ps(keep + i, dz);
+};
+
+// The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
+// dz and of dz * (x - mean) added into the sixteen lanes of a and b, whole vectors of 16 from
+// position 0, as the scalar loop it replaces; returns how many values were taken. kKeep: each dz
+// is also stored to keep[i]. The lanes are copied in and out: where the caller's stay in memory,
+// the loop's loads may alias them, and each step stored them back.
+template <Act A, bool kRes, bool kKeep, typename scalar_t>
+inline int64_t act_grad_sums16(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi,
+                               float lo, float sc, float sh, float slope, float mean, bool folded, SumLanes& a_io,
+                               SumLanes& b_io, float* keep) {
+  const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
+  int64_t i = 0;
+#ifdef BN_EXT_AVX512BF16
+  using L = Lanes16;
+  const __m512 s = L::coef(slope), m = L::coef(mean);
+  __m512 a = a_io.v, b = b_io.v;
+  for (; i + 16 <= n; i += 16) {
+    __m512 xv;
+    const __m512 dz = act_dz_vec<ActOps16, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, xv);
+    if constexpr (kKeep) _mm512_storeu_ps(keep + i, dz);
     a = L::add(a, dz);
     b = L::add(b, L::mul(dz, L::sub(xv, m)));
   }
-  a_io = a;
-  b_io = b;
+  a_io.v = a;
+  b_io.v = b;
+#else
+  using L = Lanes8;
+  const __m256 s = L::coef(slope), m = L::coef(mean);
+  __m256 a0 = a_io.lo, a1 = a_io.hi, b0 = b_io.lo, b1 = b_io.hi;
+  for (; i + 16 <= n; i += 16) {
+    __m256 x0, x1;
+    const __m256 d0 = act_dz_vec<ActOps8, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, x0);
+    const __m256 d1 = act_dz_vec<ActOps8, A, kRes>(dy, x, res, i + 8, bh, bl, bs, bt, folded, s, x1);
+    if constexpr (kKeep) {
+      _mm256_storeu_ps(keep + i, d0);
+      _mm256_storeu_ps(keep + i + 8, d1);
+    }
+    a0 = L::add(a0, d0);
+    a1 = L::add(a1, d1);
+    b0 = L::add(b0, L::mul(d0, L::sub(x0, m)));
+    b1 = L::add(b1, L::mul(d1, L::sub(x1, m)));
+  }
+  a_io.lo = a0;
+  a_io.hi = a1;
+  b_io.lo = b0;
+  b_io.hi = b1;
+#endif
   return i;
 }
 
-// Adds t's first m values (m < 8) into lanes next, next + 1, ... (mod 8) of `lanes`, as a scalar
-// loop would, in one permute, add and blend (the other lanes keep their bits: no -0.0 + 0.0).
-inline void add_into_lanes(__m256& lanes, __m256 t, int64_t m, int next) {
-  const __m256i pos =
-      _mm256_and_si256(_mm256_sub_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(next)),
-                       _mm256_set1_epi32(7));  // lane j takes t[pos[j]] if pos[j] < m
-  const __m256 take = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), pos));
-  lanes = _mm256_blendv_ps(lanes, _mm256_add_ps(lanes, _mm256_permutevar8x32_ps(t, pos)), take);
+// Adds t's first m values into lanes next, next + 1, ... (mod 16) of `lanes`, as a scalar loop
+// would (m <= 16 in the AVX-512 build, <= 8 in the AVX2 build): a permute, an add and a blend a
+// vector; the other lanes keep their bits (no -0.0 + 0.0).
+#ifdef BN_EXT_AVX512BF16
+inline void add_into_lanes(SumLanes& lanes, __m512 t, int64_t m, int next) {
+  const __m512i pos =
+      _mm512_and_si512(_mm512_sub_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(next)),
+                       _mm512_set1_epi32(15));  // lane j takes t[pos[j]] if pos[j] < m
+  const __mmask16 take = _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32(static_cast<int>(m)));
+  lanes.v = _mm512_mask_add_ps(lanes.v, take, lanes.v, _mm512_permutexvar_ps(pos, t));
 }
+#else
+inline void add_into_half(__m256& half, __m256 t, int64_t m, int next, int first_lane) {
+  const __m256i pos = _mm256_and_si256(
+      _mm256_sub_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(next - first_lane)),
+      _mm256_set1_epi32(15));  // lane j takes t[pos[j]] if pos[j] < m (<= 8)
+  const __m256 take = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), pos));
+  half = _mm256_blendv_ps(half, _mm256_add_ps(half, _mm256_permutevar8x32_ps(t, pos)), take);
+}
+inline void add_into_lanes(SumLanes& lanes, __m256 t, int64_t m, int next) {
+  add_into_half(lanes.lo, t, m, next, 0);
+  add_into_half(lanes.hi, t, m, next, 8);
+}
+#endif
 
-// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) in float64: ActGradSums' widening of its lanes.
-inline double lanes_total(__m256 l) {
-  const __m256d s =
-      _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(l)), _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1)));
-  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-  return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+// A chunk's last r (< 16) values after act_grad_sums16's vectors, one a lane from lane `next` on
+// (mod 16; each lane takes at most one): the sums' terms as act_grad_terms_tail gives them,
+// keep as there. Returns the lane the next value goes into.
+template <Act A, bool kRes, typename scalar_t>
+inline int act_grad_sums_rest(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t r, float hi, float lo,
+                              float sc, float sh, float slope, float mean, bool folded, SumLanes& a, SumLanes& b,
+                              float* keep, int next) {
+  for (int64_t j = 0; j < r; j += TailOps::L::width) {
+    const int64_t m = std::min<int64_t>(TailOps::L::width, r - j);
+    TailVec d, t;
+    act_grad_terms_tail<A, kRes>(dy + j, x + j, kRes ? res + j : nullptr, m, hi, lo, sc, sh, slope, mean, folded, d, t,
+                                 keep != nullptr ? keep + j : nullptr);
+    add_into_lanes(a, d, m, next);
+    add_into_lanes(b, t, m, next);
+    next = static_cast<int>((next + m) & 15);
+  }
+  return next;
 }
 
 // dx = k_dy * dz + k_x * ((x - mean_hi) - mean_lo) + k_0 and the residual's gradient dz from the
