@@ -225,17 +225,29 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
           }
           return;
         }
-        // SiLU's dz kept from the sums for the dx pass (as act_backward_per_channel does), where
-        // the buffer takes at most half the last-level cache
-        std::unique_ptr<opmath_t[]> kept;
-        if constexpr (A == Act::kSilu) {
-          if (training && sums && (dxp != nullptr || drp != nullptr) &&
-              2 * tensors_bytes(g, 1, sizeof(opmath_t)) <= last_level_cache_bytes())
-            kept.reset(new opmath_t[g.numel()]);
+        // dz kept from the sums for the dx pass, which then reads it and x where it would read dy,
+        // x (and the residual) again and recompute the activation. Where the residual's gradient
+        // is asked for and the type is opmath_t, that output itself, which holds dz to the bit;
+        // else SiLU's (as act_backward_per_channel does), in a buffer that takes at most half the
+        // last-level cache.
+        std::unique_ptr<opmath_t[]> buffer;
+        opmath_t* kept = nullptr;
+        bool kept_in_dres = false;
+        if (training && sums && (dxp != nullptr || drp != nullptr)) {
+          if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+            kept = drp;
+            kept_in_dres = drp != nullptr;
+          }
+          if constexpr (A == Act::kSilu) {
+            if (kept == nullptr && 2 * tensors_bytes(g, 1, sizeof(opmath_t)) <= last_level_cache_bytes()) {
+              buffer.reset(new opmath_t[g.numel()]);
+              kept = buffer.get();
+            }
+          }
         }
         if (sums) {
           ActGradSums<scalar_t, A, kRes> sum{dyp, xp, rp, k, mean.data(), g.C, g.C};
-          sum.keep = kept.get();
+          sum.keep = kept;
           channel_sums(sum, g, sum_dz, sum_dz_xmu);
         }
         if (dxp == nullptr && drp == nullptr) return;
@@ -244,8 +256,10 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
         for (int64_t c = 0; c < g.C; ++c)
           q.set(c, backward_coeffs_from_invstd<opmath_t>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c],
                                                          inv_count, training));
-        if (kept) {
-          dx_from_kept_kernel(kept.get(), xp, dxp, drp, g, q, stream);
+        if (kept_in_dres) {
+          if (dxp != nullptr) dx_from_kept_kernel(kept, xp, dxp, static_cast<scalar_t*>(nullptr), g, q, stream);
+        } else if (kept != nullptr) {
+          dx_from_kept_kernel(kept, xp, dxp, drp, g, q, stream);
         } else if (training) {
           act_grad_input_kernel<scalar_t, A, kRes, true>(dyp, xp, rp, dxp, drp, g, k, q, stream);
         } else {

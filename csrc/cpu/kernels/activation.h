@@ -676,7 +676,11 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
                               const std::vector<double>& weight, std::vector<double>& sum_dz,
                               std::vector<double>& sum_dz_xmu, bool stream) {
   using T = at::opmath_type<scalar_t>;
-  constexpr bool kKeep = A == Act::kSilu;
+  // dz kept from the sums for the dx pass: in the residual's gradient where that is asked for and
+  // the type is T (it holds dz to the bit; the dx pass then reads it and x, not dy, x and the
+  // residual), else SiLU's, in a buffer of the group's values
+  constexpr bool kKeepInDres = kDres && std::is_same_v<scalar_t, T>;
+  constexpr bool kKeep = kKeepInDres || A == Act::kSilu;
   const int64_t group = channel_group(g, (kRes ? 3 : 2) * sizeof(scalar_t));
   const ActGradSums<scalar_t, A, kRes> sum{dy, x, res, k, mean.data(), g.C, g.C};
   const int64_t rows = g.rows();
@@ -691,12 +695,19 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
       [&](std::vector<T>& kept, int64_t p) {
         std::array<BackwardCoeffs<T>, kMaxChannelGroup> q;
         const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
-        if constexpr (kKeep) kept.resize(static_cast<size_t>((c1 - c0) * rows));
+        if constexpr (kKeep && !kKeepInDres) kept.resize(static_cast<size_t>((c1 - c0) * rows));
+        // where channel c's run at flat offset off keeps its dz
+        auto keep_at = [&](int64_t c, int64_t off) -> T* {
+          if constexpr (kKeepInDres) {
+            return dres + off;
+          } else {
+            return kept.data() + (c - c0) * rows + in_channel(c, off);
+          }
+        };
         for (int64_t c = c0; c < c1; ++c) {
           if constexpr (kKeep) {
-            T* keep = kept.data() + (c - c0) * rows;
             channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c], [&](int64_t off, int64_t len, auto& acc) {
-              sum.template run_keeping<true>(c, off, len, acc, keep + in_channel(c, off));
+              sum.template run_keeping<true>(c, off, len, acc, keep_at(c, off));
             });
           } else {
             channel_total(sum, g, c, &sum_dz[c], &sum_dz_xmu[c]);
@@ -714,9 +725,13 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
           for_each_run_of_channel(g, c, 0, rows, [&](int64_t off, int64_t len) {
             scalar_t* dxs = kDx ? dx + off : nullptr;
             scalar_t* drs = kDres ? dres + off : nullptr;
-            if constexpr (kKeep) {
-              dx_from_dz_span<kDx, kDres, 0>(kept.data() + (c - c0) * rows + in_channel(c, off), x + off, dxs, drs, len,
-                                             &qc.k_dy, &qc.k_x, &qc.k_0, &qc.mean_hi, &qc.mean_lo, stream);
+            if constexpr (kKeepInDres) {
+              if constexpr (kDx)
+                dx_from_dz_span<true, false, 0>(keep_at(c, off), x + off, dxs, drs, len, &qc.k_dy, &qc.k_x, &qc.k_0,
+                                                &qc.mean_hi, &qc.mean_lo, stream);
+            } else if constexpr (kKeep) {
+              dx_from_dz_span<kDx, kDres, 0>(keep_at(c, off), x + off, dxs, drs, len, &qc.k_dy, &qc.k_x, &qc.k_0,
+                                             &qc.mean_hi, &qc.mean_lo, stream);
             } else {
               act_grad_span<A, kRes, true, kDx, kDres, 0>(dy + off, x + off, kRes ? res + off : nullptr, dxs, drs, len,
                                                           kc, kc + 1, kc + 2, kc + 3, &qc.k_dy, &qc.k_x, &qc.k_0,
