@@ -307,27 +307,25 @@ inline void act_grad_tail(const scalar_t* dy, const scalar_t* x, const scalar_t*
 // lanes one after the other made the sums pass wait on two dependent additions a vector (the
 // AVX2 build's two vectors are two independent chains).
 struct SumLanes {
+  // ((q0 + q2) + (q1 + q3)) of the four float64 values q_k = s_k + s_{k+4}: the end of total()
+  static double total_of(__m256d q) {
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+    return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+  }
 #ifdef BN_EXT_AVX512BF16
   __m512 v;
   SumLanes() : v(_mm512_setzero_ps()) {}  // user-provided: built for the ISA (LaneSums)
   // in float64, s_j = l_j + l_{j+8}, then ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
   double total() const {
     const __m512d s = _mm512_add_pd(_mm512_cvtps_pd(lower8(v)), _mm512_cvtps_pd(upper8(v)));
-    const __m256d q = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
-    return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+    return total_of(_mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1)));
   }
 #else
   __m256 lo, hi;  // lanes 0-7, 8-15
   SumLanes() : lo(_mm256_setzero_ps()), hi(_mm256_setzero_ps()) {}
   double total() const {
-    const __m256d s03 =
-        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_castps256_ps128(hi)));
-    const __m256d s47 =
-        _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1)));
-    const __m256d q = _mm256_add_pd(s03, s47);
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
-    return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+    // s_0..s_3 and s_4..s_7
+    return total_of(_mm256_add_pd(_mm256_add_pd(lo4(lo), lo4(hi)), _mm256_add_pd(hi4(lo), hi4(hi))));
   }
 #endif
 };
