@@ -227,14 +227,15 @@ void act_backward(const Tensor& dy, const Tensor& x, const Tensor& res, const Te
         }
         // dz kept from the sums for the dx pass, which then reads it and x where it would read dy,
         // x (and the residual) again and recompute the activation. Where the residual's gradient
-        // is asked for and the type is opmath_t, that output itself, which holds dz to the bit;
-        // else SiLU's (as act_backward_per_channel does), in a buffer that takes at most half the
-        // last-level cache.
+        // is asked for and holds dz to the bit (opmath_t, or dz is dy or zero), that output
+        // itself; else SiLU's (as act_backward_per_channel does), in a buffer that takes at most
+        // half the last-level cache.
+        using keep_t = typename ActGradSums<scalar_t, A, kRes>::keep_t;
         std::unique_ptr<opmath_t[]> buffer;
-        opmath_t* kept = nullptr;
+        keep_t* kept = nullptr;
         bool kept_in_dres = false;
         if (training && sums && (dxp != nullptr || drp != nullptr)) {
-          if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+          if constexpr (std::is_same_v<keep_t, scalar_t>) {
             kept = drp;
             kept_in_dres = drp != nullptr;
           }

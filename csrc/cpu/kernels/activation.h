@@ -108,6 +108,11 @@ inline T act_grad(T dy, T z, T slope) {
   return dy;
 }
 
+// Whether dz = dy * act'(z) is dy or zero, a value of the input's type: kept in a 16-bit
+// gradient tensor, it reads back as the float dz it was.
+template <Act A>
+inline constexpr bool kDzIsDyOrZero = A == Act::kIdentity || A == Act::kRelu || A == Act::kRelu6;
+
 // The forward's per-channel coefficients (Affine's) and the activation's slope. Every z below is
 // ((x - hi) - lo) * sc + sh (+ residual), the one expression both directions compute.
 template <typename opmath_t>
@@ -244,7 +249,10 @@ struct ActGradSums {
   int64_t C;   // row length (channels-last), which widened() multiplies
   int64_t C0;  // channels
   bool streamed = false;
-  opmath_t* keep = nullptr;  // where given, each dz is also stored there at its flat offset
+  // where given, each dz is also stored there at its flat offset: in the input's type where that
+  // holds dz exactly (the residual's gradient), else in opmath_t (SiLU's buffer)
+  using keep_t = std::conditional_t<kDzIsDyOrZero<A>, scalar_t, opmath_t>;
+  keep_t* keep = nullptr;
   // A block's sums: sixteen opmath_t lanes carried from run to run, widened into the double sums
   // every kChunk values and at the block's end. Widened at each run's end, a 7x7 plane's 49
   // values paid sixteen dependent float64 additions, which made a (4, 2048, 7, 7) ReLU backward
@@ -304,7 +312,7 @@ struct ActGradSums {
   }
   // run, with kKeep each dz also stored to keep[0, len)
   template <bool kKeep>
-  [[gnu::always_inline]] void run_keeping(int64_t c, int64_t off, int64_t len, Lanes& acc, opmath_t* keep) const {
+  [[gnu::always_inline]] void run_keeping(int64_t c, int64_t off, int64_t len, Lanes& acc, keep_t* keep) const {
     const opmath_t mt = static_cast<opmath_t>(mean[c]);
     const opmath_t hi = k.hi[c], lo = k.lo[c], sc = k.sc[c], sh = k.sh[c];
     [[maybe_unused]] const bool folded = hi == opmath_t(0) && lo == opmath_t(0);
@@ -314,7 +322,7 @@ struct ActGradSums {
       const scalar_t* dys = dy + off + s0;
       const scalar_t* xs = x + off + s0;
       const scalar_t* rs = kRes ? res + off + s0 : nullptr;
-      opmath_t* ks = kKeep ? keep + s0 : nullptr;
+      keep_t* ks = kKeep ? keep + s0 : nullptr;
       if constexpr (kVectorLanes) {
 #ifdef BN_EXT_AVX2_INTRINSICS
         const int64_t v =
@@ -327,7 +335,8 @@ struct ActGradSums {
       } else {
         opmath_t dzs[kChunk], ts[kChunk];
         act_grad_terms<A, kRes>(dys, xs, rs, n, hi, lo, sc, sh, k.slope, mt, dzs, ts);
-        if constexpr (kKeep) std::copy(dzs, dzs + n, ks);
+        if constexpr (kKeep)
+          for (int64_t j = 0; j < n; ++j) ks[j] = store_value<keep_t>(dzs[j]);
         opmath_t* a16 = acc.a16.v;
         opmath_t* b16 = acc.b16.v;
         int64_t i = 0;
@@ -399,22 +408,23 @@ struct ActGradSums {
     const opmath_t *hi = k.hi + c0, *lo = k.lo + c0, *sc = k.sc + c0, *sh = k.sh + c0;
     int64_t j0 = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
-    j0 = keep != nullptr ? act_grad_row_sums<A, kRes, true, kRows>(dy + o, x + o, kRes ? res + o : nullptr, C, n, hi,
-                                                                   lo, sc, sh, k.slope, k.folded, mt, sa, sb, keep + o)
-                         : act_grad_row_sums<A, kRes, false, kRows>(dy + o, x + o, kRes ? res + o : nullptr, C, n, hi,
-                                                                    lo, sc, sh, k.slope, k.folded, mt, sa, sb, nullptr);
+    j0 = keep != nullptr
+             ? act_grad_row_sums<A, kRes, true, kRows>(dy + o, x + o, kRes ? res + o : nullptr, C, n, hi, lo, sc, sh,
+                                                       k.slope, k.folded, mt, sa, sb, keep + o)
+             : act_grad_row_sums<A, kRes, false, kRows>(dy + o, x + o, kRes ? res + o : nullptr, C, n, hi, lo, sc, sh,
+                                                        k.slope, k.folded, mt, sa, sb, static_cast<keep_t*>(nullptr));
 #endif
     for (int r = 0; r < kRows; ++r) {
       const scalar_t* __restrict dys = dy + o + r * C;
       const scalar_t* __restrict xs = x + o + r * C;
       const scalar_t* __restrict rs = kRes ? res + o + r * C : nullptr;
-      opmath_t* ks = keep != nullptr ? keep + o + r * C : nullptr;
+      keep_t* ks = keep != nullptr ? keep + o + r * C : nullptr;
       for (int64_t j = j0; j < n; ++j) {
         const opmath_t xv = load_value<opmath_t>(xs[j]);
         opmath_t z = normalized(xv, hi[j], lo[j], sc[j], sh[j]);
         if constexpr (kRes) z += load_value<opmath_t>(rs[j]);
         const opmath_t dz = act_grad<A>(load_value<opmath_t>(dys[j]), z, k.slope);
-        if (ks != nullptr) ks[j] = dz;
+        if (ks != nullptr) ks[j] = store_value<keep_t>(dz);
         sa[j] += dz;
         sb[j] += dz * (xv - mt[j]);
       }
@@ -425,7 +435,7 @@ struct ActGradSums {
     opmath_t z = normalized(xv, k.hi[ch], k.lo[ch], k.sc[ch], k.sh[ch]);
     if constexpr (kRes) z += load_value<opmath_t>(res[i]);
     const opmath_t dz = act_grad<A>(load_value<opmath_t>(dy[i]), z, k.slope);
-    if (keep != nullptr) keep[i] = dz;
+    if (keep != nullptr) keep[i] = store_value<keep_t>(dz);
     const double d = static_cast<double>(dz);
     *a += d;
     *b += d * (static_cast<double>(xv) - mean[ch]);
@@ -542,10 +552,10 @@ void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t
   }
 }
 
-// dx and the residual's gradient from kept dz values (SiLU's backward): the training formula of
+// dx and the residual's gradient from kept dz values (ActGradSums::keep_t): the training formula of
 // act_grad_span, operation for operation, coefficients at index kStep * i as there.
-template <bool kDx, bool kDres, int64_t kStep, typename scalar_t, typename T>
-inline void dx_from_dz_span(const T* __restrict dz, const scalar_t* __restrict x, scalar_t* __restrict dx,
+template <bool kDx, bool kDres, int64_t kStep, typename K, typename scalar_t, typename T>
+inline void dx_from_dz_span(const K* __restrict dz, const scalar_t* __restrict x, scalar_t* __restrict dx,
                             scalar_t* __restrict dres, int64_t len, const T* __restrict kdy, const T* __restrict kx,
                             const T* __restrict k0, const T* __restrict mhi, const T* __restrict mlo, bool stream) {
   int64_t i = 0;
@@ -569,7 +579,7 @@ inline void dx_from_dz_span(const T* __restrict dz, const scalar_t* __restrict x
 #endif
   for (; i < len; ++i) {
     const int64_t j = kStep * i;
-    const T d = dz[i];
+    const T d = load_value<T>(dz[i]);
     if constexpr (kDres) dres[i] = store_value<scalar_t>(d);
     if constexpr (kDx) {
       T v = kdy[j] * d;
@@ -579,10 +589,11 @@ inline void dx_from_dz_span(const T* __restrict dz, const scalar_t* __restrict x
   }
 }
 
-// The training dx pass from dz values kept in a tensor-sized buffer (SiLU; act_backward).
-template <typename scalar_t, bool kDx, bool kDres>
-void dx_from_kept_pass(const at::opmath_type<scalar_t>* kept, const scalar_t* x, scalar_t* dx, scalar_t* dres,
-                       const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
+// The training dx pass from dz values kept in a tensor-sized buffer or the residual's gradient
+// (act_backward).
+template <typename scalar_t, bool kDx, bool kDres, typename K>
+void dx_from_kept_pass(const K* kept, const scalar_t* x, scalar_t* dx, scalar_t* dres, const Geometry& g,
+                       const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
   using T = at::opmath_type<scalar_t>;
   const T *kdy = q.k_dy.data(), *kx = q.k_x.data(), *k0 = q.k_0.data(), *mhi = q.mean_hi.data(),
           *mlo = q.mean_lo.data();
@@ -605,9 +616,9 @@ void dx_from_kept_pass(const at::opmath_type<scalar_t>* kept, const scalar_t* x,
       Sweep::kBackward);
 }
 
-template <typename scalar_t>
-void dx_from_kept_kernel(const at::opmath_type<scalar_t>* kept, const scalar_t* x, scalar_t* dx, scalar_t* dres,
-                         const Geometry& g, const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
+template <typename scalar_t, typename K>
+void dx_from_kept_kernel(const K* kept, const scalar_t* x, scalar_t* dx, scalar_t* dres, const Geometry& g,
+                         const GradCoeffs<at::opmath_type<scalar_t>>& q, bool stream) {
   if (dx != nullptr && dres != nullptr) {
     dx_from_kept_pass<scalar_t, true, true>(kept, x, dx, dres, g, q, stream);
   } else if (dx != nullptr) {
@@ -677,12 +688,14 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
                               std::vector<double>& sum_dz_xmu, bool stream) {
   using T = at::opmath_type<scalar_t>;
   // dz kept from the sums for the dx pass: in the residual's gradient where that is asked for and
-  // the type is T (it holds dz to the bit; the dx pass then reads it and x, not dy, x and the
-  // residual), else SiLU's, in a buffer of the group's values
-  constexpr bool kKeepInDres = kDres && std::is_same_v<scalar_t, T>;
+  // holds dz to the bit (type T, or dz is dy or zero; the dx pass then reads it and x, not dy, x
+  // and the residual), else SiLU's, in a buffer of the group's values
+  using Sums = ActGradSums<scalar_t, A, kRes>;
+  using keep_t = typename Sums::keep_t;
+  constexpr bool kKeepInDres = kDres && std::is_same_v<keep_t, scalar_t>;
   constexpr bool kKeep = kKeepInDres || A == Act::kSilu;
   const int64_t group = channel_group(g, (kRes ? 3 : 2) * sizeof(scalar_t));
-  const ActGradSums<scalar_t, A, kRes> sum{dy, x, res, k, mean.data(), g.C, g.C};
+  const Sums sum{dy, x, res, k, mean.data(), g.C, g.C};
   const int64_t rows = g.rows();
   const double inv_count = 1.0 / static_cast<double>(rows);
   // where the run at flat offset `off` starts within channel c's values
@@ -697,11 +710,13 @@ void act_backward_per_channel(const scalar_t* dy, const scalar_t* x, const scala
         const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
         if constexpr (kKeep && !kKeepInDres) kept.resize(static_cast<size_t>((c1 - c0) * rows));
         // where channel c's run at flat offset off keeps its dz
-        auto keep_at = [&](int64_t c, int64_t off) -> T* {
+        auto keep_at = [&](int64_t c, int64_t off) -> keep_t* {
           if constexpr (kKeepInDres) {
             return dres + off;
-          } else {
+          } else if constexpr (std::is_same_v<keep_t, T>) {
             return kept.data() + (c - c0) * rows + in_channel(c, off);
+          } else {
+            return nullptr;  // not kept
           }
         };
         for (int64_t c = c0; c < c1; ++c) {

@@ -221,7 +221,10 @@ template <typename scalar_t>
 inline __m512 load_first(const scalar_t* p, int64_t m) {
   return load16_first(p, m);
 }
-inline void keep_first(float* p, __m512 v, int64_t m) { store16_first(p, v, m); }
+template <typename K>
+inline void keep_first(K* p, __m512 v, int64_t m) {
+  store16_first(p, v, m);
+}
 #else
 using TailOps = ActOps8;
 inline __m256i first8(int64_t m) {
@@ -241,6 +244,13 @@ inline __m256 load_first(const c10::Half* p, int64_t m) {
   return _mm256_cvtph_ps(load_first_bits(reinterpret_cast<const uint16_t*>(p), m));
 }
 inline void keep_first(float* p, __m256 v, int64_t m) { _mm256_maskstore_ps(p, first8(m), v); }
+// 16-bit values kept (a dz that is dy or zero): rounded as store8 rounds, the first m copied
+template <typename K>
+inline void keep_first(K* p, __m256 v, int64_t m) {
+  K buf[8];
+  store8(buf, v);
+  std::copy(buf, buf + m, p);
+}
 #endif
 using TailVec = TailOps::vec;
 
@@ -265,10 +275,10 @@ inline TailVec act_dz_tail(const scalar_t* dy, const scalar_t* x, const scalar_t
 
 // The gradient sums' terms (act_grad_terms') of a run's last m values, zero past the m-th: dz in d
 // and dz * (x - mean) in t; where keep is given, dz stored there.
-template <Act A, bool kRes, typename scalar_t>
+template <Act A, bool kRes, typename scalar_t, typename K>
 inline void act_grad_terms_tail(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t m, float hi,
                                 float lo, float sc, float sh, float slope, float mean, bool folded, TailVec& d,
-                                TailVec& t, float* keep) {
+                                TailVec& t, K* keep) {
   using L = TailOps::L;
   TailVec xv;
   d = act_dz_tail<A, kRes>(dy, x, res, m, hi, lo, sc, sh, slope, folded, xv);
@@ -333,12 +343,13 @@ struct SumLanes {
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
 // dz and of dz * (x - mean) added into the sixteen lanes of a and b, whole vectors of 16 from
 // position 0, as the scalar loop it replaces; returns how many values were taken. kKeep: each dz
-// is also stored to keep[i]. The lanes are copied in and out: where the caller's stay in memory,
-// the loop's loads may alias them, and each step stored them back.
-template <Act A, bool kRes, bool kKeep, typename scalar_t>
+// is also stored to keep[i] (float32, or the input's type where dz is dy or zero). The lanes are
+// copied in and out: where the caller's stay in memory, the loop's loads may alias them, and each
+// step stored them back.
+template <Act A, bool kRes, bool kKeep, typename scalar_t, typename K>
 inline int64_t act_grad_sums16(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n, float hi,
                                float lo, float sc, float sh, float slope, float mean, bool folded, SumLanes& a_io,
-                               SumLanes& b_io, float* keep) {
+                               SumLanes& b_io, K* keep) {
   const Broadcast bh{hi}, bl{lo}, bs{sc}, bt{sh};
   int64_t i = 0;
 #ifdef BN_EXT_AVX512BF16
@@ -348,7 +359,7 @@ inline int64_t act_grad_sums16(const scalar_t* dy, const scalar_t* x, const scal
   for (; i + 16 <= n; i += 16) {
     __m512 xv;
     const __m512 dz = act_dz_vec<ActOps16, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, xv);
-    if constexpr (kKeep) _mm512_storeu_ps(keep + i, dz);
+    if constexpr (kKeep) L::store(keep + i, dz);
     a = L::add(a, dz);
     b = L::add(b, L::mul(dz, L::sub(xv, m)));
   }
@@ -363,8 +374,8 @@ inline int64_t act_grad_sums16(const scalar_t* dy, const scalar_t* x, const scal
     const __m256 d0 = act_dz_vec<ActOps8, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, x0);
     const __m256 d1 = act_dz_vec<ActOps8, A, kRes>(dy, x, res, i + 8, bh, bl, bs, bt, folded, s, x1);
     if constexpr (kKeep) {
-      _mm256_storeu_ps(keep + i, d0);
-      _mm256_storeu_ps(keep + i + 8, d1);
+      L::store(keep + i, d0);
+      L::store(keep + i + 8, d1);
     }
     a0 = L::add(a0, d0);
     a1 = L::add(a1, d1);
@@ -408,10 +419,10 @@ inline void add_into_lanes(SumLanes& lanes, __m256 t, int64_t m, int next) {
 // A chunk's last r (< 16) values after act_grad_sums16's vectors, one a lane from lane `next` on
 // (mod 16; each lane takes at most one): the sums' terms as act_grad_terms_tail gives them,
 // keep as there. Returns the lane the next value goes into.
-template <Act A, bool kRes, typename scalar_t>
+template <Act A, bool kRes, typename scalar_t, typename K>
 inline int act_grad_sums_rest(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t r, float hi, float lo,
                               float sc, float sh, float slope, float mean, bool folded, SumLanes& a, SumLanes& b,
-                              float* keep, int next) {
+                              K* keep, int next) {
   for (int64_t j = 0; j < r; j += TailOps::L::width) {
     const int64_t m = std::min<int64_t>(TailOps::L::width, r - j);
     TailVec d, t;
@@ -428,10 +439,9 @@ inline int act_grad_sums_rest(const scalar_t* dy, const scalar_t* x, const scala
 // dz values the sums pass kept (act_grad_span's training formula without the activation), for
 // whole vectors from position i on, coefficients from K (Broadcast or PerLane); returns where it
 // stopped.
-template <typename L, bool kDx, bool kDres, typename scalar_t, typename K>
-inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* dx, scalar_t* dres, int64_t i,
-                                  int64_t n, const K& kdy, const K& kx, const K& k0, const K& hi, const K& lo,
-                                  bool stream) {
+template <typename L, bool kDx, bool kDres, typename D, typename scalar_t, typename K>
+inline int64_t dx_from_dz_vectors(const D* dz, const scalar_t* x, scalar_t* dx, scalar_t* dres, int64_t i, int64_t n,
+                                  const K& kdy, const K& kx, const K& k0, const K& hi, const K& lo, bool stream) {
   for (; i + L::width <= n; i += L::width) {
     const typename L::vec d = L::load(dz + i);
     if constexpr (kDres) L::store_out(dres + i, d, stream);
@@ -451,11 +461,11 @@ inline int64_t dx_from_dz_vectors(const float* dz, const scalar_t* x, scalar_t* 
 // row, O's width of channels at a time (from channel c on) as the scalar loop does; returns where
 // it stopped. kKeep: each dz is also stored to keep[c] (keep[stride + c]). Two rows a step load
 // and store the sums once for both and give the scheduler two exponentials' chains at once.
-template <typename O, Act A, bool kRes, bool kKeep, int kRows, typename scalar_t>
+template <typename O, Act A, bool kRes, bool kKeep, int kRows, typename scalar_t, typename K>
 inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t stride,
                                     int64_t c, int64_t n, const float* hi, const float* lo, const float* sc,
                                     const float* sh, float slope, bool folded, const float* mt, float* sa, float* sb,
-                                    float* keep) {
+                                    K* keep) {
   using L = typename O::L;
   const PerLane ph{hi}, pl{lo}, ps{sc}, pt{sh};
   const typename O::vec s = L::coef(slope);
@@ -480,10 +490,10 @@ inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const
 
 // The same, 16 channels at a time first in the AVX-512 build (each channel's sums take the same
 // terms in the same order whatever the width: the same bits).
-template <Act A, bool kRes, bool kKeep, int kRows, typename scalar_t>
+template <Act A, bool kRes, bool kKeep, int kRows, typename scalar_t, typename K>
 inline int64_t act_grad_row_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t stride, int64_t n,
                                  const float* hi, const float* lo, const float* sc, const float* sh, float slope,
-                                 bool folded, const float* mt, float* sa, float* sb, float* keep) {
+                                 bool folded, const float* mt, float* sa, float* sb, K* keep) {
   int64_t c = 0;
 #ifdef BN_EXT_AVX512BF16
   c = act_grad_row_sums_of<ActOps16, A, kRes, kKeep, kRows>(dy, x, res, stride, c, n, hi, lo, sc, sh, slope, folded, mt,
