@@ -456,11 +456,11 @@ inline int64_t dx_from_dz_vectors(const D* dz, const scalar_t* x, scalar_t* dx, 
   return i;
 }
 
-// ActGradSums::row_terms' vector loop over n channels of kRows channels-last rows (the second
-// `stride` values after the first): sa[c] += dz, sb[c] += dz * (x - mt[c]) in float32, row after
-// row, O's width of channels at a time (from channel c on) as the scalar loop does; returns where
-// it stopped. kKeep: each dz is also stored to keep[c] (keep[stride + c]). Two rows a step load
-// and store the sums once for both and give the scheduler two exponentials' chains at once.
+// ActGradSums::row_terms' vector loop over n channels of kRows channels-last rows (`stride` values
+// apart): sa[c] += dz, sb[c] += dz * (x - mt[c]) in float32, row after row, O's width of channels
+// at a time (from channel c on) as the scalar loop does; returns where it stopped. kKeep: each dz
+// is also stored to keep[c] (keep[stride + c], ...). Several rows a step load and store the sums
+// once for all and give the scheduler several exponentials' chains at once.
 template <typename O, Act A, bool kRes, bool kKeep, int kRows, typename scalar_t, typename K>
 inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t stride,
                                     int64_t c, int64_t n, const float* hi, const float* lo, const float* sc,
@@ -472,7 +472,7 @@ inline int64_t act_grad_row_sums_of(const scalar_t* dy, const scalar_t* x, const
   for (; c + L::width <= n; c += L::width) {
     typename O::vec a = L::load(sa + c), b = L::load(sb + c);
     const typename O::vec m = L::load(mt + c);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
       const int64_t o = r * stride;
       typename O::vec xv;
