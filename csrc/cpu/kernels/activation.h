@@ -585,6 +585,11 @@ inline void dx_from_dz_span(const K* __restrict dz, const scalar_t* __restrict x
     };
 #ifdef BN_EXT_AVX512BF16
     i = each(Lanes16{});
+#else
+    // bfloat16 dz kept in the residual's gradient: 16 values a step as even and odd halves, as
+    // act_grad_span's runs go (SplitBF16; the same bits)
+    if constexpr (kStep == 0 && std::is_same_v<K, c10::BFloat16> && std::is_same_v<scalar_t, c10::BFloat16>)
+      i = each(SplitBF16{});
 #endif
     i = each(Lanes8{});
   }

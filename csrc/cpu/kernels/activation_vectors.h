@@ -340,6 +340,25 @@ struct SumLanes {
 #endif
 };
 
+#ifndef BN_EXT_AVX512BF16
+// Sixteen lanes in position order (lo: lanes 0-7, hi: 8-15) as the lanes of the even positions
+// (0, 2, ..., 14) and of the odd ones, and back: SplitBF16's arrangement of them.
+inline __m256 even_lanes(__m256 lo, __m256 hi) {
+  const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // 0 2 8 10 | 4 6 12 14
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+inline __m256 odd_lanes(__m256 lo, __m256 hi) {
+  const __m256 o = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));  // 1 3 9 11 | 5 7 13 15
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+inline void position_lanes(__m256 even, __m256 odd, __m256& lo, __m256& hi) {
+  const __m256 l = _mm256_unpacklo_ps(even, odd);  // 0 1 2 3 | 8 9 10 11
+  const __m256 h = _mm256_unpackhi_ps(even, odd);  // 4 5 6 7 | 12 13 14 15
+  lo = _mm256_permute2f128_ps(l, h, 0x20);
+  hi = _mm256_permute2f128_ps(l, h, 0x31);
+}
+#endif
+
 // The gradient sums' terms over n values of one channel (ActGradSums::run's chunk): the sums of
 // dz and of dz * (x - mean) added into the sixteen lanes of a and b, whole vectors of 16 from
 // position 0, as the scalar loop it replaces; returns how many values were taken. kKeep: each dz
@@ -369,6 +388,26 @@ inline int64_t act_grad_sums16(const scalar_t* dy, const scalar_t* x, const scal
   using L = Lanes8;
   const __m256 s = L::coef(slope), m = L::coef(mean);
   __m256 a0 = a_io.lo, a1 = a_io.hi, b0 = b_io.lo, b1 = b_io.hi;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && (!kKeep || std::is_same_v<K, c10::BFloat16>)) {
+    // bfloat16 as SplitBF16's even and odd positions (one load and no lane-crossing widening per
+    // 16 values): the lanes of the even positions and those of the odd ones, the same sixteen
+    // sums in another arrangement, back in position order at the end
+    using S = SplitBF16;
+    __m256 ae = even_lanes(a0, a1), ao = odd_lanes(a0, a1), be = even_lanes(b0, b1), bo = odd_lanes(b0, b1);
+    const S::vec ss = S::coef(slope), ms = S::coef(mean);
+    for (; i + 16 <= n; i += 16) {
+      S::vec xv;
+      const S::vec dz = act_dz_vec<ActOpsSplit, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, ss, xv);
+      if constexpr (kKeep) S::store(keep + i, dz);
+      const S::vec t = S::mul(dz, S::sub(xv, ms));
+      ae = L::add(ae, dz.even);
+      ao = L::add(ao, dz.odd);
+      be = L::add(be, t.even);
+      bo = L::add(bo, t.odd);
+    }
+    position_lanes(ae, ao, a0, a1);
+    position_lanes(be, bo, b0, b1);
+  }
   for (; i + 16 <= n; i += 16) {
     __m256 x0, x1;
     const __m256 d0 = act_dz_vec<ActOps8, A, kRes>(dy, x, res, i, bh, bl, bs, bt, folded, s, x0);
