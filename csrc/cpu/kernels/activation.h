@@ -565,11 +565,13 @@ void act_grad_input_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t
 }
 
 // dx and the residual's gradient from kept dz values (ActGradSums::keep_t): the training formula of
-// act_grad_span, operation for operation, coefficients at index kStep * i as there.
-template <bool kDx, bool kDres, int64_t kStep, typename K, typename scalar_t, typename T>
+// act_grad_span, operation for operation, coefficients at index kStep * i as there (kSplit: as
+// act_grad_span's, `split` holding the five arrays in split_even_odd's order).
+template <bool kDx, bool kDres, int64_t kStep, bool kSplit = false, typename K, typename scalar_t, typename T>
 inline void dx_from_dz_span(const K* __restrict dz, const scalar_t* __restrict x, scalar_t* __restrict dx,
                             scalar_t* __restrict dres, int64_t len, const T* __restrict kdy, const T* __restrict kx,
-                            const T* __restrict k0, const T* __restrict mhi, const T* __restrict mlo, bool stream) {
+                            const T* __restrict k0, const T* __restrict mhi, const T* __restrict mlo, bool stream,
+                            const T* const* split = nullptr) {
   int64_t i = 0;
 #ifdef BN_EXT_AVX2_INTRINSICS
   if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -579,6 +581,11 @@ inline void dx_from_dz_span(const K* __restrict dz, const scalar_t* __restrict x
     auto each = [&](auto lanes) {
       if constexpr (kStep == 0) {
         return vectors(lanes, Broadcast{*kdy}, Broadcast{*kx}, Broadcast{*k0}, Broadcast{*mhi}, Broadcast{*mlo});
+#ifndef BN_EXT_AVX512BF16
+      } else if constexpr (kSplit && std::is_same_v<decltype(lanes), SplitBF16>) {
+        return vectors(lanes, PerLaneSplit{kdy, split[0]}, PerLaneSplit{kx, split[1]}, PerLaneSplit{k0, split[2]},
+                       PerLaneSplit{mhi, split[3]}, PerLaneSplit{mlo, split[4]});
+#endif
       } else {
         return vectors(lanes, PerLane{kdy}, PerLane{kx}, PerLane{k0}, PerLane{mhi}, PerLane{mlo});
       }
@@ -587,8 +594,8 @@ inline void dx_from_dz_span(const K* __restrict dz, const scalar_t* __restrict x
     i = each(Lanes16{});
 #else
     // bfloat16 dz kept in the residual's gradient: 16 values a step as even and odd halves, as
-    // act_grad_span's runs go (SplitBF16; the same bits)
-    if constexpr (kStep == 0 && std::is_same_v<K, c10::BFloat16> && std::is_same_v<scalar_t, c10::BFloat16>)
+    // act_grad_span's go (SplitBF16; the same bits)
+    if constexpr ((kStep == 0 || kSplit) && std::is_same_v<K, c10::BFloat16> && std::is_same_v<scalar_t, c10::BFloat16>)
       i = each(SplitBF16{});
 #endif
     i = each(Lanes8{});
@@ -624,13 +631,17 @@ void dx_from_kept_pass(const K* kept, const scalar_t* x, scalar_t* dx, scalar_t*
         Sweep::kBackward);
     return;
   }
-  parallel_row_spans<T, 5>(
-      g, {kdy, kx, k0, mhi, mlo},
-      [&](int64_t off, int64_t width, const auto& c) {
-        dx_from_dz_span<kDx, kDres, 1>(kept + off, x + off, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
-                                       width, c[0], c[1], c[2], c[3], c[4], stream);
-      },
-      Sweep::kBackward);
+  auto span = [&](int64_t off, int64_t width, const auto& c) {
+    constexpr bool kSplit = std::tuple_size_v<std::decay_t<decltype(c)>> == 10;
+    dx_from_dz_span<kDx, kDres, 1, kSplit>(kept + off, x + off, kDx ? dx + off : nullptr, kDres ? dres + off : nullptr,
+                                           width, c[0], c[1], c[2], c[3], c[4], stream,
+                                           kSplit ? c.data() + 5 : nullptr);
+  };
+  if constexpr (std::is_same_v<K, scalar_t>) {  // dz in the residual's gradient: split where bfloat16
+    parallel_row_spans_of<scalar_t, T, 5>(g, {kdy, kx, k0, mhi, mlo}, span, Sweep::kBackward);
+  } else {
+    parallel_row_spans<T, 5>(g, {kdy, kx, k0, mhi, mlo}, span, Sweep::kBackward);
+  }
 }
 
 template <typename scalar_t, typename K>
