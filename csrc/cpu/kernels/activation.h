@@ -406,10 +406,11 @@ struct ActGradSums {
       }
     }
   }
-  // Channels-last rows go into float32 sums per channel, a group of rows at a time (8 terms a
-  // channel, as the plain reductions' chunks), then into the float64 ones with the rounding of the
-  // mean (mt) put back: a float64 read-modify-write per value held this loop.
-  static constexpr int64_t kRowGroup = 8;
+  // Channels-last rows go into float32 sums per channel, a group of rows at a time (32 terms a
+  // channel, as the plain reductions' streamed rows; a flush every 8 rows took a seventh of the
+  // pass), then into the float64 ones with the rounding of the mean (mt) put back: a float64
+  // read-modify-write per value held this loop.
+  static constexpr int64_t kRowGroup = 32;
   static constexpr int kStreams = 4;
   // kRows rows' n values, `stride` values apart, from flat offset o (channels c0 on), row after
   // row: sa += dz, sb += dz * (x - mt).
