@@ -379,39 +379,31 @@ struct ActGradSums {
         for (int64_t c = c0; c < c1; ++c) add(r * C + c, c, a + c, b + c);
     } else {
       const int64_t n = c1 - c0;
-      std::vector<opmath_t> buf(3 * n);
-      opmath_t *mt = buf.data(), *sa = mt + n, *sb = sa + n;
+      std::vector<opmath_t> mt(n);
       for (int64_t j = 0; j < n; ++j) mt[j] = static_cast<opmath_t>(mean[c0 + j]);
-      auto flush = [&] {
-        for (int64_t j = 0; j < n; ++j) {
-          const double da = static_cast<double>(sa[j]);
-          a[c0 + j] += da;
-          b[c0 + j] += static_cast<double>(sb[j]) - (mean[c0 + j] - static_cast<double>(mt[j])) * da;
-        }
-      };
-      // kStreams in-order streams a quarter of the block apart, a row of each a step (as
-      // sweep_row_streams): row after row, the sums pass read at half the speed of the plain
-      // backward's streamed sums
-      const int64_t q = (r1 - r0) / kStreams;
-      for (int64_t i0 = 0; i0 < q; i0 += kRowGroup / kStreams) {
-        std::fill(sa, sb + n, opmath_t(0));
-        for (int64_t i = i0; i < std::min(q, i0 + kRowGroup / kStreams); ++i)
-          row_terms<kStreams>((r0 + i) * C + c0, q * C, c0, n, mt, sa, sb);
-        flush();
-      }
-      if (r0 + kStreams * q < r1) {  // the last rows, fewer than kStreams
-        std::fill(sa, sb + n, opmath_t(0));
-        for (int64_t r = r0 + kStreams * q; r < r1; ++r) row_terms<1>(r * C + c0, C, c0, n, mt, sa, sb);
-        flush();
-      }
+      // Rows as the plain reductions' streamed rows take them (sweep_row_streams: kRowsAtOnce
+      // in-order streams a quarter of the block apart; row after row, the sums pass read at half
+      // their speed), into float32 sums per channel, then every kStreamRows rows into the float64
+      // ones with the rounding of the mean (mt) put back: a float64 read-modify-write per value
+      // held this loop, and a flush every 8 rows took a seventh of the pass.
+      sweep_row_streams(
+          c0, c1, r0, r1,
+          [&](int64_t r, int64_t k, int64_t step, opmath_t* fa, opmath_t* fb) {
+            if (k == kRowsAtOnce) {
+              row_terms<kRowsAtOnce>(r * C + c0, step * C, c0, n, mt.data(), fa + c0, fb + c0);
+            } else {
+              row_terms<1>(r * C + c0, C, c0, n, mt.data(), fa + c0, fb + c0);
+            }
+          },
+          [&](int64_t, const opmath_t* fa, const opmath_t* fb) {
+            for (int64_t j = 0; j < n; ++j) {
+              const double da = static_cast<double>(fa[c0 + j]);
+              a[c0 + j] += da;
+              b[c0 + j] += static_cast<double>(fb[c0 + j]) - (mean[c0 + j] - static_cast<double>(mt[j])) * da;
+            }
+          });
     }
   }
-  // Channels-last rows go into float32 sums per channel, a group of rows at a time (32 terms a
-  // channel, as the plain reductions' streamed rows; a flush every 8 rows took a seventh of the
-  // pass), then into the float64 ones with the rounding of the mean (mt) put back: a float64
-  // read-modify-write per value held this loop.
-  static constexpr int64_t kRowGroup = 32;
-  static constexpr int kStreams = 4;
   // kRows rows' n values, `stride` values apart, from flat offset o (channels c0 on), row after
   // row: sa += dz, sb += dz * (x - mt).
   template <int kRows>

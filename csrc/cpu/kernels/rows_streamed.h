@@ -1,12 +1,12 @@
 // Part of kernels.h, included inside the ISA's namespace: it includes nothing itself.
 // Channels-last reductions that stream blocks of rows as in-order streams.
 
-#ifdef BN_EXT_AVX2_INTRINSICS
 // Channels-last sums streamed row after row: each block of rows is read as kRowsAtOnce sequential
 // streams per tensor, one per quarter of the block, which the prefetchers follow (the tiles walk
 // many rows at once, a few hundred bytes of each). Per-channel float32 partial sums stay in L1 and
 // are flushed into the float64 sums every kStreamRows rows.
-// Channels [c0, n), both multiples of 8: rows(r, k, step, fa, fb) adds rows r, r + step, ...
+// Channels [c0, n) (multiples of 8 for the vector loops below; the fused backward's
+// ActGradSums::rows takes any): rows(r, k, step, fa, fb) adds rows r, r + step, ...
 // (k of them, k <= kRowsAtOnce) into the partials (their channels [c0, n)), flush(rows, fa, fb)
 // adds them, over `rows` rows, into the caller's sums.
 constexpr int64_t kStreamRows = 32;
@@ -43,6 +43,7 @@ inline void sweep_row_streams(int64_t c0, int64_t n, int64_t r0, int64_t r1, Row
   }
 }
 
+#ifdef BN_EXT_AVX2_INTRINSICS
 // The float32 copy of a per-channel float64 array, channels [c0, n) at their index (the others
 // left unset).
 inline std::unique_ptr<float[]> rounded_to_float(const double* v, int64_t c0, int64_t n) {
