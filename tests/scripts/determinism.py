@@ -21,6 +21,10 @@ for shape, fmt in [
     ((16, 64, 20, 20), torch.channels_last),
     ((4, 2048, 7, 7), None),
     ((2, 266, 45, 47), torch.channels_last),
+    # planes of fewer than 16 values: one thread pipelines the channels (their runs summed one
+    # by one), two or more take the whole-tensor passes (a block's runs summed in one loop)
+    ((600, 6, 3, 3), None),
+    ((3000, 5, 1, 3), None),  # a run split where a reduction block ends (8192 values)
 ]:
     x = torch.randn(shape) * 3 + 1
     if fmt is not None:

@@ -250,6 +250,31 @@ inline void add_grad32(const scalar_t* dy, const scalar_t* x, __m512 zm, __m512&
     add_grad16(dy + 16, x + 16, 16, zm, ga, gb);
   }
 }
+
+// Planes of fewer than 16 values: a block's runs of channel c, from flat index start to end,
+// each added as chunked_lanes adds a run that short (body(off, len, ga, gb): its one masked
+// vector into the g pair), with the same widenings, so the same bits; in one loop, the chunk sums
+// in registers. Run by run, each 2 x 2 plane also paid a call, the shift's conversion and the
+// chunk sums' loads and stores through acc.
+template <typename Body>
+inline void short_runs_lanes(const Geometry& g, int64_t c, int64_t start, int64_t end, LaneSums& acc, Body&& body) {
+  __m512 ga = acc.ga, gb = acc.gb;
+  int64_t vecs = acc.vecs;
+  double n = acc.n;
+  for_each_run_of_channel(g, c, start, end, [&](int64_t off, int64_t len) {
+    body(off, len, ga, gb);
+    n += static_cast<double>(len);
+    if (++vecs < kChunkVectors) return;
+    acc.a = widen_add(acc.a, _mm512_add_ps(acc.fa, ga));
+    acc.b = widen_add(acc.b, _mm512_add_ps(acc.fb, gb));
+    acc.fa = acc.fb = ga = gb = _mm512_setzero_ps();
+    vecs = 0;
+  });
+  acc.ga = ga;
+  acc.gb = gb;
+  acc.vecs = vecs;
+  acc.n = n;
+}
 #endif
 
 // bfloat16 values per float32 chunk in the AVX2 build's statistics: each chunk ends in a chain of

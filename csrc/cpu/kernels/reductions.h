@@ -62,6 +62,15 @@ struct ShiftedSquares {
   int64_t C;
   bool streamed = false;  // channels-last rows one after another (shifted_sums_rows_streamed), not in tiles
   void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const { shifted_sums_run(x + off, len, shift[c], acc); }
+#ifdef BN_EXT_AVX512BF16
+  // Channel c's runs from flat index start to end, planes of fewer than 16 values (short_runs_lanes).
+  void short_runs(const Geometry& g, int64_t c, int64_t start, int64_t end, LaneSums& acc) const {
+    const __m512 shf16 = _mm512_set1_ps(static_cast<float>(shift[c]));
+    short_runs_lanes(g, c, start, end, acc, [&](int64_t off, int64_t len, __m512& ga, __m512& gb) {
+      add_shifted16(x + off, len, shf16, ga, gb);
+    });
+  }
+#endif
   void finish(int64_t c, const LaneSums& acc, double* a, double* b) const { finish_shifted(acc, shift[c], a, b); }
   const double* per_channel() const { return shift; }
   ShiftedSquares widened(int64_t width, const double* tiled) const { return {x, tiled, width, streamed}; }
@@ -120,6 +129,15 @@ struct GradSums {
   void run(int64_t c, int64_t off, int64_t len, LaneSums& acc) const {
     grad_sums_run(dy + off, x + off, len, mean[c], acc);
   }
+#ifdef BN_EXT_AVX512BF16
+  // As ShiftedSquares::short_runs.
+  void short_runs(const Geometry& g, int64_t c, int64_t start, int64_t end, LaneSums& acc) const {
+    const __m512 zm = _mm512_set1_ps(static_cast<float>(mean[c]));
+    short_runs_lanes(g, c, start, end, acc, [&](int64_t off, int64_t len, __m512& ga, __m512& gb) {
+      add_grad16(dy + off, x + off, len, zm, ga, gb);
+    });
+  }
+#endif
   void finish(int64_t c, const LaneSums& acc, double* a, double* b) const { finish_grad(acc, mean[c], a, b); }
   const double* per_channel() const { return mean; }
   GradSums widened(int64_t width, const double* tiled) const { return {dy, x, tiled, width, streamed}; }
@@ -228,26 +246,41 @@ inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t
 }
 template <typename Summand>
 inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b) {
+  if constexpr (!std::is_same_v<typename Summand::scalar_type, double> &&
+                requires(typename Summand::Lanes& acc) { sum.short_runs(g, c, 0, 0, acc); }) {
+    if (g.S < 16) {  // the same sums, all the block's runs in one loop
+      const int64_t start = k * kBlockElems;
+      typename Summand::Lanes acc;
+      sum.short_runs(g, c, start, std::min(g.rows(), start + kBlockElems), acc);
+      sum.finish(c, acc, a, b);
+      return;
+    }
+  }
   block_sums(sum, g, c, k, a, b, [&](int64_t off, int64_t len, auto& acc) { sum.run(c, off, len, acc); });
 }
 
-// NC(D)HW: channel c's sums, its blocks added in order (what channel_sums gives for c).
-template <typename Summand, typename Run>
-inline void channel_total(const Summand& sum, const Geometry& g, int64_t c, double* a, double* b, Run&& run) {
+// NC(D)HW: channel c's sums, its blocks (block(k, &a_k, &b_k)) added in order (what
+// channel_sums gives for c).
+template <typename Block>
+inline void add_channel_blocks(const Geometry& g, double* a, double* b, Block&& block) {
   const int64_t blocks = ceil_div(g.rows(), kBlockElems);
   double ta = 0, tb = 0;
   for (int64_t k = 0; k < blocks; ++k) {
     double pa, pb;
-    block_sums(sum, g, c, k, &pa, &pb, run);
+    block(k, &pa, &pb);
     ta += pa;
     tb += pb;
   }
   *a = ta;
   *b = tb;
 }
+template <typename Summand, typename Run>
+inline void channel_total(const Summand& sum, const Geometry& g, int64_t c, double* a, double* b, Run&& run) {
+  add_channel_blocks(g, a, b, [&](int64_t k, double* pa, double* pb) { block_sums(sum, g, c, k, pa, pb, run); });
+}
 template <typename Summand>
 inline void channel_total(const Summand& sum, const Geometry& g, int64_t c, double* a, double* b) {
-  channel_total(sum, g, c, a, b, [&](int64_t off, int64_t len, auto& acc) { sum.run(c, off, len, acc); });
+  add_channel_blocks(g, a, b, [&](int64_t k, double* pa, double* pb) { block_sums(sum, g, c, k, pa, pb); });
 }
 
 // Every channel's sums: blocks in parallel, then added in block order.
