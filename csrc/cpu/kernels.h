@@ -16,9 +16,10 @@
 // Blocks have shape-only boundaries and are added in block order, so results are bitwise
 // identical for any thread count, and for the fused and unfused paths.
 //
-// NC(D)HW tensors with enough channels run the training forward and backward per channel: the
-// channel's reduction and then its elementwise pass, which reads the channel back from cache
-// instead of memory (one read of x per pass over the tensor instead of two). In the SIMD builds,
+// NC(D)HW tensors with enough channels run the statistics, training forward and backward per
+// channel: the channel's reduction and then its elementwise pass, which reads the channel back
+// from cache instead of memory (one read of x per pass over the tensor instead of two); the
+// statistics alone take whole channels a task (shift, sums, finish). In the SIMD builds,
 // channels that go one at a time (channel_group) are pipelined: one loop sums a channel and runs
 // the elementwise pass of the one before (pipelined_channels).
 

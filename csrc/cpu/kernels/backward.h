@@ -153,8 +153,3 @@ void backward_per_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
       },
       store_fence);
 }
-
-// The fused per-channel path pays off when channels keep every thread busy.
-bool per_channel(const Geometry& g) {
-  return g.layout == Layout::kNCS && g.C >= kPerChannelMinTasksPerThread * at::get_num_threads();
-}
