@@ -270,6 +270,39 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
 }
 
 #ifdef BN_EXT_AVX512BF16
+// kPlanes (2, 4 or 8) whole NC(D)HW planes a vector, as normalize_planes16 takes planes of
+// 16 / kPlanes values from a plane's start: each lane with its plane's coefficients, the planes'
+// four coefficients put side by side and spread by one permutation each. A masked vector a plane
+// spent most of a 2 x 2 channel's elementwise pass on its set-up (coefficients, broadcasts, mask).
+// normalized() with the mean folded (hi = lo = 0) computes what the folded multiply-add does, so
+// every lane has the per-plane loop's bits. Returns where it stopped (fewer than 16 values left),
+// c then the channel of the plane there.
+inline __m128 coeffs4(const ForwardCoeffs<float>& k) { return _mm_setr_ps(k.mean_hi, k.mean_lo, k.scale, k.shift); }
+
+template <int64_t kPlanes, typename scalar_t, typename Next, typename Coeffs>
+inline int64_t normalize_packed_planes(const scalar_t* x, scalar_t* y, int64_t len, int64_t& c, Next&& next, Coeffs&& k,
+                                       bool stream) {
+  constexpr int kLog2S = kPlanes == 8 ? 1 : kPlanes == 4 ? 2 : 3;
+  // lane l takes field f of plane l / S: float 4 * (l / S) + f of q[0] and q[1] (planes 4 to 7)
+  const __m512i at_hi = _mm512_slli_epi32(
+      _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), kLog2S), 2);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i at_lo = _mm512_add_epi32(at_hi, one), at_sc = _mm512_add_epi32(at_lo, one),
+                at_sh = _mm512_add_epi32(at_sc, one);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    __m512 q[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    [&]<int64_t... J>(std::integer_sequence<int64_t, J...>) {
+      ((q[J / 4] = _mm512_insertf32x4(q[J / 4], coeffs4(k(c)), J % 4), c = next(c)), ...);
+    }(std::make_integer_sequence<int64_t, kPlanes>{});
+    const __m512 hi = _mm512_permutex2var_ps(q[0], at_hi, q[1]), lo = _mm512_permutex2var_ps(q[0], at_lo, q[1]),
+                 sc = _mm512_permutex2var_ps(q[0], at_sc, q[1]), sh = _mm512_permutex2var_ps(q[0], at_sh, q[1]);
+    prefetch_ahead(x + i);
+    Lanes16::store_out(y + i, normalized<Lanes16>(load16(x + i), hi, lo, sc, sh), stream);
+  }
+  return i;
+}
+
 // Consecutive NC(D)HW planes normalised in one call: `len` values from x, the first s0 values into
 // a plane of channel c, each plane followed by one of channel next(c); k(c) gives channel c's
 // ForwardCoeffs<float>. Each plane goes as normalize_span takes a run (whole vectors, then one
@@ -278,7 +311,9 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
 template <typename scalar_t, typename Next, typename Coeffs>
 inline void normalize_planes16(const scalar_t* x, scalar_t* y, int64_t len, int64_t S, int64_t s0, int64_t c,
                                Next&& next, Coeffs&& k, bool stream) {
-  for (int64_t i = 0; i < len; c = next(c)) {
+  int64_t i = 0;
+  // the plane at i (s0 values into it at the start), channel c's; then c is the next plane's
+  auto plane = [&] {
     const int64_t end = std::min(len, i + S - s0);
     s0 = 0;
     const auto q = k(c);
@@ -294,7 +329,15 @@ inline void normalize_planes16(const scalar_t* x, scalar_t* y, int64_t len, int6
       store16_first(y + i, out(load16_first(x + i, end - i)), end - i);
       i = end;
     }
+    c = next(c);
+  };
+  if (S == 2 || S == 4 || S == 8) {  // from the first whole plane on, 16 / S planes a vector
+    if (s0 != 0) plane();
+    if (S == 2) i += normalize_packed_planes<8>(x + i, y + i, len - i, c, next, k, stream);
+    if (S == 4) i += normalize_packed_planes<4>(x + i, y + i, len - i, c, next, k, stream);
+    if (S == 8) i += normalize_packed_planes<2>(x + i, y + i, len - i, c, next, k, stream);
   }
+  while (i < len) plane();
 }
 
 // The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
