@@ -269,6 +269,55 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
                  stream);
 }
 
+// A channel's four coefficients side by side, as the packed planes below gather them.
+inline __m128 coeffs4(const ForwardCoeffs<float>& k) { return _mm_setr_ps(k.mean_hi, k.mean_lo, k.scale, k.shift); }
+
+// The AVX2 build's NC(D)HW planes of 2 or 4 values (S), from channel c's plane s0 values in:
+// 8 / S whole planes a vector, each lane with its plane's coefficients (as
+// normalize_packed_planes below), the partial plane in front and what is left behind it one run
+// at a time (normalize_run_simd). Run by run, a plane that short took the scalar loop and a call.
+// normalized() gives normalize_one's bits in every lane, folded mean or not.
+template <typename scalar_t, typename Next, typename Coeffs>
+inline void normalize_planes8(const scalar_t* x, scalar_t* y, int64_t len, int64_t S, int64_t s0, int64_t c,
+                              Next&& next, Coeffs&& k, bool stream) {
+  int64_t i = 0;
+  auto plane = [&] {
+    const int64_t end = std::min(len, i + S - s0);
+    s0 = 0;
+    const auto q = k(c);
+    normalize_run_simd(x + i, y + i, end - i, q.mean_hi, q.mean_lo, q.scale, q.shift, stream);
+    i = end;
+    c = next(c);
+  };
+  if (s0 != 0) plane();
+  // lane l takes field f of plane l / S: float 4 * (l / S) + f of the planes' coefficients, four
+  // planes (S = 2) in two vectors, the first two planes' in q0 and lanes 4 to 7 from q1
+  const __m256i at_hi = S == 2 ? _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4) : _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i at_lo = _mm256_add_epi32(at_hi, one), at_sc = _mm256_add_epi32(at_lo, one),
+                at_sh = _mm256_add_epi32(at_sc, one);
+  for (; i + 8 <= len; i += 8) {
+    const __m128 k0 = coeffs4(k(c));
+    c = next(c);
+    const __m256 q0 = _mm256_insertf128_ps(_mm256_castps128_ps256(k0), coeffs4(k(c)), 1);
+    c = next(c);
+    __m256 hi = _mm256_permutevar8x32_ps(q0, at_hi), lo = _mm256_permutevar8x32_ps(q0, at_lo),
+           sc = _mm256_permutevar8x32_ps(q0, at_sc), sh = _mm256_permutevar8x32_ps(q0, at_sh);
+    if (S == 2) {
+      const __m128 k2 = coeffs4(k(c));
+      c = next(c);
+      const __m256 q1 = _mm256_insertf128_ps(_mm256_castps128_ps256(k2), coeffs4(k(c)), 1);
+      c = next(c);
+      hi = _mm256_blend_ps(hi, _mm256_permutevar8x32_ps(q1, at_hi), 0xF0);
+      lo = _mm256_blend_ps(lo, _mm256_permutevar8x32_ps(q1, at_lo), 0xF0);
+      sc = _mm256_blend_ps(sc, _mm256_permutevar8x32_ps(q1, at_sc), 0xF0);
+      sh = _mm256_blend_ps(sh, _mm256_permutevar8x32_ps(q1, at_sh), 0xF0);
+    }
+    Lanes8::store_out(y + i, normalized<Lanes8>(load8(x + i), hi, lo, sc, sh), stream);
+  }
+  while (i < len) plane();
+}
+
 #ifdef BN_EXT_AVX512BF16
 // kPlanes (2, 4 or 8) whole NC(D)HW planes a vector, as normalize_planes16 takes planes of
 // 16 / kPlanes values from a plane's start: each lane with its plane's coefficients, the planes'
@@ -277,8 +326,6 @@ inline void normalize_run_simd(const scalar_t* x, scalar_t* y, int64_t len, floa
 // normalized() with the mean folded (hi = lo = 0) computes what the folded multiply-add does, so
 // every lane has the per-plane loop's bits. Returns where it stopped (fewer than 16 values left),
 // c then the channel of the plane there.
-inline __m128 coeffs4(const ForwardCoeffs<float>& k) { return _mm_setr_ps(k.mean_hi, k.mean_lo, k.scale, k.shift); }
-
 template <int64_t kPlanes, typename scalar_t, typename Next, typename Coeffs>
 inline int64_t normalize_packed_planes(const scalar_t* x, scalar_t* y, int64_t len, int64_t& c, Next&& next, Coeffs&& k,
                                        bool stream) {
