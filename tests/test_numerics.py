@@ -143,9 +143,11 @@ def test_running_stats_update_values(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_stats_and_elemt_ops_compose_to_train(device):
-    x = rand((5, 4, 6, 7), device, torch.float32, 2.0, 3.0)
-    w, b = rand((4,), device, torch.float32), rand((4,), device, torch.float32)
+# (16, 160, 2, 2): the CPU's statistics take whole channels a task (4 channels a thread and more)
+@pytest.mark.parametrize("shape", [(5, 4, 6, 7), (16, 160, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_stats_and_elemt_ops_compose_to_train(device, shape):
+    x = rand(shape, device, torch.float32, 2.0, 3.0)
+    w, b = rand((shape[1],), device, torch.float32), rand((shape[1],), device, torch.float32)
     mean, var = ops.batch_norm_stats(x)
     out, mean2, var2 = ops.batch_norm_train(x, w, b, 1e-5)
     assert torch.equal(mean, mean2) and torch.equal(var, var2)
@@ -162,15 +164,18 @@ def test_stats_and_elemt_ops_compose_to_train(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
-    "shape", [(3, 9, 41, 37), (16, 64, 20, 20), (2, 12, 17, 13, 19), (4, 24, 9, 9)], ids=lambda s: "x".join(map(str, s))
+    "shape",
+    [(3, 9, 41, 37), (16, 64, 20, 20), (2, 12, 17, 13, 19), (4, 24, 9, 9), (9, 24, 2, 2), (6, 16, 1, 2), (5, 20, 2, 4)],
+    ids=lambda s: "x".join(map(str, s)),
 )
 def test_per_channel_training_matches_one_channel_at_a_time(shape, dtype):
     """NC(D)HW training forward and backward over many channels run per channel (the reduction,
     then the elementwise pass from cache; channels of more than 8 KiB pipelined, each thread
     summing one channel while it writes the one before, in one loop). Each channel's outputs must
     be bitwise those of the same op on that channel alone, which splits one channel's work
-    between the threads and never pipelines. Odd planes put runs off the vector width. Two
-    threads: the per-channel path needs 4 channels a thread, which these shapes have for 2."""
+    between the threads and never pipelines. Odd planes put runs off the vector width; planes of
+    2, 4 and 8 values go several to a vector. Two threads: the per-channel path needs 4 channels a
+    thread, which these shapes have for 2."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -200,6 +205,28 @@ def _check_channels_alone(shape, dtype):
             ("grad_bias", gb[one], gbc),
         ]:
             assert torch.equal(whole, alone), f"channel {c}: {name} differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape", [(16, 160, 2, 2), (9, 130, 1, 2), (7, 100, 2, 4), (5, 70, 3, 3)], ids=lambda s: "x".join(map(str, s))
+)
+def test_elemt_matches_one_channel_at_a_time(shape, dtype):
+    """The NC(D)HW elementwise pass takes planes of 2, 4 or 8 values several to a vector, each lane
+    with its own channel's coefficients, from the first whole plane of a thread's piece on (the
+    pieces, about 1900 values of 2 x 2 planes, start inside planes). Each channel's output must be
+    bitwise that of the op on that channel alone, with means near the spread (folded into the
+    shift) beside means far from it (subtracted)."""
+    C = shape[1]
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    mean, var = torch.randn(C), torch.rand(C) + 0.1
+    mean[::3] = 40.0
+    y = ops.batch_norm_elemt(x, w, b, mean, var, 1e-5)
+    for c in range(C):
+        one = slice(c, c + 1)
+        alone = ops.batch_norm_elemt(x[:, one].contiguous(), w[one], b[one], mean[one], var[one], 1e-5)
+        assert torch.equal(y[:, one], alone), f"channel {c} differs"
 
 
 def test_bitwise_deterministic_across_thread_counts(tmp_path):
