@@ -65,29 +65,13 @@ void elemt_kernel(const scalar_t* __restrict x, scalar_t* __restrict y, const Ge
                   const Affine<at::opmath_type<scalar_t>>& a, Sweep order, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (g.layout == Layout::kNCS) {
-#ifdef BN_EXT_AVX512BF16
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // a piece's planes in one call
-      parallel_spans(
-          g,
-          [&](int64_t c, int64_t s0, int64_t off, int64_t len) {
-            normalize_planes16(
-                x + off, y + off, len, g.S, s0, c, [&](int64_t ch) { return ch + 1 == g.C ? 0 : ch + 1; },
-                [&](int64_t ch) {
-                  return ForwardCoeffs<float>{a.mean_hi[ch], a.mean_lo[ch], a.scale[ch], a.shift[ch]};
-                },
-                stream);
-          },
-          order);
-      return;
-    }
-#endif
 #ifdef BN_EXT_AVX2_INTRINSICS
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (g.S == 2 || g.S == 4) {  // a piece's planes in one call
+      if (planes_in_one_call(g.S)) {  // a piece's planes in one call
         parallel_spans(
             g,
             [&](int64_t c, int64_t s0, int64_t off, int64_t len) {
-              normalize_planes8(
+              normalize_planes(
                   x + off, y + off, len, g.S, s0, c, [&](int64_t ch) { return ch + 1 == g.C ? 0 : ch + 1; },
                   [&](int64_t ch) {
                     return ForwardCoeffs<float>{a.mean_hi[ch], a.mean_lo[ch], a.scale[ch], a.shift[ch]};
@@ -279,23 +263,12 @@ void train_per_channel(const scalar_t* x, scalar_t* y, const Geometry& g, const 
   }
 #endif
   train_channel_groups(x, g, group, weight, bias, eps, mean, var, [&](int64_t c0, int64_t c1, const auto* k) {
-#ifdef BN_EXT_AVX512BF16
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // a sample's planes of the group in one call
-      for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t off = (n * g.C + c0) * g.S;
-        normalize_planes16(
-            x + off, y + off, (c1 - c0) * g.S, g.S, 0, c0, [](int64_t ch) { return ch + 1; },
-            [&](int64_t ch) { return k[ch - c0]; }, stream);
-      }
-      return;
-    }
-#endif
 #ifdef BN_EXT_AVX2_INTRINSICS
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (g.S == 2 || g.S == 4) {  // a sample's planes of the group in one call
+      if (planes_in_one_call(g.S)) {  // a sample's planes of the group in one call
         for (int64_t n = 0; n < g.N; ++n) {
           const int64_t off = (n * g.C + c0) * g.S;
-          normalize_planes8(
+          normalize_planes(
               x + off, y + off, (c1 - c0) * g.S, g.S, 0, c0, [](int64_t ch) { return ch + 1; },
               [&](int64_t ch) { return k[ch - c0]; }, stream);
         }

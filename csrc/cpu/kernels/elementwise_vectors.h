@@ -387,6 +387,30 @@ inline void normalize_planes16(const scalar_t* x, scalar_t* y, int64_t len, int6
   while (i < len) plane();
 }
 
+#endif
+
+// Whether NC(D)HW planes of S values run a piece's (or a sample's group's) planes in one call,
+// normalize_planes: every plane size in the AVX-512 build (normalize_planes16), planes of 2 or 4
+// values in the AVX2 build (normalize_planes8); otherwise a call a run (normalize_run).
+inline bool planes_in_one_call(int64_t S) {
+#ifdef BN_EXT_AVX512BF16
+  (void)S;
+  return true;
+#else
+  return S == 2 || S == 4;
+#endif
+}
+template <typename scalar_t, typename Next, typename Coeffs>
+inline void normalize_planes(const scalar_t* x, scalar_t* y, int64_t len, int64_t S, int64_t s0, int64_t c, Next&& next,
+                             Coeffs&& k, bool stream) {
+#ifdef BN_EXT_AVX512BF16
+  normalize_planes16(x, y, len, S, s0, c, next, k, stream);
+#else
+  normalize_planes8(x, y, len, S, s0, c, next, k, stream);
+#endif
+}
+
+#ifdef BN_EXT_AVX512BF16
 // The pipelined training forward's loop (train_pipelined): one run of a channel's shifted sums,
 // added as shifted_sums_run_simd adds them (add_shifted16/32 into the same chunk sums, so the same
 // bits), and in the same loop the run at the same (n, s) of the channel before it, whose
