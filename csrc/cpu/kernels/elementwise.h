@@ -226,12 +226,8 @@ void train_channel_groups(const scalar_t* x, const Geometry& g, int64_t group, c
       [&](int64_t p) {
         std::array<ForwardCoeffs<opmath_t>, kMaxChannelGroup> k;
         const int64_t c0 = p * group, c1 = std::min(g.C, c0 + group);
-        for (int64_t c = c0; c < c1; ++c) {
-          shift[c] = channel_shift(x, g, c);
-          double s1, s2;
-          channel_total(sum, g, c, &s1, &s2);
-          finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-        }
+        for (int64_t c = c0; c < c1; ++c)
+          channel_stats(x, g, sum, shift.data(), c, count, inv_count, &mean[c], &var[c]);
         // in a loop of their own, so the channels' square roots and divisions overlap
         for (int64_t c = c0; c < c1; ++c)
           k[c - c0] = forward_coeffs<opmath_t>(mean[c], var[c], weight[c], bias[c], eps);

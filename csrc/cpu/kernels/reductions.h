@@ -374,6 +374,18 @@ bool per_channel(const Geometry& g) {
   return g.layout == Layout::kNCS && g.C >= kPerChannelMinTasksPerThread * at::get_num_threads();
 }
 
+// Channel c's statistics on their own, NC(D)HW: its shift (into shift[c], where `sum` reads it),
+// its sums in channel_sums' order (channel_total) and their finish over count values. The
+// statistics op and the grouped training forward both take it, and with it the same bits.
+template <typename scalar_t>
+inline void channel_stats(const scalar_t* x, const Geometry& g, const ShiftedSquares<scalar_t>& sum, double* shift,
+                          int64_t c, double count, double inv_count, double* mean, double* var) {
+  shift[c] = channel_shift(x, g, c);
+  double s1, s2;
+  channel_total(sum, g, c, &s1, &s2);
+  finish_channel(shift[c], s1, s2, count, inv_count, mean, var);
+}
+
 // Statistics of NC(D)HW channels that keep every thread busy: each task takes whole channels,
 // their shifts, sums and finish, with channel_sums' bits (channel_total). Shifts and finish on the
 // calling thread took a third of its time on (4, 2048, 2, 2) while the other threads waited.
@@ -386,12 +398,8 @@ void stats_per_channel(const scalar_t* x, const Geometry& g, std::vector<double>
   const int64_t per_piece = std::clamp<int64_t>(kElemGrain / (g.rows() + kRunCostValues), 1,
                                                 g.C / (kPerChannelMinTasksPerThread * at::get_num_threads()));
   parallel_pieces(ceil_div(g.C, per_piece), Sweep::kForward, [&](int64_t p) {
-    for (int64_t c = p * per_piece; c < std::min(g.C, (p + 1) * per_piece); ++c) {
-      shift[c] = channel_shift(x, g, c);
-      double s1, s2;
-      channel_total(sum, g, c, &s1, &s2);
-      finish_channel(shift[c], s1, s2, count, inv_count, &mean[c], &var[c]);
-    }
+    for (int64_t c = p * per_piece; c < std::min(g.C, (p + 1) * per_piece); ++c)
+      channel_stats(x, g, sum, shift.data(), c, count, inv_count, &mean[c], &var[c]);
   });
 }
 
