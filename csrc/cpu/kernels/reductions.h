@@ -244,11 +244,14 @@ inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t
                           [&](int64_t off, int64_t len) { run(off, len, acc); });
   sum.finish(c, acc, a, b);
 }
+// Planes under this many values take a block's runs in one loop where the summand has it
+// (short_runs: each run one masked 16-wide vector, the AVX-512 build).
+constexpr int64_t kShortRunValues = 16;
 template <typename Summand>
 inline void block_sums(const Summand& sum, const Geometry& g, int64_t c, int64_t k, double* a, double* b) {
   if constexpr (!std::is_same_v<typename Summand::scalar_type, double> &&
                 requires(typename Summand::Lanes& acc) { sum.short_runs(g, c, 0, 0, acc); }) {
-    if (g.S < 16) {  // the same sums, all the block's runs in one loop
+    if (g.S < kShortRunValues) {  // the same sums, all the block's runs in one loop
       const int64_t start = k * kBlockElems;
       typename Summand::Lanes acc;
       sum.short_runs(g, c, start, std::min(g.rows(), start + kBlockElems), acc);
